@@ -1,0 +1,97 @@
+"""Model configuration and the preset registry (paper, Table 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+# name -> (depth, dim, heads). depth counts in + out blocks; a mid block is added (depth/2 each side).
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "MaskDM-S": (12, 512, 8),
+    "MaskDM-B": (12, 768, 12),
+    "MaskDM-L": (16, 1024, 16),
+    "tiny": (4, 128, 4),  # tests and the CPU demo
+    "small-demo": (6, 192, 6),
+}
+ATTENTION_BACKENDS = ("auto", "sdpa", "xformers")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "MaskDM-B"
+    in_channels: int = 12  # 12 for Haar-DWT input, 3 for pixels
+    input_size: int = 128  # spatial side of the model input (128 for DWT of 256x256 images)
+    patch_size: int = 2
+    depth: int | None = None  # None: from the preset
+    dim: int | None = None
+    heads: int | None = None
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = False
+    num_classes: int = 0  # > 0 adds a label token (conditional model)
+    attention: str = "auto"
+    sdpa_kernel: str = "auto"  # with sdpa: auto (PyTorch picks) | flash | cudnn | efficient | math
+    # Activation checkpointing: False, True (every block) or an int k (the first k blocks run
+    # recompute-in-backward; the rest keep activations) to trade memory for speed.
+    checkpointing: bool | int = False
+
+    @property
+    def checkpoint_blocks(self) -> int:
+        total = (self.depth or 0) + 1
+        if self.checkpointing is True:
+            return total
+        if self.checkpointing is False or self.checkpointing is None:
+            return 0
+        return int(self.checkpointing)
+
+    def resolved(self) -> "ModelConfig":
+        """Fill depth/dim/heads from the preset; validate everything."""
+        if self.preset not in PRESETS and None in (self.depth, self.dim, self.heads):
+            raise ValueError(f"model.preset {self.preset!r} is unknown; choose one of "
+                             f"{', '.join(PRESETS)} or set model.depth, model.dim and model.heads")
+        d, w, h = PRESETS.get(self.preset, (None, None, None))
+        cfg = replace(self, depth=self.depth or d, dim=self.dim or w, heads=self.heads or h)
+        if cfg.depth < 2 or cfg.depth % 2:
+            raise ValueError(f"model.depth must be an even number >= 2, got {cfg.depth}")
+        if cfg.dim % cfg.heads:
+            raise ValueError(f"model.dim ({cfg.dim}) must be divisible by model.heads ({cfg.heads})")
+        if cfg.input_size % cfg.patch_size:
+            raise ValueError(f"model.input_size ({cfg.input_size}) must be divisible by "
+                             f"model.patch_size ({cfg.patch_size})")
+        from .attention import SDPA_KERNELS
+        if cfg.sdpa_kernel not in SDPA_KERNELS:
+            raise ValueError(f"model.sdpa_kernel must be one of {SDPA_KERNELS}, got "
+                             f"{cfg.sdpa_kernel!r}")
+        if not isinstance(cfg.checkpointing, bool) and not 0 <= int(cfg.checkpointing) <= cfg.depth + 1:
+            raise ValueError(f"model.checkpointing must be true, false or a block count in "
+                             f"0..{cfg.depth + 1}, got {cfg.checkpointing}")
+        if cfg.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"model.attention must be one of {ATTENTION_BACKENDS}, got "
+                             f"{cfg.attention!r}")
+        return cfg
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = self.input_size // self.patch_size
+        return (g, g)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.patch_size ** 2
+
+    @property
+    def extras(self) -> int:
+        """Tokens before the patches: the time token, plus a label token if conditional."""
+        return 1 + (1 if self.num_classes > 0 else 0)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+def build_model(cfg: ModelConfig, device=None):
+    """ModelConfig -> UViT (attention backend resolved for ``device``)."""
+    from .uvit import UViT
+    return UViT(cfg.resolved(), device=device)

@@ -1,0 +1,69 @@
+"""Level-1 orthonormal Haar DWT in torch (any device), matching pywavelets and the shard layout.
+
+Layout: ``[B, 12, H/2, W/2]``, subband-major ``LL, H, V, D``, each ``R, G, B``. For a 2x2 block
+``a b / c d``: ``LL=(a+b+c+d)/2, H=(a+b-c-d)/2, V=(a-b+c-d)/2, D=(a-b-c+d)/2``.
+Model space (the shard contract): ``LL/255 - 1`` and ``detail/255``, i.e. the Haar of the image
+scaled to [-1, 1] with 1/4 normalisation; every band lies in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Left-right mirror: LL and H keep their sign, V and D change it.
+FLIP_SIGN = (1.0,) * 6 + (-1.0,) * 6
+
+
+def dwt(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] -> [B, 12, H/2, W/2] orthonormal Haar coefficients (same dtype)."""
+    a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]
+    c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]
+    return torch.cat([a + b + c + d, a + b - c - d, a - b + c - d, a - b - c + d], dim=-3) * 0.5
+
+
+def idwt(coeffs: torch.Tensor) -> torch.Tensor:
+    """[B, 12, h, w] -> [B, 3, 2h, 2w]: the exact inverse of ``dwt``."""
+    ll, dh, dv, dd = coeffs.chunk(4, dim=-3)
+    a = (ll + dh + dv + dd) * 0.5
+    b = (ll + dh - dv - dd) * 0.5
+    c = (ll - dh + dv - dd) * 0.5
+    d = (ll - dh - dv + dd) * 0.5
+    top = torch.stack([a, b], dim=-1).flatten(-2)  # interleave columns
+    bottom = torch.stack([c, d], dim=-1).flatten(-2)
+    return torch.stack([top, bottom], dim=-2).flatten(-3, -2)  # interleave rows
+
+
+def flip(coeffs: torch.Tensor) -> torch.Tensor:
+    """Horizontal flip done in the DWT domain: equals ``dwt(image.flip(-1))``."""
+    sign = coeffs.new_tensor(FLIP_SIGN).view(12, 1, 1)
+    return coeffs.flip(-1) * sign
+
+
+def model_from_coeffs(coeffs: torch.Tensor) -> torch.Tensor:
+    """Haar coefficients of a 0..255 image -> model space (float32)."""
+    c = coeffs.float() / 255.0
+    offset = torch.zeros(12, 1, 1, device=c.device)
+    offset[:3] = -1.0
+    return c + offset
+
+
+def model_from_image(img: torch.Tensor) -> torch.Tensor:
+    """uint8 (or 0..255 float) [B, 3, H, W] -> DWT model space [B, 12, H/2, W/2] float32."""
+    return model_from_coeffs(dwt(img.float()))
+
+
+def image_from_model(m: torch.Tensor) -> torch.Tensor:
+    """DWT model space [B, 12, h, w] -> uint8 [B, 3, 2h, 2w] (clamped, rounded)."""
+    c = m.float() * 255.0
+    c[:, :3] += 255.0
+    return idwt(c).round().clamp(0, 255).to(torch.uint8)
+
+
+def pixels_from_image(img: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> pixel model space in [-1, 1] (float32)."""
+    return img.float() / 127.5 - 1.0
+
+
+def image_from_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Pixel model space [-1, 1] -> uint8."""
+    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)

@@ -1,0 +1,27 @@
+"""Analytic FLOP count of a U-ViT training step (multiply-add = 2 FLOPs), for MFU."""
+
+from __future__ import annotations
+
+from .config import ModelConfig
+
+
+def forward_flops(cfg: ModelConfig, visible_tokens: int | None = None) -> int:
+    """FLOPs of one forward pass for one image, counting matmuls only (norms etc. are <1%)."""
+    cfg = cfg.resolved()
+    S = cfg.num_tokens if visible_tokens is None else visible_tokens
+    L = S + cfg.extras
+    D = cfg.dim
+    hidden = int(D * cfg.mlp_ratio)
+    blocks = cfg.depth + 1
+    per_block = (2 * L * D * 3 * D      # qkv
+                 + 2 * L * L * D * 2    # q k^T and attn @ v
+                 + 2 * L * D * D        # output projection
+                 + 2 * L * D * hidden * 2)  # MLP
+    skips = (cfg.depth // 2) * 2 * L * (2 * D) * D
+    embed = 2 * S * cfg.patch_dim * D + 2 * S * D * cfg.patch_dim  # patch embed + head
+    return blocks * per_block + skips + embed
+
+
+def train_step_flops(cfg: ModelConfig, visible_tokens: int | None = None) -> int:
+    """Forward + backward (2x forward) per image; activation recomputation not counted."""
+    return 3 * forward_flops(cfg, visible_tokens)

@@ -1,0 +1,169 @@
+"""U-ViT that runs its encoder on the visible tokens only.
+
+Tokens: ``[time, (label), patch_1 .. patch_S]``. Blocks: depth/2 in-blocks, one mid block, depth/2
+out-blocks, each out-block first merging its long skip with ``Linear(concat(x, skip))``. A final
+LayerNorm and one linear head map each patch token back to ``C * p * p`` values. With ``keep_idx``
+the masked patches are dropped before the first block, so their content never reaches the output
+and the cost scales with the number of visible tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import Attention, resolve_backend
+from .config import ModelConfig
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/p)*(W/p), C*p*p], tokens in row-major grid order."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(tokens: torch.Tensor, p: int, channels: int, grid: tuple[int, int]) -> torch.Tensor:
+    """[B, N, C*p*p] -> [B, C, H, W] (inverse of ``patchify``)."""
+    B = tokens.shape[0]
+    gh, gw = grid
+    x = tokens.reshape(B, gh, gw, channels, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(B, channels, gh * p, gw * p)
+
+
+def gather_tokens(tokens: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+    """[B, N, K] gathered at keep_idx [B, S] -> [B, S, K]."""
+    return torch.gather(tokens, 1, keep_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps: [B] -> [B, dim] float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device,
+                                                           dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; with ``skip`` it first merges the U-Net long skip."""
+
+    def __init__(self, cfg: ModelConfig, backend: str, skip: bool):
+        super().__init__()
+        self.skip_linear = nn.Linear(2 * cfg.dim, cfg.dim) if skip else None
+        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.attn = Attention(cfg.dim, cfg.heads, cfg.qkv_bias, backend, cfg.sdpa_kernel)
+        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.mlp = Mlp(cfg.dim, int(cfg.dim * cfg.mlp_ratio))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class UViT(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None):
+        super().__init__()
+        self.cfg = cfg
+        self._ckpt = cfg.checkpoint_blocks
+        self.attention_backend, self.attention_reason = resolve_backend(cfg.attention, device)
+        D = cfg.dim
+        self.patch_embed = nn.Linear(cfg.patch_dim, D)
+        self.label_embed = nn.Embedding(cfg.num_classes, D) if cfg.num_classes > 0 else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.extras + cfg.num_tokens, D))
+        half = cfg.depth // 2
+        self.in_blocks = nn.ModuleList(Block(cfg, self.attention_backend, False) for _ in range(half))
+        self.mid_block = Block(cfg, self.attention_backend, False)
+        self.out_blocks = nn.ModuleList(Block(cfg, self.attention_backend, True) for _ in range(half))
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, cfg.patch_dim)
+        self.apply(self._init)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if device is not None:
+            self.to(device)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+
+    def set_attention_backend(self, name: str) -> str:
+        """Switch every layer to ``name`` (resolved for the current device); returns it."""
+        backend, why = resolve_backend(name, self.pos_embed.device)
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.backend = backend
+        self.attention_backend, self.attention_reason = backend, why
+        return backend
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names kept out of weight decay: biases, norms, embeddings."""
+        names = set()
+        for n, p in self.named_parameters():
+            if p.ndim < 2 or n.startswith(("pos_embed", "label_embed")):
+                names.add(n)
+        return names
+
+    def _run(self, i: int, block: Block, x, skip=None):
+        if i < self._ckpt and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, skip, use_reentrant=False)
+        return block(x, skip)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, keep_idx: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t [B, C, H, W], t [B] -> eps prediction: [B, S, C*p*p] with keep_idx [B, S], else
+        [B, C, H, W]."""
+        cfg = self.cfg
+        p = cfg.patch_size
+        patches = patchify(x_t, p)  # [B, N, C*p*p]
+        pos = self.pos_embed[:, cfg.extras:].expand(x_t.shape[0], -1, -1)
+        if keep_idx is not None:
+            patches = gather_tokens(patches, keep_idx)
+            pos = gather_tokens(pos, keep_idx)
+        tokens = self.patch_embed(patches) + pos
+        extra = [timestep_embedding(t, cfg.dim).to(tokens.dtype).unsqueeze(1)]
+        if self.label_embed is not None:
+            if labels is None:
+                raise ValueError("this model is conditional (model.num_classes > 0): pass labels")
+            extra.append(self.label_embed(labels).unsqueeze(1))
+        extra = torch.cat(extra, dim=1) + self.pos_embed[:, :cfg.extras]
+        x = torch.cat([extra.to(tokens.dtype), tokens], dim=1)
+
+        skips = []
+        for i, blk in enumerate(self.in_blocks):
+            x = self._run(i, blk, x)
+            skips.append(x)
+        half = len(self.in_blocks)
+        x = self._run(half, self.mid_block, x)
+        for i, blk in enumerate(self.out_blocks):
+            x = self._run(half + 1 + i, blk, x, skips.pop())
+        out = self.head(self.norm(x[:, cfg.extras:]))
+        if keep_idx is not None:
+            return out
+        return unpatchify(out, p, cfg.in_channels, cfg.grid)

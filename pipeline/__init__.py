@@ -1,0 +1,1 @@
+"""Training pipeline: data loading, DeepSpeed training, MLflow tracking, evaluation, the CLI."""

@@ -1,0 +1,182 @@
+"""Decode, validate, crop and resize one source image, deterministically.
+
+Every failure becomes a ``Skip`` with a reason a person can act on; nothing here raises anything
+else for bad input. Policy (documented in the README):
+- modes: grayscale, palette, CMYK, YCbCr, 16-bit (scaled 65535 -> 255) become RGB; images with
+  transparency are composited over white; floating-point images are skipped;
+- EXIF orientation is applied before cropping;
+- crop: a square of the short side at the center, or a square around ``bbox`` (x, y, w, h);
+- resize: Lanczos with antialiasing; large JPEGs are first DCT-downscaled by libjpeg to no less than
+  twice the target size (fast, and no visible loss after the Lanczos pass);
+- crops smaller than the target are upscaled (``small="upscale"``) if their side is at least
+  ``min_side`` pixels, otherwise skipped; ``small="skip"`` skips them all.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import stat
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000
+
+
+class Skip(Exception):
+    """This input cannot be converted; ``str(self)`` is the reason recorded in skipped.jsonl."""
+
+
+@dataclass
+class Prepared:
+    image: np.ndarray  # uint8 [size, size, 3]
+    orig_size: tuple[int, int]  # (width, height) as displayed (after EXIF orientation)
+    crop: tuple[float, float, float, float]  # (left, top, right, bottom) in original pixels
+    upscaled: bool
+    mode: str  # the source's PIL mode, for the record
+
+
+def read_file(path: str) -> bytes:
+    """Read a source file's bytes, turning every filesystem problem into a ``Skip``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise Skip(f"broken symlink (target {os.readlink(path)!r} does not exist)") from None
+        raise Skip("file vanished while sharding") from None
+    except OSError as e:
+        raise Skip(f"cannot stat file: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise Skip("not a regular file (device, FIFO or socket)")
+    if st.st_size == 0:
+        raise Skip("empty file (0 bytes)")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except PermissionError:
+        raise Skip("unreadable: permission denied") from None
+    except OSError as e:
+        raise Skip(f"unreadable: {e.strerror or e}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img).astype(np.int64)
+        arr = (np.clip(arr, 0, 65535) * 255 + 32767) // 65535
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        raise Skip("unsupported pixel format: 32-bit floating point (mode F); convert to 8-bit first")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def square_crop(width: int, height: int, bbox: tuple[float, float, float, float] | None):
+    """(left, top, right, bottom) of the square to crop: centered, or around ``bbox=(x, y, w, h)``."""
+    short = min(width, height)
+    if bbox is None:
+        left, top = (width - short) / 2.0, (height - short) / 2.0
+        return (left, top, left + short, top + short)
+    x, y, w, h = bbox
+    side = min(max(w, h), short)
+    cx, cy = x + w / 2.0, y + h / 2.0
+    left = min(max(cx - side / 2.0, 0.0), width - side)
+    top = min(max(cy - side / 2.0, 0.0), height - side)
+    return (left, top, left + side, top + side)
+
+
+def prepare(data: bytes | np.ndarray, size: int, *, bbox=None, small: str = "upscale",
+            min_side: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS) -> Prepared:
+    """Source bytes (or a uint8 [H, W, 3] array) -> ``Prepared`` image of ``size`` x ``size``."""
+    if isinstance(data, np.ndarray):
+        img = Image.fromarray(data, "RGB")
+    else:
+        img = _open(data, max_pixels)
+    src_mode = img.mode
+    w0, h0 = img.size
+    # EXIF orientation swaps width and height for 90-degree rotations.
+    orientation = _exif_orientation(img)
+    disp_w, disp_h = (h0, w0) if orientation in (5, 6, 7, 8) else (w0, h0)
+    crop = square_crop(disp_w, disp_h, bbox)
+    side = crop[2] - crop[0]
+    if side < size:
+        if small == "skip" or side < min_side:
+            why = "--small skip" if small == "skip" else f"below --min-side {min_side}"
+            raise Skip(f"too small: {disp_w}x{disp_h} gives a {side:g}px crop, less than "
+                       f"--size {size} ({why})")
+    if img.format == "JPEG" and side >= 4 * size:
+        scale = 2.0 * size / side
+        img.draft("RGB", (math.ceil(w0 * scale), math.ceil(h0 * scale)))
+    try:
+        img.load()
+        if orientation not in (None, 1):
+            img = ImageOps.exif_transpose(img)
+        rgb = _to_rgb(img)
+        sx, sy = rgb.size[0] / disp_w, rgb.size[1] / disp_h
+        box = (crop[0] * sx, crop[1] * sy, crop[2] * sx, crop[3] * sy)
+        out = rgb.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+    except Skip:
+        raise
+    except Exception as e:  # any decoder failure is a property of the file, not of our code
+        raise Skip(f"corrupt or truncated image data ({type(e).__name__}: {e})") from None
+    arr = np.asarray(out, dtype=np.uint8)
+    if arr.shape != (size, size, 3):
+        raise Skip(f"decoder returned shape {arr.shape}, expected ({size}, {size}, 3)")
+    return Prepared(image=arr, orig_size=(disp_w, disp_h), crop=tuple(float(c) for c in crop),
+                    upscaled=side < size, mode=src_mode)
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if len(data) == 0:
+        raise Skip("empty file (0 bytes)")
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # the --max-pixels check below replaces Pillow's fixed limit
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        head = data[:16]
+        kind = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "unknown data"
+        raise Skip(f"not an image: unrecognised format ({kind}, first bytes {head[:8]!r})") from None
+    except Exception as e:
+        raise Skip(f"corrupt image header ({type(e).__name__}: {e})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise Skip(f"invalid image dimensions {w}x{h}")
+    if w * h > max_pixels:
+        raise Skip(f"decompression bomb: {w}x{h} = {w * h:,} pixels exceeds --max-pixels "
+                   f"{max_pixels:,}; raise --max-pixels if the image is genuine")
+    return img
+
+
+def _exif_orientation(img: Image.Image) -> int | None:
+    try:
+        return img.getexif().get(0x0112)
+    except Exception:  # malformed EXIF: keep the stored orientation
+        return None
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
+    """uint8 [H, W, 3] -> JPEG bytes, 4:4:4 chroma so that colour detail survives."""
+    buf = io.BytesIO()
+    Image.fromarray(image, "RGB").save(buf, format="JPEG", quality=quality, subsampling=0,
+                                       optimize=False)
+    return buf.getvalue()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """JPEG bytes -> uint8 [H, W, 3] (raises on damage; callers decide how to report it)."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)

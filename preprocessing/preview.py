@@ -1,0 +1,94 @@
+"""``maskdm inspect``: a manifest summary and a preview grid reconstructed from stored tensors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import haar
+from .images import decode_jpeg
+from .manifest import ShardManifest, load_manifest
+from .tarfmt import parse_index, sample_key
+
+
+def summary(m: ShardManifest, directory: str | Path) -> str:
+    src = m.source
+    total_bytes = sum(s.bytes for s in m.shards)
+    lines = [
+        f"dataset      {Path(directory).resolve()}",
+        f"format       {m.format} v{m.format_version}, written {m.created_at} by {m.tool}",
+        f"source       {src['kind']}: {src['path']}",
+        f"counts       found {src['found']}, selected {src['selected']}, written {src['written']}, "
+        f"skipped {src['skipped']}, upscaled {src['upscaled']}",
+        f"subset       {m.subset or 'none'}; shuffle seed {m.shuffle_seed}",
+        f"images       {m.image_size}x{m.image_size}, encoding {m.encoding}, components "
+        f"{', '.join(m.components)}",
+        f"tensor       {tuple(m.tensor_shape)} float16, Haar level {m.dwt_level}, subbands "
+        f"{'/'.join(m.subbands)}",
+        f"shards       {len(m.shards)} ({total_bytes / 2**20:.1f} MiB, "
+        f"{total_bytes / max(m.num_samples, 1) / 1024:.1f} KiB/sample)",
+        f"labels       {m.num_classes} identities" if m.labels else "labels       none",
+        "channel      " + "  ".join(f"{b:>11s}" for b in ("R", "G", "B")),
+    ]
+    for i, band in enumerate(m.subbands):
+        mean = m.channel_mean[3 * i:3 * i + 3]
+        std = m.channel_std[3 * i:3 * i + 3]
+        lines.append(f"  {band:<2} mean/std " + "  ".join(f"{a:+.3f}/{b:.3f}" for a, b in zip(mean, std)))
+    return "\n".join(lines)
+
+
+def read_samples(directory: str | Path, m: ShardManifest, n: int, seed: int | None = None):
+    """Yield (key, uint8 [H, W, 3]) for ``n`` samples: the first ones, or a seeded random pick."""
+    directory = Path(directory)
+    where = [(si, j) for si, s in enumerate(m.shards) for j in range(s.samples)]
+    if seed is not None:
+        pick = np.random.default_rng(seed).choice(len(where), size=min(n, len(where)), replace=False)
+        where = [where[i] for i in sorted(pick)]
+    where = where[:n]
+    indexes = {}
+    for si, j in where:
+        shard = m.shards[si]
+        if si not in indexes:
+            indexes[si] = parse_index((directory / shard.index).read_text(), shard.index)
+        sample = indexes[si][j]
+        comps = {c.ext: c for c in sample}
+        with open(directory / shard.name, "rb") as f:
+            if "dwt16" in comps:
+                c = comps["dwt16"]
+                f.seek(c.offset)
+                img = haar.idwt_uint8(haar.decode_dwt16(f.read(c.size), m.image_size))
+            else:
+                c = comps["jpg"]
+                f.seek(c.offset)
+                img = decode_jpeg(f.read(c.size))
+        yield sample_key(sample), img
+
+
+def grid(images: list[np.ndarray], min_tile: int = 96) -> np.ndarray:
+    n = len(images)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    size = images[0].shape[0]
+    scale = max(1, math.ceil(min_tile / size))
+    tile = size * scale
+    canvas = np.full((rows * tile + (rows + 1) * 2, cols * tile + (cols + 1) * 2, 3), 255, np.uint8)
+    for i, img in enumerate(images):
+        if scale > 1:
+            img = img.repeat(scale, 0).repeat(scale, 1)
+        r, c = divmod(i, cols)
+        y, x = 2 + r * (tile + 2), 2 + c * (tile + 2)
+        canvas[y:y + tile, x:x + tile] = img
+    return canvas
+
+
+def write_preview(directory: str | Path, out_png: str | Path, n: int = 16,
+                  seed: int | None = None) -> Path:
+    m = load_manifest(directory)
+    images = [img for _, img in read_samples(directory, m, n, seed)]
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid(images)).save(out_png)
+    return out_png

@@ -1,0 +1,468 @@
+"""The resumable sharding job: source -> plan -> worker pool -> tar shards -> manifest.
+
+Plan: the enumerated inputs, optionally reduced to a seeded subset and shuffled (so every shard is
+an i.i.d. sample of the dataset and the loader's bounded shuffle mixes well), cut into chunks of
+``samples_per_shard`` inputs. Chunk ``k`` becomes ``shard-k.tar`` (fewer samples if some inputs are
+skipped; no tar at all if every input was). Each chunk commits on its own:
+
+    .shard-k.tar.tmp-PID -> shard-k.idx, shard-k.tar (renamed) -> .progress/shard-k.json (atomic)
+
+The ``.progress`` record is the commit point; a rerun with the same arguments redoes every chunk
+without one and reuses the rest. The manifest is written last. Because tars are deterministic, a
+killed-and-resumed job gives byte-identical shards to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import FORMAT_VERSION, haar
+from .fsutil import atomic_write_json, atomic_write_text, remove_stale_tmp, tmp_name
+from .images import DEFAULT_MAX_PIXELS, Skip, decode_jpeg, encode_jpeg, prepare
+from .manifest import MANIFEST, SKIPPED, ShardEntry, ShardManifest
+from .sources import Item, ItemLoader, Source, scan
+from .tarfmt import TarShardWriter, format_index
+
+JOB = ".maskdm-job.json"
+PROGRESS = ".progress"
+
+
+class ShardJobError(RuntimeError):
+    """The job cannot run as asked; the message says why and what to do."""
+
+
+@dataclass
+class ShardOptions:
+    src: str
+    out: str
+    source: str = "folder"
+    size: int = 256
+    encoding: str = "dwt16"
+    keep_jpeg: bool = False
+    subset: float | None = None
+    seed: int = 0
+    shuffle: bool = True
+    samples_per_shard: int = 1000
+    workers: int = 0  # 0 = all usable cores
+    count: int = 2048  # procedural only
+    gen_seed: int = 0  # procedural only
+    split: str = "train"  # vggface2 only
+    bbox_csv: str | None = None  # vggface2 only
+    small: str = "upscale"
+    min_side: int = 32
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    jpeg_quality: int = 95
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if self.size < 2 or self.size % 2:
+            raise ShardJobError(f"--size must be a positive multiple of 2, got {self.size}")
+        if self.encoding not in ("dwt16", "jpeg"):
+            raise ShardJobError(f"--encoding must be dwt16 or jpeg, got {self.encoding!r}")
+        if self.subset is not None and not 0.0 < self.subset <= 1.0:
+            raise ShardJobError(f"--subset must be a fraction in (0, 1], got {self.subset}")
+        if self.samples_per_shard < 1:
+            raise ShardJobError("--samples-per-shard must be at least 1")
+        if self.small not in ("upscale", "skip"):
+            raise ShardJobError(f"--small must be upscale or skip, got {self.small!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ShardJobError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
+        if self.bbox_csv and self.source != "vggface2":
+            raise ShardJobError("--bbox-csv only applies to --source vggface2")
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------- planning
+
+def plan_items(source: Source, opts: ShardOptions) -> list[Item]:
+    """Deterministic selection and order: one seeded permutation gives both subset and shuffle."""
+    items = source.items
+    n = len(items)
+    perm = np.random.default_rng(np.random.SeedSequence([opts.seed, 0x5B5E7])).permutation(n)
+    if opts.subset is not None:
+        k = max(1, round(opts.subset * n)) if n else 0
+        perm = perm[:k]  # nested: the 1% subset is inside the 10% subset for the same seed
+    if not opts.shuffle:
+        perm = np.sort(perm)
+    return [items[i] for i in perm]
+
+
+def job_record(opts: ShardOptions, source: Source, n_planned: int) -> dict:
+    keys = ("source", "size", "encoding", "keep_jpeg", "subset", "seed", "shuffle",
+            "samples_per_shard", "count", "gen_seed", "split", "bbox_csv", "small", "min_side",
+            "max_pixels", "jpeg_quality")
+    rec = {k: getattr(opts, k) for k in keys}
+    rec.update(format_version=FORMAT_VERSION, src=source.root or "procedural",
+               inputs=len(source.items), planned=n_planned, inputs_sha256=source.fingerprint())
+    return rec
+
+
+# ----------------------------------------------------------------------------- worker side
+
+_W: dict = {}
+
+
+def _init_worker(loader: ItemLoader, opts: ShardOptions, out: str, counter) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    _W.update(loader=loader, opts=opts, out=Path(out), counter=counter)
+
+
+def _tick() -> None:
+    c = _W["counter"]
+    with c.get_lock():
+        c.value += 1
+
+
+def _convert(pos: int, item: Item):
+    """One input -> ("ok", components, meta, sum, sumsq) or ("skip", reason)."""
+    opts: ShardOptions = _W["opts"]
+    try:
+        data = _W["loader"].load(item)
+        prep = prepare(data, opts.size, bbox=item.bbox, small=opts.small, min_side=opts.min_side,
+                       max_pixels=opts.max_pixels)
+    except Skip as e:
+        return ("skip", str(e))
+    except MemoryError:
+        return ("skip", "out of memory while decoding (image too large?)")
+    key = f"{pos:09d}"
+    meta = {"key": key, "src": item.ref, "orig_size": list(prep.orig_size),
+            "crop": [round(c, 3) for c in prep.crop], "upscaled": prep.upscaled}
+    if item.label is not None:
+        meta["label"] = item.label
+        meta["identity"] = item.identity
+    comps: list[tuple[str, bytes]] = []
+    if opts.encoding == "dwt16":
+        coeffs = haar.dwt_uint8(prep.image)
+        comps.append(("dwt16", coeffs.astype("<f2").tobytes()))
+        if opts.keep_jpeg:
+            comps.append(("jpg", encode_jpeg(prep.image, opts.jpeg_quality)))
+    else:
+        jpg = encode_jpeg(prep.image, opts.jpeg_quality)
+        comps.append(("jpg", jpg))
+        coeffs = haar.dwt_uint8(decode_jpeg(jpg))  # statistics of what the loader will see
+    comps.append(("json", json.dumps(meta, sort_keys=True).encode()))
+    s, sq = haar.channel_moments(coeffs)
+    return ("ok", comps, meta, s, sq)
+
+
+def _process_chunk(task: tuple[int, int, list[Item]]) -> dict:
+    """Convert chunk ``k`` (inputs starting at position ``first``) and commit it as one shard.
+
+    Order of effects: tmp tar -> index -> tar renamed -> ``.progress`` record (the commit point).
+    """
+    k, first, items = task
+    out: Path = _W["out"]
+    name = f"shard-{k:06d}"
+    tar_path, idx_path = out / f"{name}.tar", out / f"{name}.idx"
+    tmp_tar = tmp_name(tar_path)
+    writer: TarShardWriter | None = None
+    total, total_sq = np.zeros(12), np.zeros(12)
+    skipped, upscaled = [], 0
+    try:
+        for i, item in enumerate(items):
+            res = _convert(first + i, item)
+            if res[0] == "ok":
+                _, comps, meta, s, sq = res
+                if writer is None:
+                    writer = TarShardWriter(tmp_tar)
+                writer.add(meta["key"], comps)
+                total += s
+                total_sq += sq
+                upscaled += int(meta["upscaled"])
+            else:
+                skipped.append({"src": item.ref, "reason": res[1]})
+            _tick()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    rec = {"name": f"{name}.tar", "index": f"{name}.idx", "samples": 0, "bytes": 0,
+           "sha256": "", "sum": total.tolist(), "sumsq": total_sq.tolist(),
+           "skipped": skipped, "upscaled": upscaled, "inputs": len(items)}
+    if writer is not None:
+        nbytes, sha = writer.close()
+        atomic_write_text(idx_path, format_index(writer.samples))
+        os.replace(tmp_tar, tar_path)
+        rec.update(samples=len(writer.samples), bytes=nbytes, sha256=sha)
+    atomic_write_json(out / PROGRESS / f"{name}.json", rec)
+    return rec
+
+
+# ----------------------------------------------------------------------------- parent side
+
+
+def _lock(out: Path):
+    f = open(out / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ShardJobError(f"another `maskdm shard` is writing {out}; wait for it to finish "
+                            f"or stop it first") from None
+    return f
+
+
+def _clear_outputs(out: Path) -> None:
+    for p in list(out.glob("shard-*.tar")) + list(out.glob("shard-*.idx")):
+        p.unlink()
+    for name in (MANIFEST, SKIPPED, JOB, "preview.png"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / PROGRESS, ignore_errors=True)
+
+
+def _load_done(out: Path, n_chunks: int) -> dict[int, dict]:
+    """Committed chunks: progress record present and its tar/idx intact on disk."""
+    done = {}
+    prog = out / PROGRESS
+    for k in range(n_chunks):
+        p = prog / f"shard-{k:06d}.json"
+        if not p.exists():
+            continue
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if rec.get("samples", 0) > 0:
+            tar, idx = out / rec["name"], out / rec["index"]
+            if not (tar.exists() and idx.exists() and tar.stat().st_size == rec["bytes"]):
+                continue
+        done[k] = rec
+    return done
+
+
+def run(opts: ShardOptions, *, progress: bool = True, log=print) -> ShardManifest:
+    """Run (or resume, or confirm) the sharding job described by ``opts``."""
+    opts.validate()
+    out = Path(opts.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)
+    try:
+        return _run_locked(opts, out, progress, log)
+    finally:
+        lock.close()
+
+
+def _run_locked(opts: ShardOptions, out: Path, progress: bool, log) -> ShardManifest:
+    t0 = time.time()
+    source = scan(opts.source, opts.src, exclude=str(out), count=opts.count,
+                  gen_seed=opts.gen_seed, image_size=opts.size, split=opts.split,
+                  bbox_csv=opts.bbox_csv)
+    if not source.items:
+        raise ShardJobError(f"no images found in {opts.src} (looked for "
+                            f"{'.jpg/.png/...' if opts.source != 'procedural' else 'procedural'} "
+                            f"files; ignored: {source.ignored or 'nothing'})")
+    planned = plan_items(source, opts)
+    job = job_record(opts, source, len(planned))
+
+    job_path = out / JOB
+    if opts.overwrite:
+        _clear_outputs(out)
+    elif job_path.exists():
+        old = json.loads(job_path.read_text())
+        diff = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
+        if diff:
+            raise ShardJobError(
+                f"{out} holds a different sharding job ({', '.join(diff)} differ"
+                f"{'; the source files changed' if 'inputs_sha256' in diff else ''}). "
+                f"Use a new output folder, or --overwrite to discard it.")
+        if (out / MANIFEST).exists():
+            from .manifest import load_manifest
+            m = load_manifest(out)
+            shutil.rmtree(out / PROGRESS, ignore_errors=True)
+            log(f"{out}: already complete ({m.num_samples} samples in {len(m.shards)} shards); "
+                f"nothing to do. `maskdm shard --verify {out}` checks it.")
+            return m
+    elif (out / MANIFEST).exists() or any(out.glob("shard-*.tar")):
+        raise ShardJobError(f"{out} already holds shards from another tool or an older job; "
+                            f"use a new output folder, or --overwrite to replace them")
+    atomic_write_json(job_path, job)
+    (out / PROGRESS).mkdir(exist_ok=True)
+    remove_stale_tmp(out)
+
+    spc = opts.samples_per_shard
+    n_chunks = (len(planned) + spc - 1) // spc
+    done = _load_done(out, n_chunks)
+    todo = [k for k in range(n_chunks) if k not in done]
+    resumed = len(done)
+    for k in todo:  # a tar renamed just before a crash, without its commit record
+        (out / f"shard-{k:06d}.tar").unlink(missing_ok=True)
+        (out / f"shard-{k:06d}.idx").unlink(missing_ok=True)
+    if resumed:
+        log(f"resuming: {resumed} of {n_chunks} shards already complete")
+
+    workers = opts.workers or usable_cores()
+    n_todo = sum(min(spc, len(planned) - k * spc) for k in todo)
+    if n_todo:
+        _write_chunks(opts, out, source, planned, todo, workers, n_todo, progress, done)
+    manifest = _finalize(opts, out, source, planned, n_chunks, done)
+    dt = time.time() - t0
+    src = manifest.source
+    log(f"wrote {src['written']} samples in {len(manifest.shards)} shards to {out} "
+        f"({src['skipped']} skipped, {src['upscaled']} upscaled, {src['found']} found"
+        f"{', ' + str(sum(source.ignored.values())) + ' non-image files ignored' if source.ignored else ''})"
+        f" in {dt:.1f}s ({n_todo / max(dt, 1e-9):.0f} img/s)")
+    if src["skipped"]:
+        log(f"skipped inputs and reasons: {out / SKIPPED}")
+    return manifest
+
+
+class _LocalCounter:
+    """Stands in for a shared ``multiprocessing.Value`` when converting in-process."""
+
+    def __init__(self, on_tick):
+        self._v, self._on_tick = 0, on_tick
+        self._lock = threading.Lock()
+
+    def get_lock(self):
+        return self._lock
+
+    @property
+    def value(self):
+        return self._v
+
+    @value.setter
+    def value(self, v):
+        self._on_tick(v - self._v)
+        self._v = v
+
+
+def _write_chunks(opts, out, source, planned, todo, workers, n_todo, progress, done) -> None:
+    """Convert the ``todo`` chunks, one chunk per task; each worker commits its own shards."""
+    from tqdm import tqdm
+
+    spc = opts.samples_per_shard
+    tasks = [(k, k * spc, planned[k * spc:(k + 1) * spc]) for k in todo]
+    interrupted = {"sig": None}
+
+    def on_term(signum, frame):
+        interrupted["sig"] = signum
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    bar = tqdm(total=n_todo, unit="img", desc="sharding", disable=not progress, mininterval=0.5,
+               dynamic_ncols=True, file=sys.stderr)
+    pool = None
+    try:
+        if workers == 1 or len(tasks) == 1:  # in-process: no start-up cost, direct tracebacks
+            old_int = signal.getsignal(signal.SIGINT)
+            _init_worker(source.loader(), opts, str(out), _LocalCounter(bar.update))
+            signal.signal(signal.SIGINT, old_int)
+            for t in tasks:
+                done[t[0]] = _process_chunk(t)
+                bar.set_postfix(shards=len(done), refresh=False)
+        else:
+            ctx = mp.get_context("spawn")
+            counter = ctx.Value("q", 0)
+            pool = ctx.Pool(min(workers, len(tasks)), initializer=_init_worker,
+                            initargs=(source.loader(), opts, str(out), counter))
+            pending = [pool.apply_async(_process_chunk, (t,)) for t in tasks]
+            seen = 0
+            while pending:
+                time.sleep(0.2)
+                bar.update(counter.value - seen)
+                seen = counter.value
+                still = []
+                for r in pending:
+                    if r.ready():
+                        rec = r.get()  # re-raises a worker's unexpected exception here
+                        done[int(rec["name"][6:12])] = rec
+                        bar.set_postfix(shards=len(done), refresh=False)
+                    else:
+                        still.append(r)
+                pending = still
+            bar.update(counter.value - seen)
+            pool.close()
+            pool.join()
+    except KeyboardInterrupt:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        bar.close()
+        what = "SIGTERM" if interrupted["sig"] == signal.SIGTERM else "interrupted"
+        print(f"\n{what}: {len(done)} shards are complete and kept; re-run the same command to "
+              f"finish the job.", file=sys.stderr)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+        signal.signal(signal.SIGTERM, old_term)
+        bar.close()
+
+
+def _finalize(opts, out: Path, source: Source, planned, n_chunks: int, done) -> ShardManifest:
+    total = np.zeros(12)
+    total_sq = np.zeros(12)
+    shards, skipped, upscaled = [], [], 0
+    for k in range(n_chunks):
+        rec = done[k]
+        total += np.asarray(rec["sum"])
+        total_sq += np.asarray(rec["sumsq"])
+        skipped.extend(rec["skipped"])
+        upscaled += rec["upscaled"]
+        if rec["samples"]:
+            shards.append(ShardEntry(rec["name"], rec["index"], rec["samples"], rec["bytes"],
+                                     rec["sha256"]))
+    written = sum(s.samples for s in shards)
+    if written == 0:
+        _write_skipped(out, skipped)
+        raise ShardJobError(f"every input was skipped ({len(skipped)}); reasons in "
+                            f"{out / SKIPPED}")
+    half = opts.size // 2
+    n_el = written * half * half
+    mean = total / n_el
+    std = np.sqrt(np.maximum(total_sq / n_el - mean ** 2, 0.0))
+    components = (["dwt16"] + (["jpg"] if opts.keep_jpeg else []) if opts.encoding == "dwt16"
+                  else ["jpg"]) + ["json"]
+    manifest = ShardManifest(
+        source={"kind": source.kind, "path": source.root or "procedural",
+                "found": len(source.items), "selected": len(planned), "written": written,
+                "skipped": len(skipped), "upscaled": upscaled,
+                "ignored": sum(source.ignored.values()), "ignored_by_extension": source.ignored,
+                **({"count": opts.count, "gen_seed": opts.gen_seed}
+                   if source.kind == "procedural" else {})},
+        image_size=opts.size, encoding=opts.encoding, components=components,
+        channel_mean=[round(float(v), 6) for v in mean],
+        channel_std=[round(float(v), 6) for v in std],
+        shards=shards,
+        subset={"fraction": opts.subset, "seed": opts.seed} if opts.subset is not None else None,
+        shuffle_seed=opts.seed if opts.shuffle else None,
+        labels=source.labels,
+        created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        tool=f"maskdm {tool_version()}",
+        tensor={"shape": [12, half, half], "dtype": "float16", "byte_order": "little",
+                "layout": "subband-major (LL, H, V, D), each R, G, B"},
+    )
+    _write_skipped(out, skipped)
+    atomic_write_json(out / MANIFEST, manifest.to_json())
+    shutil.rmtree(out / PROGRESS, ignore_errors=True)
+    return manifest
+
+
+def _write_skipped(out: Path, skipped: list[dict]) -> None:
+    atomic_write_text(out / SKIPPED, "".join(json.dumps(s) + "\n" for s in skipped))
+
+
+def tool_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("maskdm")
+    except Exception:  # running from a source tree that is not installed
+        return "dev"

@@ -1,0 +1,208 @@
+"""What to shard: enumerate a source into an ordered list of items, and load one item's bytes.
+
+Kinds:
+- ``celebahq``: a folder (searched recursively) or a ``.zip`` of images;
+- ``vggface2``: ``ROOT/<split>/<identity>/<image>.jpg`` (or ``ROOT`` = the split folder itself);
+  identities become integer labels in sorted order; optional loose face boxes from ``--bbox-csv``;
+- ``folder``: any folder, recursively (symlinked files are followed, symlinked folders are not);
+- ``procedural``: ``count`` images from ``preprocessing.procedural`` (no files at all).
+Enumeration is sorted, so the same source always gives the same list.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .images import Skip, read_file
+from . import procedural
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif",
+              ".ppm", ".pgm", ".pnm"}
+KINDS = ("celebahq", "vggface2", "folder", "procedural")
+
+
+class SourceError(RuntimeError):
+    """The source cannot be read at all (as opposed to one bad image, which is skipped)."""
+
+
+@dataclass(frozen=True)
+class Item:
+    ref: str  # path relative to the source root, zip member, or "procedural/<index>"
+    size: int  # file size in bytes (-1 if unknown, e.g. a broken symlink); 0 for procedural
+    label: int | None = None
+    identity: str | None = None
+    bbox: tuple[float, float, float, float] | None = None
+
+
+@dataclass
+class Source:
+    kind: str
+    root: str  # absolute path ("" for procedural)
+    items: list[Item]
+    labels: dict[str, int] | None = None
+    ignored: dict[str, int] = field(default_factory=dict)  # extension -> count of non-image files
+    gen_seed: int = 0
+    image_size: int = 0  # procedural render size
+
+    def fingerprint(self) -> str:
+        """Hash of the enumerated inputs: a resumed job must see the same list."""
+        h = hashlib.sha256(f"{self.kind}|{self.root}|{self.gen_seed}|{self.image_size}".encode())
+        for it in self.items:
+            h.update(f"{it.ref}|{it.size}|{it.label}|{it.bbox}\n".encode())
+        return h.hexdigest()
+
+    def loader(self) -> "ItemLoader":
+        return ItemLoader(self.kind, self.root, self.gen_seed, self.image_size)
+
+
+class ItemLoader:
+    """Picklable: opened once per worker process; ``load(item)`` gives bytes or a uint8 array."""
+
+    def __init__(self, kind: str, root: str, gen_seed: int, image_size: int):
+        self.kind, self.root, self.gen_seed, self.image_size = kind, root, gen_seed, image_size
+        self._zip = None
+
+    def __getstate__(self):
+        return {"kind": self.kind, "root": self.root, "gen_seed": self.gen_seed,
+                "image_size": self.image_size}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._zip = None
+
+    def load(self, item: Item) -> bytes | np.ndarray:
+        if self.kind == "procedural":
+            index = int(item.ref.rsplit("/", 1)[1])
+            return procedural.render(self.gen_seed, index, self.image_size)
+        if self.root.endswith(".zip") and os.path.isfile(self.root):
+            if self._zip is None:
+                self._zip = zipfile.ZipFile(self.root)
+            try:
+                return self._zip.read(item.ref)
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
+                raise Skip(f"corrupt zip member ({type(e).__name__}: {e})") from None
+        return read_file(os.path.join(self.root, item.ref))
+
+
+def _walk(root: Path, exclude: Path | None, ignored: dict[str, int]):
+    """Yield (relative path, size) of image files under ``root``, sorted; count the rest."""
+    out = []
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = list(os.scandir(d))
+        except OSError as e:
+            raise SourceError(f"cannot list {d}: {e.strerror or e}") from None
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            path = Path(e.path)
+            if e.is_dir(follow_symlinks=False):
+                if exclude is None or path.resolve() != exclude:
+                    stack.append(path)
+                continue
+            ext = os.path.splitext(e.name)[1].lower()
+            if ext not in IMAGE_EXTS:
+                if not e.is_dir():  # symlinks to folders are not followed and not counted
+                    ignored[ext or "(none)"] = ignored.get(ext or "(none)", 0) + 1
+                continue
+            try:
+                size = e.stat(follow_symlinks=True).st_size
+            except OSError:
+                size = -1  # broken symlink or unreadable: the worker reports why
+            out.append((path.relative_to(root).as_posix(), size))
+    out.sort()
+    return out
+
+
+def _bboxes(csv_path: str) -> dict[str, tuple[float, float, float, float]]:
+    """VGGFace2 loose boxes: rows ``NAME_ID,X,Y,W,H`` with NAME_ID like ``n000002/0001_01``."""
+    boxes = {}
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            for lineno, row in enumerate(csv.reader(f), start=1):
+                if not row or (lineno == 1 and row[0].strip().upper() == "NAME_ID"):
+                    continue
+                if len(row) != 5:
+                    raise SourceError(f"{csv_path}:{lineno}: expected NAME_ID,X,Y,W,H, got {row!r}")
+                try:
+                    x, y, w, h = (float(v) for v in row[1:])
+                except ValueError:
+                    raise SourceError(f"{csv_path}:{lineno}: X,Y,W,H must be numbers, got {row!r}") from None
+                boxes[row[0].strip()] = (x, y, w, h)
+    except OSError as e:
+        raise SourceError(f"cannot read --bbox-csv {csv_path}: {e.strerror or e}") from None
+    return boxes
+
+
+def scan(kind: str, src: str, *, exclude: str | None = None, count: int = 0, gen_seed: int = 0,
+         image_size: int = 0, split: str = "train", bbox_csv: str | None = None) -> Source:
+    """Enumerate ``src`` as a ``kind`` source. Raises SourceError if it cannot be read at all."""
+    if kind not in KINDS:
+        raise SourceError(f"unknown --source {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind == "procedural":
+        if count <= 0:
+            raise SourceError("--count must be positive for the procedural source")
+        items = [Item(f"procedural/{i:09d}", 0) for i in range(count)]
+        return Source(kind, "", items, gen_seed=gen_seed, image_size=image_size)
+
+    root = Path(src).expanduser().resolve()
+    if not root.exists():
+        raise SourceError(f"source {src} does not exist")
+    excl = Path(exclude).resolve() if exclude else None
+    ignored: dict[str, int] = {}
+
+    if kind == "celebahq" and root.is_file():
+        if root.suffix.lower() != ".zip":
+            raise SourceError(f"{src}: a celebahq source is a folder or a .zip of images")
+        try:
+            with zipfile.ZipFile(root) as z:
+                infos = z.infolist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise SourceError(f"{src}: cannot open the zip ({e})") from None
+        items = []
+        for info in infos:
+            if info.is_dir() or os.path.basename(info.filename).startswith("."):
+                continue
+            ext = os.path.splitext(info.filename)[1].lower()
+            if ext in IMAGE_EXTS:
+                items.append(Item(info.filename, info.file_size))
+            else:
+                ignored[ext or "(none)"] = ignored.get(ext or "(none)", 0) + 1
+        items.sort(key=lambda it: it.ref)
+        return Source(kind, str(root), items, ignored=ignored)
+
+    if not root.is_dir():
+        raise SourceError(f"{src} is not a folder")
+
+    if kind == "vggface2":
+        split_dir = root / split
+        base = split_dir if split_dir.is_dir() else root
+        ids = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not ids:
+            raise SourceError(f"{base}: no identity folders found; VGGFace2 is laid out as "
+                              f"ROOT/{split}/<identity>/<image>.jpg")
+        labels = {name: i for i, name in enumerate(ids)}
+        boxes = _bboxes(bbox_csv) if bbox_csv else {}
+        items = []
+        for rel, size in _walk(base, excl, ignored):
+            parts = rel.split("/")
+            if len(parts) != 2:
+                ignored["(outside identity folders)"] = ignored.get("(outside identity folders)", 0) + 1
+                continue
+            ident = parts[0]
+            name_id = os.path.splitext(rel)[0]
+            ref = rel if base == root else f"{split}/{rel}"
+            items.append(Item(ref, size, labels[ident], ident, boxes.get(name_id)))
+        return Source(kind, str(root), items, labels=labels, ignored=ignored)
+
+    items = [Item(rel, size) for rel, size in _walk(root, excl, ignored)]
+    return Source(kind, str(root), items, ignored=ignored)

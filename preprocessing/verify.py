@@ -1,0 +1,179 @@
+"""``maskdm shard --verify``: prove a shard directory is intact, or say exactly what is damaged.
+
+Per shard: size and sha256 against the manifest; the index parses and equals what the tar's headers
+say; sample count and components match the manifest; every ``dwt16`` tensor inverts to integral
+pixels in [0, 255] whose forward DWT gives back the stored bits (the lossless round trip); every
+``jpg`` decodes; every ``json`` parses and names its own key. Directory level: totals, skipped.jsonl,
+files the manifest does not list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import sys
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import haar
+from .images import decode_jpeg
+from .manifest import SKIPPED, DatasetError, ShardEntry, load_manifest
+from .tarfmt import BadIndex, parse_index, sample_key, scan_tar
+
+
+@dataclass
+class VerifyReport:
+    directory: str
+    shards: int = 0
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_shard(args) -> tuple[str, int, list[str]]:
+    """Verify one shard; returns (name, samples checked, problems)."""
+    directory, entry, image_size, components, quick = args
+    entry = ShardEntry(**entry)
+    tar, idx = Path(directory) / entry.name, Path(directory) / entry.index
+    problems: list[str] = []
+    if not tar.exists():
+        return entry.name, 0, [f"{entry.name}: missing (listed in the manifest)"]
+    size = tar.stat().st_size
+    if size != entry.bytes:
+        problems.append(f"{entry.name}: {size} bytes, manifest says {entry.bytes} (truncated or "
+                        f"overwritten)")
+    elif _sha256(tar) != entry.sha256:
+        problems.append(f"{entry.name}: sha256 mismatch (contents changed on disk)")
+    try:
+        on_disk = scan_tar(tar)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        problems.append(f"{entry.name}: not a readable tar ({type(e).__name__}: {e})")
+        on_disk = None
+    if on_disk is not None and len(on_disk) != entry.samples:
+        problems.append(f"{entry.name}: holds {len(on_disk)} samples, manifest says {entry.samples}")
+    index = None
+    if not idx.exists():
+        problems.append(f"{entry.index}: missing DALI index (re-run `maskdm shard` into a new "
+                        f"folder, or regenerate it with `wds2idx {entry.name} {entry.index}`)")
+    else:
+        try:
+            index = parse_index(idx.read_text(), entry.index)
+        except (BadIndex, UnicodeDecodeError) as e:
+            problems.append(f"{entry.index}: {e}")
+    if index is not None and on_disk is not None and index != on_disk:
+        problems.append(f"{entry.index}: does not match the tar's contents")
+    if problems or quick:
+        return entry.name, 0, problems
+
+    checked = 0
+    with open(tar, "rb") as f:
+        for sample in index:
+            key = sample_key(sample)
+            exts = [c.ext for c in sample]
+            if sorted(exts) != sorted(components):
+                problems.append(f"{entry.name}/{key}: components {exts}, expected {components}")
+                continue
+            data = {}
+            for c in sample:
+                f.seek(c.offset)
+                data[c.ext] = f.read(c.size)
+            try:
+                if "dwt16" in data:
+                    coeffs = haar.decode_dwt16(data["dwt16"], image_size)
+                    pixels = haar.idwt_uint8(coeffs)
+                    if haar.dwt_uint8(pixels).tobytes() != coeffs.astype("<f2").tobytes():
+                        raise haar.NotLossless("forward DWT of the inverse differs from the stored bits")
+                if "jpg" in data:
+                    img = decode_jpeg(data["jpg"])
+                    if img.shape != (image_size, image_size, 3):
+                        raise ValueError(f"jpg is {img.shape}, expected {image_size}x{image_size}x3")
+                meta = json.loads(data["json"])
+                if meta.get("key") != key:
+                    raise ValueError(f"json names key {meta.get('key')!r}")
+            except Exception as e:  # report every kind of damage, keep checking the rest
+                problems.append(f"{entry.name}/{key}: {type(e).__name__}: {e}")
+                continue
+            checked += 1
+    return entry.name, checked, problems
+
+
+def verify(directory: str | os.PathLike, *, workers: int = 0, quick: bool = False,
+           progress: bool = True) -> VerifyReport:
+    from tqdm import tqdm
+
+    directory = Path(directory).resolve()
+    report = VerifyReport(str(directory))
+    try:
+        m = load_manifest(directory)
+    except DatasetError as e:
+        report.problems.append(str(e))
+        return report
+    report.shards = len(m.shards)
+    listed = {s.name for s in m.shards} | {s.index for s in m.shards}
+    for p in sorted(directory.glob("shard-*")):
+        if p.name not in listed:
+            report.warnings.append(f"{p.name}: not listed in the manifest (left over? not read)")
+    skipped_path = directory / SKIPPED
+    if not skipped_path.exists():
+        report.problems.append(f"{SKIPPED}: missing (the manifest counts {m.source.get('skipped')})")
+    else:
+        n_skipped = sum(1 for ln in skipped_path.read_text().splitlines() if ln.strip())
+        if n_skipped != m.source.get("skipped"):
+            report.problems.append(f"{SKIPPED}: {n_skipped} lines, manifest says "
+                                   f"{m.source.get('skipped')} skipped")
+    if m.source.get("written") != m.num_samples:
+        report.problems.append(f"manifest: source.written={m.source.get('written')} but the shards "
+                               f"hold {m.num_samples}")
+
+    tasks = [(str(directory), s.__dict__, m.image_size, m.components, quick) for s in m.shards]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
+    bar = tqdm(total=len(tasks), unit="shard", desc="verifying", disable=not progress,
+               file=sys.stderr)
+    if workers == 1:
+        results = map(_check_shard, tasks)
+        pool = None
+    else:
+        pool = mp.get_context("spawn").Pool(workers)
+        results = pool.imap(_check_shard, tasks)
+    try:
+        for name, checked, problems in results:
+            report.samples += checked
+            report.problems.extend(problems)
+            bar.update(1)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return report
+
+
+def print_report(report: VerifyReport, quick: bool, file=None) -> None:
+    file = file or sys.stdout
+    for w in report.warnings:
+        print(f"warning: {w}", file=file)
+    if report.ok:
+        what = "checksums, counts and indexes" if quick else \
+            f"{report.samples} samples decoded and inverted losslessly"
+        print(f"OK: {report.directory}: {report.shards} shards verified ({what})", file=file)
+    else:
+        print(f"DAMAGED: {report.directory}: {len(report.problems)} problem(s):", file=file)
+        for p in report.problems:
+            print(f"  - {p}", file=file)
+        print("Re-run `maskdm shard` with the same arguments into a new folder to rebuild it "
+              "(sharding is deterministic: the good shards come out identical).", file=file)

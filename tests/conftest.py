@@ -1,0 +1,47 @@
+"""Shared fixtures. Everything runs on the CPU with data the project generates itself."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("MLFLOW_TRACKING_URI", "")  # tests pick their own stores
+os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+def noise_image(seed: int, h: int, w: int) -> np.ndarray:
+    """uint8 [h, w, 3] noise covering the full 0..255 range, extremes included."""
+    img = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    img[0, 0] = 0
+    img[0, 1] = 255
+    return img
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> Path:
+    """A small procedural dwt16 shard set (32 px, 3 shards), shared read-only by many tests."""
+    from preprocessing.shard import ShardOptions, run
+    out = tmp_path_factory.mktemp("shards") / "procedural32"
+    run(ShardOptions(src="procedural", out=str(out), source="procedural", size=32, count=150,
+                     samples_per_shard=50, workers=1, keep_jpeg=True), progress=False,
+        log=lambda *a: None)
+    return out
+
+
+def shard_set(tmp_path: Path, name: str, **kw) -> Path:
+    """Shard the procedural set into ``tmp_path/name`` with options ``kw`` (in-process)."""
+    from preprocessing.shard import ShardOptions, run
+    out = tmp_path / name
+    opts = dict(src="procedural", out=str(out), source="procedural", size=32, count=60,
+                samples_per_shard=25, workers=1)
+    opts.update(kw)
+    run(ShardOptions(**opts), progress=False, log=lambda *a: None)
+    return out

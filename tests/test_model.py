@@ -1,0 +1,171 @@
+"""Model invariants: masked forward touches only visible tokens; presets; attention backends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import ModelConfig, build_model
+from model.masks import block, patch, sample_keep_idx
+from model.uvit import gather_tokens, patchify, unpatchify
+
+
+def _tiny(**kw) -> torch.nn.Module:
+    cfg = dict(preset="tiny", in_channels=12, input_size=8, patch_size=2, attention="sdpa")
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return build_model(ModelConfig(**cfg)).eval()
+
+
+def test_patchify_roundtrip():
+    x = torch.randn(2, 12, 8, 8)
+    tok = patchify(x, 2)
+    assert tok.shape == (2, 16, 48)
+    assert torch.equal(unpatchify(tok, 2, 12, (4, 4)), x)
+    assert torch.equal(tok[:, 5], x[:, :, 2:4, 2:4].reshape(2, 48))  # token 5 = grid (1, 1)
+
+
+def test_masked_forward_ignores_masked_inputs():
+    net = _tiny()
+    x = torch.randn(3, 12, 8, 8)
+    t = torch.tensor([5, 500, 999])
+    g = torch.Generator().manual_seed(1)
+    keep = sample_keep_idx(patch(0.5), 3, (4, 4), g)
+    out = net(x, t, keep)
+    assert out.shape == (3, 8, 48)
+    # overwrite every masked patch with garbage: visible predictions must not change at all
+    tok = patchify(x, 2).clone()
+    mask = torch.ones(3, 16, dtype=torch.bool)
+    mask.scatter_(1, keep, False)
+    tok[mask] = torch.randn(int(mask.sum()), 48) * 100
+    out2 = net(unpatchify(tok, 2, 12, (4, 4)), t, keep)
+    assert torch.equal(out, out2)
+
+
+def test_full_keep_idx_equals_unmasked_forward():
+    net = _tiny()
+    x = torch.randn(2, 12, 8, 8)
+    t = torch.tensor([10, 700])
+    full = net(x, t)
+    keep = torch.arange(16).expand(2, -1)
+    masked = net(x, t, keep)
+    assert torch.allclose(patchify(full, 2), masked, atol=1e-6)
+
+
+def test_masked_output_matches_visible_positions_not_others():
+    """Predictions are tied to their own positions: a different mask gives different outputs."""
+    net = _tiny()
+    x = torch.randn(1, 12, 8, 8)
+    t = torch.tensor([100])
+    a = net(x, t, torch.tensor([[0, 1, 2, 3]]))
+    b = net(x, t, torch.tensor([[0, 1, 2, 4]]))
+    assert not torch.allclose(a, b)
+
+
+def test_conditional_model_needs_labels():
+    net = _tiny(num_classes=5)
+    x = torch.randn(2, 12, 8, 8)
+    t = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="conditional"):
+        net(x, t)
+    y0 = net(x, t, None, torch.tensor([0, 0]))
+    y1 = net(x, t, None, torch.tensor([3, 3]))
+    assert not torch.allclose(y0, y1)
+
+
+def test_checkpointing_gives_same_gradients():
+    x = torch.randn(2, 12, 8, 8)
+    t = torch.tensor([3, 300])
+    grads = []
+    for ckpt in (False, True, 2):
+        net = _tiny(checkpointing=ckpt).train()
+        net(x, t).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    assert torch.allclose(grads[0], grads[2], atol=1e-6)
+
+
+def test_auto_attention_reports_its_choice_on_cpu():
+    net = _tiny(attention="auto")
+    assert net.attention_backend == "sdpa"
+    assert "cpu" in net.attention_reason
+
+
+@pytest.mark.parametrize("preset,kw,expected", [
+    ("MaskDM-S", dict(in_channels=3, input_size=64, patch_size=4), 44e6),  # CelebA 64x64
+    ("MaskDM-B", dict(in_channels=12, input_size=128, patch_size=2), 102e6),  # 256 DWT
+    ("MaskDM-L", dict(in_channels=12, input_size=128, patch_size=2), 233e6),
+    ("MaskDM-B", dict(in_channels=3, input_size=256, patch_size=4), 102e6),  # 256 pixels
+])
+def test_preset_parameter_counts(preset, kw, expected):
+    with torch.device("meta"):
+        net = build_model(ModelConfig(preset=preset, attention="sdpa", **kw))
+    n = sum(p.numel() for p in net.parameters())
+    assert abs(n - expected) / expected < 0.05, f"{preset}: {n / 1e6:.1f}M"
+
+
+def test_weight_decay_exclusions():
+    net = _tiny(num_classes=3)
+    names = net.no_weight_decay()
+    assert "pos_embed" in names and "label_embed.weight" in names
+    assert "in_blocks.0.norm1.weight" in names and "head.bias" in names
+    assert "in_blocks.0.attn.qkv.weight" not in names and "head.weight" not in names
+
+
+def test_bad_model_configs_are_rejected():
+    with pytest.raises(ValueError, match="divisible by model.heads"):
+        ModelConfig(preset="tiny", dim=130).resolved()
+    with pytest.raises(ValueError, match="unknown"):
+        ModelConfig(preset="MaskDM-XXL").resolved()
+    with pytest.raises(ValueError, match="model.attention"):
+        ModelConfig(preset="tiny", attention="flash").resolved()
+    with pytest.raises(RuntimeError, match="xformers"):
+        build_model(ModelConfig(preset="tiny", attention="xformers"), device="cpu")
+
+
+def test_gather_tokens():
+    x = torch.arange(24.).view(1, 6, 4)
+    assert torch.equal(gather_tokens(x, torch.tensor([[1, 4]])), x[:, [1, 4]])
+
+
+def test_block_mask_forward_shapes():
+    net = _tiny(input_size=16)
+    g = torch.Generator().manual_seed(0)
+    keep = sample_keep_idx(block(0.5, 2), 4, (8, 8), g)
+    out = net(torch.randn(4, 12, 16, 16), torch.randint(0, 1000, (4,)), keep)
+    assert out.shape == (4, 32, 48)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@requires_cuda
+def test_xformers_and_sdpa_agree_on_gpu():
+    pytest.importorskip("xformers")
+    torch.manual_seed(0)
+    cfg = ModelConfig(preset="MaskDM-S", in_channels=12, input_size=32, patch_size=2,
+                      attention="sdpa", depth=4)
+    net = build_model(cfg, device="cuda").eval()
+    x = torch.randn(4, 12, 32, 32, device="cuda")
+    t = torch.randint(0, 1000, (4,), device="cuda")
+    keep = sample_keep_idx(patch(0.7), 4, cfg.grid, torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = [net(x, t, keep).float(), net(x, t).float()]
+        net.set_attention_backend("xformers")
+        got = [net(x, t, keep).float(), net(x, t).float()]
+    for r, g in zip(ref, got):
+        rel = (g - r).norm() / r.norm()
+        assert rel < 2e-2, f"relative difference {rel:.2e}"
+
+
+@requires_cuda
+def test_bf16_forward_close_to_fp32_on_gpu():
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(preset="tiny", input_size=32, attention="sdpa"), device="cuda")
+    x = torch.randn(2, 12, 32, 32, device="cuda")
+    t = torch.tensor([10, 900], device="cuda")
+    with torch.no_grad():
+        ref = net(x, t)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = net(x, t).float()
+    assert (low - ref).norm() / ref.norm() < 2e-2

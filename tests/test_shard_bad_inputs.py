@@ -1,0 +1,224 @@
+"""Bad inputs never stop the job and are never silently dropped; odd formats convert correctly."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import tarfile
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from preprocessing import haar
+from preprocessing.manifest import load_manifest
+from preprocessing.procedural import render
+from preprocessing.shard import ShardOptions, run
+from preprocessing.verify import verify
+
+SIZE = 32
+
+
+def _png(w: int, h: int, bit_depth: int, color_type: int, raw: bytes) -> bytes:
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + tag + data
+                + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", w, h, bit_depth, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))
+
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95, **kw)
+    return buf.getvalue()
+
+
+def _samples(out: Path) -> dict[str, dict]:
+    """src -> {"meta": json, "img": uint8 image} for every stored sample."""
+    m = load_manifest(out)
+    res = {}
+    for s in m.shards:
+        with tarfile.open(out / s.name) as tf:
+            comps: dict[str, dict[str, bytes]] = {}
+            for mem in tf:
+                key, ext = mem.name.split(".", 1)
+                comps.setdefault(key, {})[ext] = tf.extractfile(mem).read()
+        for c in comps.values():
+            meta = json.loads(c["json"])
+            coeffs = np.frombuffer(c["dwt16"], "<f2").reshape(12, SIZE // 2, SIZE // 2)
+            res[meta["src"]] = {"meta": meta, "img": haar.idwt_uint8(coeffs)}
+    return res
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory):
+    src = tmp_path_factory.mktemp("messy")
+    good = {}
+    for i in range(6):  # non-square, larger than SIZE: exercise crop + downscale
+        arr = render(1, i, 96)[:, 8:88]
+        name = f"good/face{i}.{'jpg' if i % 2 else 'png'}"
+        (src / "good").mkdir(exist_ok=True)
+        Image.fromarray(arr).save(src / name)
+        good[name] = arr
+    face = Image.fromarray(render(1, 10, 64))
+    full = _jpeg(face)
+    bad = {
+        "truncated.jpg": full[: len(full) // 2],
+        "empty.jpg": b"",
+        "notes.jpg": b"this is a text file, not a picture\n",
+    }
+    for name, data in bad.items():
+        (src / name).write_bytes(data)
+    (src / "cmyk.jpg").write_bytes(_jpeg(face.convert("CMYK")))
+    (src / "gray.jpg").write_bytes(_jpeg(face.convert("L")))
+    rgba = np.dstack([np.asarray(face), np.full((64, 64), 255, np.uint8)])
+    rgba[:, :32, 3] = 0  # left half fully transparent -> white
+    Image.fromarray(rgba, "RGBA").save(src / "rgba.png")
+    g16 = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    Image.fromarray(g16).save(src / "gray16.png")
+    rgb16 = (np.random.default_rng(0).integers(0, 65536, (64, 64, 3))).astype(">u2")
+    raw = b"".join(b"\0" + rgb16[r].tobytes() for r in range(64))
+    (src / "rgb16.png").write_bytes(_png(64, 64, 16, 2, raw))
+    face.convert("P", palette=Image.Palette.ADAPTIVE).save(src / "palette.png", transparency=0)
+    Image.fromarray(render(1, 11, 28)).save(src / "small_upscaled.png")
+    Image.fromarray(render(1, 12, 16)).save(src / "tiny.png")
+    (src / "bomb.png").write_bytes(_png(100_000, 100_000, 8, 2, b"\0" * 100))
+    os.symlink(src / "does-not-exist.jpg", src / "broken_link.jpg")
+    os.mkfifo(src / "fifo.jpg")
+    rotated = Image.fromarray(render(1, 13, 64)[:, 8:56])  # 48 wide, 64 tall
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    (src / "exif_rotated.jpg").write_bytes(_jpeg(rotated, exif=exif))
+    (src / "README.txt").write_text("not an image extension: ignored, not an input")
+    unreadable = src / "unreadable.jpg"
+    unreadable.write_bytes(full)
+    os.chmod(unreadable, 0)
+    as_root = os.access(unreadable, os.R_OK)
+
+    out = tmp_path_factory.mktemp("out") / "shards"
+    m = run(ShardOptions(src=str(src), out=str(out), source="folder", size=SIZE,
+                         samples_per_shard=4, workers=2, min_side=24),
+            progress=False, log=lambda *a: None)
+    skipped = {json.loads(ln)["src"]: json.loads(ln)["reason"]
+               for ln in (out / "skipped.jsonl").read_text().splitlines()}
+    return {"src": src, "out": out, "manifest": m, "good": good, "skipped": skipped,
+            "samples": _samples(out), "as_root": as_root}
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("truncated.jpg", "truncated"),
+    ("empty.jpg", "empty file"),
+    ("notes.jpg", "not an image"),
+    ("tiny.png", "too small"),
+    ("bomb.png", "decompression bomb"),
+    ("broken_link.jpg", "broken symlink"),
+    ("fifo.jpg", "not a regular file"),
+])
+def test_bad_input_is_skipped_with_reason(messy, name, reason):
+    assert name in messy["skipped"], f"{name} should be listed in skipped.jsonl"
+    assert reason in messy["skipped"][name]
+    assert name not in messy["samples"]
+
+
+def test_unreadable_file(messy):
+    if messy["as_root"]:
+        assert "unreadable.jpg" in messy["samples"]  # root reads it: converted like any other
+    else:
+        assert "permission denied" in messy["skipped"]["unreadable.jpg"]
+
+
+def test_good_images_all_present_and_correct(messy):
+    from preprocessing.images import prepare
+    for name, arr in messy["good"].items():
+        assert name in messy["samples"]
+        data = (messy["src"] / name).read_bytes()
+        expected = prepare(data, SIZE).image
+        assert np.array_equal(messy["samples"][name]["img"], expected)
+        assert messy["samples"][name]["meta"]["crop"] == [0.0, 8.0, 80.0, 88.0]
+
+
+def test_counts_add_up(messy):
+    m = messy["manifest"]
+    src = m.source
+    assert src["written"] + src["skipped"] == src["found"] == src["selected"]
+    assert src["skipped"] == len(messy["skipped"])
+    assert src["ignored"] == 1  # README.txt
+    assert src["written"] == len(messy["samples"])
+    assert verify(messy["out"], workers=1, progress=False).ok
+
+
+def test_mode_conversions(messy):
+    s = messy["samples"]
+    gray = s["gray.jpg"]["img"].astype(int)
+    assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 1], gray[..., 2])
+    cmyk = s["cmyk.jpg"]["img"].astype(int)
+    ref = s["palette.png"]["img"].astype(int)  # the same face through another path
+    assert np.abs(cmyk - ref).mean() < 12, "CMYK must convert to the right colours"
+    rgba = s["rgba.png"]["img"]
+    assert (rgba[:, :SIZE // 2 - 2] >= 250).all(), "transparent pixels composite over white"
+    g16 = s["gray16.png"]["img"][..., 0].astype(int)
+    assert g16.min() <= 5 and g16.max() >= 250, "16-bit range scales to 0..255, not clipped"
+    assert s["rgb16.png"]["img"].std() > 30
+    assert s["small_upscaled.png"]["meta"]["upscaled"] is True
+    assert messy["manifest"].source["upscaled"] >= 1
+
+
+def test_exif_orientation_applied(messy):
+    meta = messy["samples"]["exif_rotated.jpg"]["meta"]
+    assert meta["orig_size"] == [64, 48]  # displayed: wider than tall after the 90-degree turn
+
+
+def test_zip_source_and_corrupt_member(tmp_path):
+    zpath = tmp_path / "celebahq.zip"
+    with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for i in range(5):
+            buf = io.BytesIO()
+            Image.fromarray(render(2, i, 40)).save(buf, format="PNG")
+            z.writestr(f"CelebA-HQ-img/{i}.png", buf.getvalue())
+        z.writestr("CelebA-HQ-img/broken.jpg", b"\xff\xd8\xff garbage")
+    out = tmp_path / "z"
+    m = run(ShardOptions(src=str(zpath), out=str(out), source="celebahq", size=SIZE, workers=1),
+            progress=False, log=lambda *a: None)
+    assert m.source["written"] == 5 and m.source["skipped"] == 1
+    assert verify(out, workers=1, progress=False).ok
+
+
+def test_vggface2_labels_and_bboxes(tmp_path):
+    root = tmp_path / "vgg"
+    for ident in ("n000002", "n000001", "n000010"):
+        d = root / "train" / ident
+        d.mkdir(parents=True)
+        for j in range(2):
+            Image.fromarray(render(3, hash((ident, j)) % 1000, 80)).save(d / f"000{j}_01.jpg")
+    (root / "loose_bb_train.csv").write_text(
+        "NAME_ID,X,Y,W,H\n\"n000001/0000_01\",10,12,40,50\n")
+    out = tmp_path / "v"
+    m = run(ShardOptions(src=str(root), out=str(out), source="vggface2", size=SIZE, workers=1,
+                         bbox_csv=str(root / "loose_bb_train.csv")),
+            progress=False, log=lambda *a: None)
+    assert m.labels == {"n000001": 0, "n000002": 1, "n000010": 2}
+    samples = _samples(out)
+    assert len(samples) == 6
+    for src, s in samples.items():
+        ident = src.split("/")[1]
+        assert s["meta"]["label"] == m.labels[ident] and s["meta"]["identity"] == ident
+    boxed = samples["train/n000001/0000_01.jpg"]["meta"]["crop"]
+    assert boxed == [5.0, 12.0, 55.0, 62.0]  # 50px square around the box centre (30, 37)
+
+
+def test_bad_bbox_csv_is_a_clear_error(tmp_path):
+    from preprocessing.sources import SourceError
+    root = tmp_path / "vgg" / "train" / "n000001"
+    root.mkdir(parents=True)
+    Image.fromarray(render(0, 0, 40)).save(root / "0001_01.jpg")
+    bad = tmp_path / "bb.csv"
+    bad.write_text("NAME_ID,X,Y,W,H\nn000001/0001_01,1,2,three,4\n")
+    with pytest.raises(SourceError, match=r"bb.csv:2: X,Y,W,H must be numbers"):
+        run(ShardOptions(src=str(tmp_path / "vgg"), out=str(tmp_path / "o"), source="vggface2",
+                         size=SIZE, workers=1, bbox_csv=str(bad)), progress=False)
