@@ -41,10 +41,9 @@ def flip(coeffs: torch.Tensor) -> torch.Tensor:
 
 def model_from_coeffs(coeffs: torch.Tensor) -> torch.Tensor:
     """Haar coefficients of a 0..255 image -> model space (float32)."""
-    c = coeffs.float() / 255.0
-    offset = torch.zeros(12, 1, 1, device=c.device)
-    offset[:3] = -1.0
-    return c + offset
+    c = coeffs.float().mul_(1.0 / 255.0)  # the same float32 arithmetic as preprocessing.haar
+    c[..., :3, :, :] -= 1.0
+    return c
 
 
 def model_from_image(img: torch.Tensor) -> torch.Tensor:

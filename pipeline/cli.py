@@ -16,7 +16,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_shard_parser(sub)
     add_inspect_parser(sub)
+    _add_bench(sub)
     return parser
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="throughput benchmarks (data loading)",
+                       description="Throughput benchmarks that print a table. Model benchmarks: "
+                       "python -m benchmarks.train_step (see benchmarks/).")
+    bsub = p.add_subparsers(dest="bench", metavar="WHAT")
+    d = bsub.add_parser("data", help="loader images/s, MB/s and CPU cores per backend",
+                        description="Measure how fast the loaders deliver ready batches.")
+    from pipeline.data import bench as data_bench  # light: torch is imported when it runs
+    data_bench.add_arguments(d)
+    d.set_defaults(func=lambda a: data_bench.run(a))
+    p.set_defaults(func=lambda a: p.print_help() or 2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,155 @@
+"""``maskdm bench data SHARDS...``: how fast the loaders deliver ready batches.
+
+For each shard folder (its encoding) and backend: images/s of batches ready on the device, MB/s
+read from the shards, CPU cores used (process + worker CPU time / wall time), alone and with a
+simulated training consumer that holds each batch for ``--step-ms`` (the data-wait fraction is the
+share of time the consumer waited for data). A ``raw`` row gives the rate of one core doing exactly
+a worker's job (read + decode into a batch) with no loader machinery: the yardstick for per-worker
+efficiency. On a CPU device the torch workers also do the model-space transform.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import resource
+import time
+
+
+def _cpu_seconds() -> float:
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def _sync(device) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def raw_rate(reader, batch: int, n_batches: int) -> tuple[float, float]:
+    """One core doing exactly a worker's job (read + decode into a batch), no loader: img/s, MB/s."""
+    from .torch_loader import RankStream
+    stream = RankStream(reader, seed=0, start=0, global_batch=batch, rank=0, world_size=1,
+                        hflip=True, strict=False)
+    order = reader.order(0)
+    stream.load(0, order)
+    t0 = time.perf_counter()
+    for k in range(1, n_batches + 1):
+        stream.load(k, order)
+    dt = time.perf_counter() - t0
+    per_sample = sum(s.bytes for s in reader.manifest.shards) / max(reader.manifest.num_samples, 1)
+    n = batch * n_batches
+    return n / dt, n * per_sample / dt / 1e6
+
+
+def run_one(shards: str, backend: str, workers: int, batch: int, batches: int, device,
+            step_ms: float, raw_only: bool = False) -> dict:
+    """Time ``batches`` batches; ``raw_only``: the backend's batches as they reach the training
+    process, before the model-space transform (what the workers alone deliver)."""
+    from .loader import Loader
+    from .shards import ShardReader
+    import torch
+    reader = ShardReader(shards)
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and backend == "torch":
+        # the consumer's own thread pool must not spin on the cores the workers need
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - workers))
+    loader = Loader(reader, global_batch=batch, backend=backend, workers=workers, device=device,
+                    seed=0, dali_threads=max(workers, 1))
+    per_sample = sum(s.bytes for s in reader.manifest.shards) / max(reader.manifest.num_samples, 1)
+    source = loader._raw_iter() if raw_only else loader
+    for _ in range(3):  # start-up (worker spawn, pipeline build) is not throughput
+        next(source)
+    _sync(device)
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
+    wait = 0.0
+    for _ in range(batches):
+        w0 = time.perf_counter()
+        b = next(source)
+        _sync(device)
+        wait += time.perf_counter() - w0
+        if step_ms:
+            time.sleep(step_ms / 1e3)  # the GPU would be busy; the host is free
+    dt = time.perf_counter() - t0
+    loader.close()
+    torch.set_num_threads(threads)
+    del b
+    time.sleep(0.2)  # let DataLoader workers exit so their CPU time is accounted
+    cpu = _cpu_seconds() - cpu0
+    n = batch * batches
+    return {"img_s": n / dt, "mb_s": n * per_sample / dt / 1e6, "cores": cpu / dt,
+            "wait": wait / dt}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="maskdm bench data", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("shards", nargs="+", metavar="SHARDS", help="shard folders to read")
+    ap.add_argument("--backends", nargs="+", default=None, choices=["torch", "dali"],
+                    help="default: torch, plus dali when installed")
+    ap.add_argument("--workers", type=int, nargs="+", default=None,
+                    help="loader workers / DALI threads to try (default: 1 and all cores)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batches", type=int, default=30, help="timed batches per row (default 30)")
+    ap.add_argument("--step-ms", type=float, default=None,
+                    help="simulated training step per batch (default: twice the batch time "
+                    "measured without a consumer, i.e. a consumer at half the loader's rate)")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+def run(args) -> int:
+    import torch
+
+    from .dali_loader import dali_available
+    from .shards import ShardReader
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cores = len(os.sched_getaffinity(0))
+    backends = args.backends or (["torch", "dali"] if dali_available() else ["torch"])
+    workers = args.workers or sorted({1, cores})
+    rows = []
+    for shards in args.shards:
+        reader = ShardReader(shards)
+        enc = reader.encoding
+        r_img, r_mb = raw_rate(reader, args.batch, max(3, min(20, reader.num_samples // args.batch)))
+        rows.append((shards, enc, "raw (1 core)", "-", f"{r_img:.0f}", "100%", "-",
+                     f"{r_mb:.0f}", "1.00", "-", "-"))
+        print(rows[-1], flush=True)
+        for backend in backends:
+            for w in workers:
+                raw = run_one(shards, backend, w, args.batch, args.batches, device, 0, True)
+                free = run_one(shards, backend, w, args.batch, args.batches, device, 0)
+                step = (args.step_ms if args.step_ms is not None
+                        else 2e3 * args.batch / free["img_s"])
+                busy = run_one(shards, backend, w, args.batch, args.batches, device, step)
+                per_worker = raw["img_s"] / max(w, 1) / r_img
+                rows.append((shards, enc, backend, str(w), f"{raw['img_s']:.0f}",
+                             f"{per_worker:.0%}", f"{free['img_s']:.0f}", f"{free['mb_s']:.0f}",
+                             f"{free['cores']:.2f}", f"{step:.0f}", f"{busy['wait']:.0%}"))
+                print(rows[-1], flush=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        (platform.processor() or platform.machine())
+    print(f"\ndata loading, {name}, {cores} cores, batch {args.batch}, device {device}, "
+          f"{datetime.date.today().isoformat()}")
+    head = ("shards", "encoding", "backend", "workers", "delivered", "per-worker", "ready img/s",
+            "MB/s", "cores", "step ms", "data wait")
+    widths = [max(len(str(r[i])) for r in rows + [head]) + 2 for i in range(len(head))]
+    for r in [head] + rows:
+        print("".join(str(v).rjust(w) if i else str(v).ljust(w) for i, (v, w) in
+                      enumerate(zip(r, widths))))
+    print("delivered: img/s of the backend's batches reaching the training process (before the "
+          "model-space transform); per-worker: that per worker, relative to the raw single-core "
+          "rate; ready: img/s of model-space batches on the device; cores: CPU time / wall time; "
+          "data wait: share of wall time a consumer taking 'step ms' per batch waited for data")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

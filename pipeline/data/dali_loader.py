@@ -1,0 +1,182 @@
+"""The DALI backend: ``fn.readers.webdataset`` reads the shards, nvJPEG decodes on the GPU.
+
+To give exactly the order of ``order.StreamOrder`` (so that DALI and torch agree and resume
+exactly), each *segment* of the rank's stream (about one epoch of its batches) becomes a list of
+``(tar, index)`` pairs: consecutive samples from the same shard share one index file listing just
+them, in stream order, and the reader runs with ``random_shuffle=False``. Damaged samples are
+found from the index before the segment is built and replaced like the torch backend does; a
+sample DALI cannot decode (corrupt JPEG) makes that batch fall back to the CPU path, after which
+the pipeline is rebuilt from the next batch. With ``device=cpu`` the same pipeline runs on DALI's
+CPU operators (how CI tests it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from preprocessing.tarfmt import format_index
+
+from .order import StreamOrder, rank_positions
+from .shards import SampleError, ShardReader
+from .torch_loader import RankStream, replace_bad
+
+log = logging.getLogger("maskdm.data")
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class DaliStream:
+    """Raw batches (dicts, like ``RankStream.load``) of one rank, produced by DALI pipelines."""
+
+    def __init__(self, reader: ShardReader, *, seed: int, start: int, global_batch: int,
+                 rank: int, world_size: int, hflip: bool, strict: bool, device: torch.device,
+                 threads: int = 4, segment_batches: int | None = None):
+        if not dali_available():
+            raise RuntimeError("data.backend=dali needs NVIDIA DALI: pip install 'maskdm[dali]' "
+                               "(CUDA 12) or 'maskdm[dali-cuda13]'; or use data.backend=torch")
+        self.reader, self.seed, self.start = reader, seed, start
+        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
+        self.local = global_batch // world_size
+        self.hflip, self.strict = hflip, strict
+        self.device = device
+        self.threads = threads
+        self.order = StreamOrder(reader.order_sizes, seed)
+        per_rank_epoch = max(1, reader.num_samples // global_batch)
+        self.segment_batches = segment_batches or min(2000, per_rank_epoch)
+        self._tmp = Path(tempfile.mkdtemp(prefix="maskdm-dali-"))
+        self._fallback = RankStream(reader, seed=seed, start=start, global_batch=global_batch,
+                                    rank=rank, world_size=world_size, hflip=hflip, strict=strict)
+        self.dali_errors = 0
+
+    def close(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __del__(self):
+        self.close()
+
+    # ------------------------------------------------------------------ segments
+    def _plan(self, first: int, n: int):
+        """Per batch: (positions, chosen (shard, j) per slot, keys, bad reasons)."""
+        plan = []
+        for k in range(first, first + n):
+            positions = rank_positions(self.start, k, self.global_batch, self.rank, self.world_size)
+            shards, js = self.order.locate(self.order.ids_at(positions))
+            keys, bad = [], {}
+            for i, (s, j) in enumerate(zip(shards.tolist(), js.tolist())):
+                try:
+                    key, _ = self.reader.entries(s, j)
+                except (SampleError, OSError) as e:
+                    if self.strict:
+                        raise SampleError(f"{e} (strict mode)") from None
+                    bad[i], key = str(e), None
+                keys.append(key)
+            src = replace_bad(len(positions), bad) if bad else list(range(len(positions)))
+            slots = [(shards[j], js[j]) for j in src]
+            plan.append((positions, slots, [keys[j] for j in src], list(bad.values())))
+        return plan
+
+    def _build(self, first: int, n: int):
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        plan = self._plan(first, n)
+        seg = self._tmp / f"seg-{first}"
+        seg.mkdir()
+        paths, idx_paths, run = [], [], []
+
+        def flush():
+            if run:
+                shard = run[0][0]
+                index = self.reader.index(shard)
+                p = seg / f"{len(paths):06d}.idx"
+                p.write_text(format_index([index[j] for _, j in run]))
+                paths.append(str(self.reader.tar_path(shard)))
+                idx_paths.append(str(p))
+                run.clear()
+
+        for _, slots, _, _ in plan:
+            for s, j in slots:
+                if run and run[-1][0] != s:
+                    flush()
+                run.append((int(s), int(j)))
+        flush()
+
+        gpu = self.device.type == "cuda"
+        enc = self.reader.encoding
+        half = self.reader.image_size // 2
+        ext = ["dwt16", "json"] if enc == "dwt16" else ["jpg", "json"]
+
+        @pipeline_def(batch_size=self.local, num_threads=self.threads,
+                      device_id=(self.device.index or 0) if gpu else None, seed=self.seed,
+                      prefetch_queue_depth=2)
+        def pipe():
+            data, meta = fn.readers.webdataset(
+                paths=paths, index_paths=idx_paths, ext=ext,
+                dtypes=[types.FLOAT16 if enc == "dwt16" else types.UINT8, types.UINT8],
+                random_shuffle=False, missing_component_behavior="error", name="reader")
+            if enc == "dwt16":
+                data = fn.reshape(data, shape=[12, half, half])
+                if gpu:
+                    data = data.gpu()
+            else:
+                data = fn.decoders.image(data, device="mixed" if gpu else "cpu",
+                                         output_type=types.RGB)
+            return data, fn.pad(meta, fill_value=0)
+
+        p = pipe()
+        p.build()
+        it = DALIGenericIterator([p], ["data", "meta"], reader_name="reader", auto_reset=False)
+        return it, plan, seg
+
+    # ------------------------------------------------------------------ iteration
+    def batches(self, first_batch: int = 0):
+        """Infinite generator of raw batches starting at the rank's batch ``first_batch``."""
+        k = first_batch
+        while True:
+            n = self.segment_batches
+            it, plan, seg = self._build(k, n)
+            try:
+                for positions, _, keys, bad in plan:
+                    try:
+                        out = next(it)[0]
+                    except StopIteration:
+                        raise RuntimeError("DALI ended a segment early; please report this") from None
+                    except Exception as e:  # DALI raises its own error types for decode failures
+                        self.dali_errors += 1
+                        log.warning("DALI failed on batch %d (%s); decoding it on the CPU and "
+                                    "rebuilding the pipeline", k, str(e).splitlines()[0][:200])
+                        yield self._fallback.load(k, self.order)
+                        k += 1
+                        break
+                    yield self._raw(k, positions, keys, bad, out)
+                    k += 1
+            finally:
+                del it
+                shutil.rmtree(seg, ignore_errors=True)
+
+    def _raw(self, k, positions, keys, bad, out) -> dict:
+        labels = None
+        if self.reader.manifest.labels is not None:
+            meta = out["meta"].cpu().numpy()
+            labels = torch.tensor([json.loads(bytes(row).rstrip(b"\0")).get("label", -1)
+                                   for row in meta], dtype=torch.long)
+        return {
+            "batch_index": k,
+            "data": out["data"],
+            "labels": labels,
+            "keys": keys,
+            "flips": torch.from_numpy(self.order.flips(positions)) if self.hflip else None,
+            "bad": bad,
+        }

@@ -1,0 +1,120 @@
+"""``Loader``: the training data interface (iterator of ``Batch``) over either backend.
+
+Its state is three scalars, ``{seed, samples_seen, global_batch}``; the order is recomputed from
+them, never stored. ``Loader(..., samples_seen=n)`` (or ``load_state_dict``) yields exactly the
+batches an uninterrupted loader would yield after ``n`` samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from .batch import Batch
+from .shards import ShardReader
+from .transform import SPACES, to_model_space
+
+log = logging.getLogger("maskdm.data")
+BACKENDS = ("torch", "dali")
+
+
+class Loader:
+    def __init__(self, shards: str | os.PathLike | ShardReader, *, global_batch: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, device="cpu",
+                 backend: str = "torch", workers: int = 2, space: str = "dwt", hflip: bool = True,
+                 strict: bool = False, samples_seen: int = 0, dali_threads: int = 4,
+                 segment_batches: int | None = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"data.backend must be one of {BACKENDS}, got {backend!r}")
+        if space not in SPACES:
+            raise ValueError(f"data.space must be one of {SPACES}, got {space!r}")
+        if global_batch < 1 or global_batch % world_size:
+            raise ValueError(f"the global batch ({global_batch}) must be a positive multiple of "
+                             f"the world size ({world_size})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.reader = shards if isinstance(shards, ShardReader) else ShardReader(shards)
+        for name, why in self.reader.excluded.items():
+            log.warning("%s is left out of the order: %s (run `maskdm shard --verify`)", name, why)
+        if self.reader.manifest.shuffle_seed is None:
+            log.warning("%s was sharded with --no-shuffle: each shard holds neighbouring source "
+                        "files, so batches are correlated; re-shard without --no-shuffle",
+                        self.reader.directory)
+        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
+        self.local_batch = global_batch // world_size
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.backend, self.workers, self.space = backend, workers, space
+        self.hflip, self.strict = hflip, strict
+        self.dali_threads, self.segment_batches = dali_threads, segment_batches
+        self.start = int(samples_seen)
+        self.batches_done = 0
+        self.skipped_samples = 0
+        self._it = None
+        self._dali = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def samples_seen(self) -> int:
+        """Global stream position: samples consumed by all ranks together."""
+        return self.start + self.batches_done * self.global_batch
+
+    @property
+    def epoch(self) -> float:
+        return self.samples_seen / self.reader.num_samples
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "samples_seen": self.samples_seen,
+                "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.close()
+        self.seed = int(state["seed"])
+        self.start = int(state["samples_seen"])
+        self.batches_done = 0
+
+    # ------------------------------------------------------------------ iteration
+    def _raw_iter(self):
+        common = dict(seed=self.seed, start=self.start, global_batch=self.global_batch,
+                      rank=self.rank, world_size=self.world_size, hflip=self.hflip,
+                      strict=self.strict)
+        if self.backend == "dali":
+            from .dali_loader import DaliStream
+            self._dali = DaliStream(self.reader, device=self.device, threads=self.dali_threads,
+                                    segment_batches=self.segment_batches, **common)
+            return self._dali.batches(0)
+        from .torch_loader import RankStream, make_dataloader
+        stream = RankStream(self.reader, **common)
+        return iter(make_dataloader(stream, self.workers, pin=self.device.type == "cuda"))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        if self._it is None:
+            self._it = self._raw_iter()
+        raw = next(self._it)
+        if raw["batch_index"] != self.batches_done:  # the round-robin contract, checked
+            raise RuntimeError(f"loader produced batch {raw['batch_index']}, expected "
+                               f"{self.batches_done}")
+        self.batches_done += 1
+        for why in raw["bad"]:
+            log.warning("skipped a damaged sample (replaced by another of its batch): %s", why)
+        self.skipped_samples += len(raw["bad"])
+        x0 = to_model_space(raw["data"], self.reader.encoding, raw["flips"], self.space,
+                            self.device)
+        labels = raw["labels"].to(self.device, non_blocking=True) if raw["labels"] is not None else None
+        return Batch(x0=x0, labels=labels, keys=raw["keys"])
+
+    def close(self) -> None:
+        self._it = None
+        if self._dali is not None:
+            self._dali.close()
+            self._dali = None
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        s = self.reader.image_size
+        return (12, s // 2, s // 2) if self.space == "dwt" else (3, s, s)

@@ -1,0 +1,154 @@
+"""Random-access reads of samples from a shard directory, with damage detection.
+
+Samples are read by offset (from the DALI index) with ``os.pread``, so each rank and worker reads
+only its own samples. A shard whose tar or index is missing is left out of the order when the
+reader opens (every rank sees the same files, so all agree), with a warning. Problems found per
+sample (an index that does not parse, an entry without the required components or with a
+wrong-sized tensor, a truncated tar, a short read) raise ``SampleError``; the loaders decide
+whether to replace the sample or stop (``strict``). Shard arguments below are positions in
+``used`` (the shards in the order), not manifest positions.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from preprocessing.manifest import ShardManifest, load_manifest
+from preprocessing.tarfmt import BadIndex, Component, parse_index, sample_key
+
+from .order import StreamOrder
+
+
+class SampleError(RuntimeError):
+    """One sample cannot be used; the message names the shard, the key and why."""
+
+
+class ShardReader:
+    def __init__(self, directory: str | os.PathLike, manifest: ShardManifest | None = None):
+        self.directory = Path(directory).resolve()
+        self.manifest = manifest or load_manifest(self.directory)
+        m = self.manifest
+        self.encoding = m.encoding
+        self.image_size = m.image_size
+        self.required = ("dwt16", "json") if m.encoding == "dwt16" else ("jpg", "json")
+        self.dwt_bytes = 12 * (m.image_size // 2) ** 2 * 2
+        self.excluded: dict[str, str] = {}  # shard name -> why it is left out
+        self.used: list[int] = []
+        for i, s in enumerate(m.shards):
+            tar, idx = self.directory / s.name, self.directory / s.index
+            if not tar.exists():
+                self.excluded[s.name] = f"{s.name} is missing"
+            elif not idx.exists():
+                self.excluded[s.name] = f"{s.index} is missing"
+            else:
+                self.used.append(i)
+        if not self.used:
+            raise SampleError(f"{self.directory}: no usable shard ({next(iter(self.excluded.values()))}"
+                              f"); run `maskdm shard --verify {self.directory}`")
+        self.order_sizes = [m.shards[i].samples for i in self.used]
+        self.shard_problems: dict[int, str] = {}
+        self._index: dict[int, list[list[Component]]] = {}
+        self._fds: dict[int, int] = {}
+        self._sizes: dict[int, int] = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_index"], state["_fds"], state["_sizes"] = {}, {}, {}
+        return state
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the order (the manifest's count minus excluded shards)."""
+        return sum(self.order_sizes)
+
+    def shard_entry(self, shard: int):
+        return self.manifest.shards[self.used[shard]]
+
+    def order(self, seed: int) -> StreamOrder:
+        return StreamOrder(self.order_sizes, seed)
+
+    def tar_path(self, shard: int) -> Path:
+        return self.directory / self.shard_entry(shard).name
+
+    def index(self, shard: int) -> list[list[Component]]:
+        if shard not in self._index:
+            if shard in self.shard_problems:
+                raise SampleError(self.shard_problems[shard])
+            entry = self.shard_entry(shard)
+            try:
+                parsed = parse_index((self.directory / entry.index).read_text(), entry.index)
+            except (OSError, BadIndex, UnicodeDecodeError) as e:
+                self.shard_problems[shard] = f"{entry.index}: {e}"
+                raise SampleError(self.shard_problems[shard]) from None
+            if len(parsed) != entry.samples:
+                self.shard_problems[shard] = (f"{entry.index} lists {len(parsed)} samples, the "
+                                              f"manifest {entry.samples}")
+                raise SampleError(self.shard_problems[shard])
+            self._index[shard] = parsed
+        return self._index[shard]
+
+    def entries(self, shard: int, j: int) -> tuple[str, dict[str, Component]]:
+        """(key, ext -> Component) for sample ``j`` of ``shard``, checked against the contract."""
+        entry = self.index(shard)[j]
+        key = sample_key(entry)
+        comps = {c.ext: c for c in entry}
+        name = self.shard_entry(shard).name
+        for ext in self.required:
+            if ext not in comps:
+                raise SampleError(f"{name}/{key}: missing component '{ext}'")
+        if "dwt16" in self.required and comps["dwt16"].size != self.dwt_bytes:
+            raise SampleError(f"{name}/{key}: dwt16 has {comps['dwt16'].size} bytes, expected "
+                              f"{self.dwt_bytes}")
+        size = self._tar_size(shard)
+        end = max(comps[e].offset + comps[e].size for e in self.required)
+        if end > size:
+            raise SampleError(f"{name}/{key}: truncated tar ({size} bytes, sample ends at {end})")
+        return key, comps
+
+    def _tar_size(self, shard: int) -> int:
+        if shard not in self._sizes:
+            self._sizes[shard] = os.stat(self.tar_path(shard)).st_size
+        return self._sizes[shard]
+
+    def _fd(self, shard: int) -> int:
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self.tar_path(shard), os.O_RDONLY)
+        return self._fds[shard]
+
+    def read_dwt_into(self, sample_id: int, order: StreamOrder, dst) -> tuple[str, bytes]:
+        """Read a sample's dwt16 tensor straight into ``dst`` (a writable buffer of the right
+        size, e.g. a row of a shared-memory batch); returns (key, json bytes)."""
+        shard, j = order.locate(sample_id)
+        shard, j = int(shard), int(j)
+        key, comps = self.entries(shard, j)
+        fd = self._fd(shard)
+        c = comps["dwt16"]
+        got = os.preadv(fd, [memoryview(dst).cast("B")], c.offset)
+        meta = os.pread(fd, comps["json"].size, comps["json"].offset)
+        if got != c.size or len(meta) != comps["json"].size:
+            raise SampleError(f"{self.shard_entry(shard).name}/{key}: short read")
+        return key, meta
+
+    def read(self, sample_id: int, order: StreamOrder) -> tuple[str, dict[str, bytes]]:
+        """Sample id -> (key, ext -> bytes of the required components)."""
+        shard, j = order.locate(sample_id)
+        shard, j = int(shard), int(j)
+        key, comps = self.entries(shard, j)
+        fd = self._fd(shard)
+        out = {}
+        for ext in self.required:
+            c = comps[ext]
+            data = os.pread(fd, c.size, c.offset)
+            if len(data) != c.size:
+                raise SampleError(f"{self.shard_entry(shard).name}/{key}: short read of "
+                                  f"{ext} ({len(data)} of {c.size} bytes)")
+            out[ext] = data
+        return key, out

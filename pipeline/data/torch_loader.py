@@ -1,0 +1,129 @@
+"""The torch backend: DataLoader workers read and decode on the CPU, the device does the rest.
+
+Worker ``w`` of ``n`` builds the rank's batches ``k = w (mod n)``; the DataLoader hands them out in
+round-robin order, so the rank sees batches 0, 1, 2, ... whatever ``n`` is. Batches are pinned and
+copied with ``non_blocking=True``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .order import rank_positions
+from .shards import SampleError, ShardReader
+
+
+def decode_sample(reader: ShardReader, key: str, comps: dict[str, bytes]):
+    """(array, label) of one sample; raises SampleError naming the damage."""
+    if reader.encoding == "dwt16":
+        half = reader.image_size // 2
+        raw = comps["dwt16"]
+        arr = raw if isinstance(raw, np.ndarray) else \
+            np.frombuffer(raw, dtype="<f2").reshape(12, half, half)
+        # NaN/Inf have all five float16 exponent bits set; integer test is 10x faster than isfinite
+        if (arr.view(np.uint16) & 0x7C00).max() >= 0x7C00:
+            raise SampleError(f"{key}: dwt16 holds NaN/Inf")
+    else:
+        try:
+            img = Image.open(io.BytesIO(comps["jpg"]))
+            img.load()
+            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        except Exception as e:  # any decoder failure means a damaged sample
+            raise SampleError(f"{key}: corrupt JPEG ({type(e).__name__}: {e})") from None
+        if arr.shape != (reader.image_size, reader.image_size, 3):
+            raise SampleError(f"{key}: jpg is {arr.shape}, expected "
+                              f"{reader.image_size}x{reader.image_size}x3")
+    try:
+        meta = json.loads(comps["json"])
+    except ValueError:
+        raise SampleError(f"{key}: json component does not parse") from None
+    return arr, meta.get("label")
+
+
+def replace_bad(n: int, bad: dict[int, str]) -> list[int]:
+    """Source slot for each slot: a bad sample takes the next good one in the batch (cyclic)."""
+    if len(bad) == n:
+        raise SampleError(f"all {n} samples of a batch are unreadable; the shards are badly "
+                          f"damaged: run `maskdm shard --verify` ({next(iter(bad.values()))})")
+    src = []
+    for i in range(n):
+        j = i
+        while j in bad:
+            j = (j + 1) % n
+        src.append(j)
+    return src
+
+
+class RankStream(IterableDataset):
+    """Infinite stream of this rank's raw batches (dicts), starting at batch ``first_batch``."""
+
+    def __init__(self, reader: ShardReader, *, seed: int, start: int, global_batch: int,
+                 rank: int, world_size: int, hflip: bool, strict: bool, first_batch: int = 0):
+        self.reader, self.seed, self.start = reader, seed, start
+        self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
+        self.hflip, self.strict, self.first_batch = hflip, strict, first_batch
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        order = self.reader.order(self.seed)
+        k = self.first_batch + w
+        while True:
+            yield self.load(k, order)
+            k += n
+
+    def load(self, k: int, order) -> dict:
+        positions = rank_positions(self.start, k, self.global_batch, self.rank, self.world_size)
+        ids = order.ids_at(positions)
+        n = len(ids)
+        reader = self.reader
+        shape = ((n, 12, reader.image_size // 2, reader.image_size // 2)
+                 if reader.encoding == "dwt16" else (n, reader.image_size, reader.image_size, 3))
+        out = torch.empty(shape, dtype=torch.float16 if reader.encoding == "dwt16" else torch.uint8)
+        if get_worker_info() is not None:
+            out.share_memory_()  # filled in place, then handed to the main process without a copy
+        buf = out.numpy()
+        labels, keys, bad = [], [], {}
+        for i, sid in enumerate(ids):
+            try:
+                if reader.encoding == "dwt16":
+                    key, meta = reader.read_dwt_into(int(sid), order, buf[i])
+                    arr, label = decode_sample(reader, key, {"dwt16": buf[i], "json": meta})
+                else:
+                    key, comps = reader.read(int(sid), order)
+                    arr, label = decode_sample(reader, key, comps)
+                    buf[i] = arr
+            except (SampleError, OSError) as e:
+                if self.strict:
+                    raise SampleError(f"{e} (strict mode: fix the shards or drop --strict)") from None
+                bad[i] = str(e)
+                label, key = None, None
+            labels.append(label)
+            keys.append(key)
+        src = list(range(n))
+        if bad:
+            src = replace_bad(n, bad)
+            for i in bad:
+                buf[i] = buf[src[i]]
+        has_labels = reader.manifest.labels is not None
+        flips = torch.from_numpy(order.flips(positions)) if self.hflip else None
+        return {
+            "batch_index": k,
+            "data": out,
+            "labels": torch.tensor([labels[j] for j in src], dtype=torch.long) if has_labels else None,
+            "keys": [keys[j] for j in src],
+            "flips": flips,
+            "bad": list(bad.values()),
+        }
+
+
+def make_dataloader(stream: RankStream, workers: int, pin: bool, prefetch: int = 2) -> DataLoader:
+    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin,
+                      prefetch_factor=prefetch if workers > 0 else None,
+                      persistent_workers=False)

@@ -1,0 +1,30 @@
+"""Raw loader output -> model-space tensors on the training device (shared by both backends).
+
+Everything after the read happens here, on the device: float16 DWT coefficients (or decoded uint8
+images, whose Haar DWT is computed here) -> model space (``LL/255 - 1``, ``detail/255``), the
+per-sample horizontal flip in the DWT domain, and optionally the switch to pixel space.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model import dwt as tdwt
+
+SPACES = ("dwt", "pixel")
+
+
+def to_model_space(data: torch.Tensor, encoding: str, flips: torch.Tensor | None,
+                   space: str, device: torch.device) -> torch.Tensor:
+    """data: float16 [B, 12, h, w] (dwt16) or uint8 [B, H, W, 3] (jpeg) -> float32 [B, C, H', W']."""
+    data = data.to(device, non_blocking=True)
+    if encoding == "dwt16":
+        x = tdwt.model_from_coeffs(data)
+    else:
+        x = tdwt.model_from_image(data.permute(0, 3, 1, 2))
+    if flips is not None and bool(flips.any()):  # flips live on the host: no device sync
+        idx = flips.nonzero().flatten().to(device, non_blocking=True)
+        x.index_copy_(0, idx, tdwt.flip(x.index_select(0, idx)))
+    if space == "pixel":
+        x = tdwt.idwt(2.0 * x)  # model space is the Haar of the [-1, 1] image with 1/4 scaling
+    return x

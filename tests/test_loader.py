@@ -1,0 +1,243 @@
+"""Loaders: exact resume, torch == DALI (CPU mode), flips, normalisation, damaged data."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model import dwt as tdwt
+from pipeline.data.loader import Loader
+from pipeline.data.shards import SampleError
+from preprocessing import haar
+from preprocessing.manifest import load_manifest
+from preprocessing.tarfmt import format_index, parse_index
+from tests.conftest import shard_set
+
+
+
+def _has_dali() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+needs_dali = pytest.mark.skipif(not _has_dali(), reason="nvidia-dali is not installed")
+
+
+@pytest.fixture(scope="module")
+def dwt_set(tmp_path_factory):
+    return shard_set(tmp_path_factory.mktemp("d"), "dwt", count=70, samples_per_shard=16)
+
+
+@pytest.fixture(scope="module")
+def jpeg_set(tmp_path_factory):
+    return shard_set(tmp_path_factory.mktemp("j"), "jpeg", count=45, samples_per_shard=10,
+                     encoding="jpeg")
+
+
+def _take(loader, n):
+    out = [next(loader) for _ in range(n)]
+    loader.close()
+    return out
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys == y.keys
+        assert torch.equal(x.x0, y.x0)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
+def test_restore_from_state_yields_exactly_the_remaining_batches(dwt_set, backend):
+    kw = dict(global_batch=6, seed=5, backend=backend, workers=2, segment_batches=4)
+    full = _take(Loader(dwt_set, **kw), 30)  # 180 samples: more than two epochs of 70
+    first = Loader(dwt_set, **kw)
+    _take(first, 11)
+    state = first.state_dict()
+    assert state == {"seed": 5, "samples_seen": 66, "global_batch": 6}
+    resumed = Loader(dwt_set, **kw)
+    resumed.load_state_dict(state)
+    _same(_take(resumed, 19), full[11:])
+
+
+@needs_dali
+@pytest.mark.parametrize("which", ["dwt", "jpeg"])
+def test_dali_cpu_and_torch_backends_are_identical(dwt_set, jpeg_set, which):
+    shards = dwt_set if which == "dwt" else jpeg_set
+    kw = dict(global_batch=4, seed=2, world_size=2, rank=1, hflip=True)
+    a = _take(Loader(shards, backend="torch", workers=2, **kw), 25)
+    b = _take(Loader(shards, backend="dali", segment_batches=7, **kw), 25)
+    _same(a, b)
+
+
+def test_workers_do_not_change_the_batches(dwt_set):
+    a = _take(Loader(dwt_set, global_batch=5, workers=0), 9)
+    b = _take(Loader(dwt_set, global_batch=5, workers=2), 9)
+    _same(a, b)
+
+
+def test_ranks_partition_an_epoch_end_to_end(dwt_set):
+    n = load_manifest(dwt_set).num_samples  # 70
+    world, gb = 2, 10
+    keys = []
+    for rank in range(world):
+        loader = Loader(dwt_set, global_batch=gb, rank=rank, world_size=world, workers=2)
+        for k, batch in enumerate(_take(loader, n // gb)):
+            keys.extend((k, rank, key) for key in batch.keys)
+    keys.sort()  # stream order: batch, then rank
+    assert sorted(key for _, _, key in keys) == sorted({key for _, _, key in keys})
+    assert len({key for _, _, key in keys}) == n
+
+
+def test_normalisation_matches_the_manifest_definition(dwt_set):
+    batch = _take(Loader(dwt_set, global_batch=4, hflip=False, workers=0), 1)[0]
+    m = load_manifest(dwt_set)
+    by_key = {}
+    for shard in m.shards:
+        with open(dwt_set / shard.name, "rb") as f:
+            for entry in parse_index((dwt_set / shard.index).read_text()):
+                c = next(c for c in entry if c.ext == "dwt16")
+                f.seek(c.offset)
+                by_key[entry[0].name.split(".")[0]] = f.read(c.size)
+    for key, x in zip(batch.keys, batch.x0):
+        coeffs = haar.decode_dwt16(by_key[key], m.image_size)
+        assert torch.equal(x, torch.from_numpy(haar.to_model_space(coeffs)))
+    xs = torch.cat([b.x0 for b in _take(Loader(dwt_set, global_batch=7, hflip=False, workers=0), 10)])
+    assert np.allclose(xs.mean(dim=(0, 2, 3)).numpy(), m.channel_mean, atol=1e-4)
+
+
+def test_flip_in_the_dwt_domain_is_the_dwt_of_the_flipped_image(dwt_set):
+    on = _take(Loader(dwt_set, global_batch=8, hflip=True, seed=1, workers=0), 4)
+    off = _take(Loader(dwt_set, global_batch=8, hflip=False, seed=1, workers=0), 4)
+    flipped = 0
+    for a, b in zip(on, off):
+        assert a.keys == b.keys
+        for xa, xb in zip(a.x0, b.x0):
+            if torch.equal(xa, xb):
+                continue
+            img = tdwt.image_from_model(xb[None])  # unflipped uint8 image
+            assert torch.equal(xa[None], tdwt.model_from_image(img.flip(-1)))
+            flipped += 1
+    assert 5 < flipped < 27
+
+
+def test_pixel_space(dwt_set):
+    px = _take(Loader(dwt_set, global_batch=4, hflip=False, space="pixel", workers=0), 1)[0]
+    dw = _take(Loader(dwt_set, global_batch=4, hflip=False, workers=0), 1)[0]
+    assert px.x0.shape == (4, 3, 32, 32)
+    img = tdwt.image_from_model(dw.x0)
+    assert torch.allclose(px.x0, tdwt.pixels_from_image(img), atol=1e-5)
+
+
+def test_labels_flow_through(tmp_path):
+    from PIL import Image
+    from preprocessing.procedural import render
+    from preprocessing.shard import ShardOptions, run
+    for ident in ("a", "b"):
+        d = tmp_path / "vgg" / "train" / ident
+        d.mkdir(parents=True)
+        for j in range(3):
+            Image.fromarray(render(0, j + (10 if ident == "b" else 0), 32)).save(d / f"{j}.png")
+    out = tmp_path / "shards"
+    run(ShardOptions(src=str(tmp_path / "vgg"), out=str(out), source="vggface2", size=32,
+                     workers=1), progress=False, log=lambda *a: None)
+    batch = _take(Loader(out, global_batch=6, workers=0), 1)[0]
+    for key, label in zip(batch.keys, batch.labels.tolist()):
+        assert label in (0, 1)
+    assert sorted(batch.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+def test_bad_batch_configs(dwt_set):
+    with pytest.raises(ValueError, match="multiple of the world size"):
+        Loader(dwt_set, global_batch=5, world_size=2)
+    with pytest.raises(ValueError, match="data.backend"):
+        Loader(dwt_set, global_batch=4, backend="tf")
+
+
+# ----------------------------------------------------------------------------- damaged data
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_index(shards: Path, shard: int, fn) -> str:
+    """Apply ``fn`` to the component list of sample 0 of ``shard``; returns its key."""
+    m = load_manifest(shards)
+    idx = shards / m.shards[shard].index
+    samples = parse_index(idx.read_text())
+    samples[0] = fn(samples[0])
+    idx.write_text(format_index(samples))
+    return samples[0][0].name.split(".")[0] if samples[0] else ""
+
+
+def _run_epoch(shards, backend="torch", strict=False):
+    loader = Loader(shards, global_batch=10, backend=backend, workers=2, strict=strict)
+    n = load_manifest(shards).num_samples
+    batches = _take(loader, -(-n // 10))
+    return loader, batches
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
+@pytest.mark.parametrize("damage", ["truncated_tar", "missing_component", "wrong_size"])
+def test_damaged_dwt_samples_are_replaced_and_counted(dwt_set, tmp_path, backend, damage):
+    shards = _copy(dwt_set, tmp_path)
+    m = load_manifest(shards)
+    if damage == "truncated_tar":
+        tar = shards / m.shards[2].name
+        tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+        expected_bad = None
+    elif damage == "missing_component":
+        _edit_index(shards, 1, lambda e: [c for c in e if c.ext != "dwt16"])
+        expected_bad = 1
+    else:
+        from preprocessing.tarfmt import Component
+        _edit_index(shards, 1, lambda e: [Component(c.ext, c.offset, c.size - 2, c.name)
+                                          if c.ext == "dwt16" else c for c in e])
+        expected_bad = 1
+    loader, batches = _run_epoch(shards, backend)
+    if expected_bad is None:
+        assert 5 <= loader.skipped_samples <= 9  # about half of shard 2's 16 samples
+    else:
+        assert loader.skipped_samples == expected_bad
+    for b in batches:
+        assert torch.isfinite(b.x0).all() and b.x0.shape == (10, 12, 16, 16)
+        assert None not in b.keys
+    with pytest.raises(SampleError):
+        _run_epoch(shards, backend, strict=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
+def test_corrupt_jpeg_is_replaced_and_counted(jpeg_set, tmp_path, backend):
+    shards = _copy(jpeg_set, tmp_path)
+    m = load_manifest(shards)
+    tar = shards / m.shards[0].name
+    entry = parse_index((shards / m.shards[0].index).read_text())[3]
+    jpg = next(c for c in entry if c.ext == "jpg")
+    data = bytearray(tar.read_bytes())
+    data[jpg.offset:jpg.offset + 4] = b"\0\0\0\0"  # destroy the SOI marker
+    tar.write_bytes(bytes(data))
+    loader, batches = _run_epoch(shards, backend)
+    assert loader.skipped_samples == 1
+    bad_key = entry[0].name.split(".")[0]
+    assert all(bad_key not in b.keys for b in batches)
+
+
+def test_missing_shard_file_is_left_out(dwt_set, tmp_path):
+    shards = _copy(dwt_set, tmp_path)
+    m = load_manifest(shards)
+    (shards / m.shards[0].name).unlink()
+    gone = {e[0].name.split(".")[0] for e in parse_index((shards / m.shards[0].index).read_text())}
+    loader, batches = _run_epoch(shards)
+    assert list(loader.reader.excluded) == [m.shards[0].name]
+    assert loader.reader.num_samples == m.num_samples - 16
+    assert loader.skipped_samples == 0
+    assert not gone & {k for b in batches for k in b.keys}
