@@ -64,10 +64,15 @@ class GaussianDiffusion:
         return a * x0 + b * noise
 
     def timesteps(self, steps: int) -> list[int]:
-        """``steps`` timesteps from T-1 down to 0, evenly spaced."""
+        """``steps`` timesteps, evenly spaced from 0 ("leading" spacing), largest first.
+
+        With fewer steps than T the chain starts at ``T - T/steps`` rather than ``T - 1``: near
+        ``T - 1`` the cosine schedule's alpha-bar is ~1e-6, and the x0 estimate there divides by
+        its square root, which makes deterministic (DDIM) sampling blow up.
+        """
         if not 1 <= steps <= self.num_timesteps:
             raise ValueError(f"sampling steps must be in 1..{self.num_timesteps}, got {steps}")
-        ts = np.unique(np.round(np.linspace(0, self.num_timesteps - 1, steps)).astype(np.int64))
+        ts = np.floor(np.arange(steps) * (self.num_timesteps / steps)).astype(np.int64)
         return ts[::-1].tolist()
 
     @torch.no_grad()

@@ -40,6 +40,21 @@ def gather_tokens(tokens: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(tokens, 1, keep_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
+def sincos_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
+    """[gh*gw, dim] fixed 2-D sine-cosine position codes (half the channels per axis)."""
+    gh, gw = grid
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1))
+    ys, xs = torch.meshgrid(torch.arange(gh, dtype=torch.float64),
+                            torch.arange(gw, dtype=torch.float64), indexing="ij")
+    out = []
+    for pos in (ys.flatten(), xs.flatten()):
+        args = pos[:, None] * omega[None]
+        out += [torch.sin(args), torch.cos(args)]
+    emb = torch.cat(out, dim=1)
+    return F.pad(emb, (0, dim - emb.shape[1])).float()
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps: [B] -> [B, dim] float32."""
     half = dim // 2
@@ -97,7 +112,11 @@ class UViT(nn.Module):
         self.norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, cfg.patch_dim)
         self.apply(self._init)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        # Learned, but started from 2-D sine-cosine codes: tokens know where they are from step
+        # one, which a 0.02-std random start takes many thousands of steps to learn.
+        with torch.no_grad():
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            self.pos_embed[0, cfg.extras:] = sincos_2d(D, cfg.grid)
         if device is not None:
             self.to(device)
 

@@ -14,10 +14,110 @@ def build_parser() -> argparse.ArgumentParser:
         description="MaskDM: masked diffusion pre-training on DWT WebDataset shards. "
         "Run `maskdm demo` for the end-to-end tour, or `maskdm COMMAND --help`.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from pipeline.demo import add_parser as add_demo_parser
+    add_demo_parser(sub)
     add_shard_parser(sub)
     add_inspect_parser(sub)
+    _add_train(sub)
+    _add_export(sub)
     _add_bench(sub)
     return parser
+
+
+TRAIN_EPILOG = """\
+examples:
+  maskdm train --config configs/demo_pretrain.yaml
+  maskdm train --config configs/celebahq256_maskdm_b_pretrain.yaml --set train.steps=1000 --dry-run
+  maskdm train --config configs/x.yaml --resume auto          # continue after a crash or SIGTERM
+  deepspeed --num_gpus 8 $(which maskdm) train --config configs/x.yaml
+  deepspeed --hostfile hostfile $(which maskdm) train --config configs/x.yaml
+"""
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="pre-train (MSM) or fine-tune (DSM) through DeepSpeed",
+                       description="Train a MaskDM model: stage pretrain (masked score matching on "
+                       "the visible patches) or finetune (denoising score matching from a pretrain "
+                       "checkpoint). Runs as one process or under the deepspeed launcher.",
+                       epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", action="append", default=[], metavar="YAML",
+                   help="config file(s); later ones override earlier ones")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override one value, e.g. --set train.steps=100 --set optim.lr=1e-4")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="auto: continue from the newest complete checkpoint in train.run_dir (or "
+                   "start fresh if there is none); PATH: a checkpoint or run folder")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and the derived DeepSpeed config, then exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from pipeline.config import ConfigError, deepspeed_config, load_config, to_yaml
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            import json
+            import os
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            print("# resolved config")
+            print(to_yaml(cfg))
+            print(f"# DeepSpeed config for a world of {world} (set WORLD_SIZE to see another)")
+            print(json.dumps(deepspeed_config(cfg, world), indent=2))
+            _dry_run_data_note(cfg)
+            return 0
+        from pipeline.train import run_training
+        summary = run_training(cfg, resume=args.resume)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return summary["exit_code"]
+
+
+def _dry_run_data_note(cfg) -> None:
+    from pathlib import Path
+    from pipeline.config import ConfigError, check_shapes
+    shards = Path(cfg.data.shards) if cfg.data.shards else None
+    if shards is None or not (shards / "manifest.json").exists():
+        print(f"# note: data.shards={cfg.data.shards or '(unset)'} has no manifest yet; create it "
+              f"with `maskdm shard SRC {cfg.data.shards or 'OUT'}` before training")
+        size = cfg.data.image_size
+    else:
+        from preprocessing.manifest import load_manifest
+        size = load_manifest(shards).image_size
+        print(f"# data: {shards} ({size}px)")
+    if size:
+        try:
+            m = check_shapes(cfg, size)
+            spec = cfg.mask.spec()
+            print(f"# model: {m.preset}, input {m.in_channels}x{m.input_size}x{m.input_size}, patch "
+                  f"{m.patch_size} -> {m.num_tokens} tokens; mask {spec} keeps "
+                  f"{spec.num_visible(m.grid)}")
+        except ConfigError as e:
+            raise ConfigError(f"{e}") from None
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint's EMA weights to safetensors + JSON",
+                       description="Write the EMA weights of a checkpoint as model.safetensors "
+                       "plus a config.json describing the model (for sharing a pre-trained model "
+                       "or for maskdm sample).")
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder, or a run folder (newest)")
+    p.add_argument("out", metavar="OUT", help="output folder")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.export import export_weights
+    try:
+        out = export_weights(args.checkpoint, args.out)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported EMA weights to {out / 'model.safetensors'} (+ config.json)")
+    return 0
 
 
 def _add_bench(sub) -> None:

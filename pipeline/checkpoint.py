@@ -1,0 +1,150 @@
+"""Atomic, resumable checkpoints: DeepSpeed engine state + EMA + loader + RNG + config.
+
+Layout under ``RUN_DIR/checkpoints``: ``step_00001000/`` holds DeepSpeed's files (model, optimizer,
+LR schedule, ZeRO partitions), ``ema_rankNNNNN.pt`` (rank 0 only unless ZeRO-3 partitions it),
+``rng_rankNNNNN.pt`` and ``meta.json`` (step, samples seen, loader state, world size, MLflow run,
+resolved config). Every rank writes into ``.tmp-step_...``; after a barrier rank 0 writes
+``meta.json`` and renames the folder, so a checkpoint exists only once it is complete: a crash
+while saving leaves the previous one usable. The newest ``keep_last`` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from preprocessing.fsutil import atomic_write_json, fsync_dir
+
+from . import dist
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir()
+             if p.is_dir() and STEP_DIR.match(p.name) and (p / "meta.json").exists()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint folder, a ``checkpoints`` folder or a run folder -> one checkpoint folder."""
+    p = Path(path).expanduser()
+    if (p / "meta.json").exists():
+        return p
+    for root in (p / "checkpoints", p):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1]
+    raise CheckpointError(f"no complete checkpoint at {p} (expected a step_NNNNNNNN folder with "
+                          f"meta.json, or a run folder holding checkpoints/)")
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in path.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(path)
+
+
+def save(engine, ema, root: str | os.PathLike, step: int, meta: dict, keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the committed checkpoint folder."""
+    root = Path(root)
+    name = tag(step)
+    tmp, final = root / f".tmp-{name}", root / name
+    if dist.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
+    rank = dist.rank()
+    if ema.zero3 or dist.is_main():
+        torch.save(ema.state_dict(), tmp / f"ema_rank{rank:05d}.pt")
+    torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
+    _fsync_tree(tmp)
+    dist.barrier()
+    if dist.is_main():
+        atomic_write_json(tmp / "meta.json", meta)
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        for old in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def read_meta(ckpt: Path) -> dict:
+    try:
+        return json.loads((ckpt / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{ckpt}/meta.json is unreadable ({e})") from None
+
+
+def load(engine, ema, ckpt: Path) -> dict:
+    """Collective: restore engine, EMA and this rank's RNG from ``ckpt``; returns its meta."""
+    meta = read_meta(ckpt)
+    world = dist.world_size()
+    if meta["world_size"] != world and meta.get("zero_stage", 0) > 0:
+        raise CheckpointError(f"{ckpt} was written by {meta['world_size']} ranks with ZeRO "
+                              f"stage {meta['zero_stage']}; resume it with {meta['world_size']} "
+                              f"ranks (this run has {world})")
+    path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=True,
+                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load {ckpt}")
+    rank = dist.rank()
+    ema_file = ckpt / f"ema_rank{rank if ema.zero3 else 0:05d}.pt"
+    ema.load_state_dict(torch.load(ema_file, map_location="cpu", weights_only=False))
+    rng_file = ckpt / f"rng_rank{rank:05d}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    return meta
+
+
+def load_ema_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Full EMA weights (fp32, CPU) and meta of a checkpoint, merging ZeRO-3 partitions."""
+    from .ema import merge_partitions
+    meta = read_meta(ckpt)
+    files = sorted(ckpt.glob("ema_rank*.pt"))
+    if not files:
+        raise CheckpointError(f"{ckpt} holds no EMA weights (ema_rank*.pt)")
+    states = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    if states[0]["zero3"] and len(states) != meta["world_size"]:
+        raise CheckpointError(f"{ckpt}: ZeRO-3 EMA needs {meta['world_size']} partition files, "
+                              f"found {len(states)}")
+    return merge_partitions(states), meta

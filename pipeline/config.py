@@ -1,0 +1,407 @@
+"""One typed configuration tree for training, loaded from YAML, overridable with ``key=value``.
+
+Unknown keys and wrongly typed values fail with the dotted key named (and a suggestion for typos).
+A YAML file may start from another with ``base: other.yaml`` (resolved relative to the file).
+Batch sizes derive from ``train.global_batch`` and the world size; the DeepSpeed JSON holds only
+the ZeRO stage and precision (``deepspeed_configs/``), everything else is filled in here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model.config import ATTENTION_BACKENDS, PRESETS, ModelConfig
+from model.diffusion import SAMPLERS, SCHEDULES
+from model.masks import MaskSpec, MaskSpecError
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "deepspeed_configs"
+PRECISIONS = ("bf16", "fp16", "fp32")
+STAGES = ("pretrain", "finetune")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and what to do."""
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # shard folder made by `maskdm shard`
+    image_size: int | None = None  # expected image size (checked against the manifest)
+    backend: str = "torch"  # torch | dali
+    workers: int = 2  # torch: DataLoader workers; dali: reader threads
+    space: str = "dwt"  # dwt (12 x S/2 x S/2) | pixel (3 x S x S)
+    hflip: bool = True
+    strict: bool = False  # damaged samples: replace and count (false) or stop (true)
+
+
+@dataclass
+class MaskConfig:
+    kind: str = "block"  # none | patch | block | crop
+    ratio: float = 0.7
+    block_size: int = 4  # in patches
+    crop_size: int = 0  # in patches
+
+    def spec(self) -> MaskSpec:
+        return MaskSpec(self.kind, self.ratio, self.block_size, self.crop_size)
+
+
+@dataclass
+class ModelSection:
+    preset: str = "MaskDM-B"
+    patch_size: int = 2
+    in_channels: int | None = None  # default: from data.space (12 dwt, 3 pixel)
+    input_size: int | None = None  # default: from the image size and data.space
+    depth: int | None = None
+    dim: int | None = None
+    heads: int | None = None
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = False
+    num_classes: int = 0  # > 0: conditional on the shard labels (VGGFace2 identities)
+    attention: str = "auto"  # auto | sdpa | xformers
+    sdpa_kernel: str = "auto"
+    checkpointing: bool | int = False
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "cosine"
+    num_timesteps: int = 1000
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.99, 0.99])
+    weight_decay: float = 0.03  # not on biases, norms, embeddings
+    eps: float = 1e-8
+    warmup_steps: int = 5000
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "pretrain"  # pretrain (MSM, or DSM from scratch with mask.kind none) | finetune
+    init_from: str | None = None  # finetune: a pretrain checkpoint or run folder
+    steps: int = 1000
+    global_batch: int = 128
+    grad_accum: int = 1
+    seed: int = 0
+    zero_stage: int = 2
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    deepspeed_config: str | None = None  # explicit JSON instead of zero_stage + precision
+    run_dir: str = "runs/maskdm"
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 50
+    sample_every: int = 0  # steps between sample grids in MLflow (0: only at the end)
+    sample_n: int = 16  # images per grid (sampler settings: eval.sampler/steps/eta)
+    compile: bool = False
+    device: str = "auto"  # auto | cuda | cpu
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    experiment: str = "maskdm"
+    run_name: str | None = None
+    uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite in the runs folder
+
+
+@dataclass
+class EvalConfig:
+    fid_every: int = 0  # steps between FID evaluations during training (0: never)
+    fid_samples: int = 1000
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    batch: int = 64
+    inception_weights: str | None = None
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        out = {}
+        for section, values in self.to_dict().items():
+            for k, v in values.items():
+                out[f"{section}.{k}"] = v
+        return out
+
+    def model_config(self, image_size: int) -> ModelConfig:
+        """The architecture for images of ``image_size`` in ``data.space``."""
+        m = self.model
+        channels = 12 if self.data.space == "dwt" else 3
+        side = image_size // 2 if self.data.space == "dwt" else image_size
+        if m.in_channels is not None and m.in_channels != channels:
+            raise ConfigError(f"model.in_channels={m.in_channels} but data.space={self.data.space} "
+                              f"gives {channels} channels; remove model.in_channels")
+        if m.input_size is not None and m.input_size != side:
+            raise ConfigError(f"model.input_size={m.input_size} but {image_size}px images in "
+                              f"{self.data.space} space are {side}px; remove model.input_size")
+        cfg = ModelConfig(preset=m.preset, in_channels=channels, input_size=side,
+                          patch_size=m.patch_size, depth=m.depth, dim=m.dim, heads=m.heads,
+                          mlp_ratio=m.mlp_ratio, qkv_bias=m.qkv_bias, num_classes=m.num_classes,
+                          attention=m.attention, sdpa_kernel=m.sdpa_kernel,
+                          checkpointing=m.checkpointing)
+        try:
+            return cfg.resolved()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one YAML value to the annotated type, or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in args)
+        raise ConfigError(f"{key} must be {names}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot, no sign) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls, values: dict[str, Any], prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {values!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else \
+                f" (known: {', '.join(names)})"
+            raise ConfigError(f"unknown key '{dotted}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, dotted)
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = data.pop("base", None)
+    if base:
+        data = _merge(read_yaml(path.parent / base, _seen + (path,)), data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value (e.g. train.steps=100), got {text!r}")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set key must be section.name (e.g. optim.lr), got {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def load_config(paths: list[str] | None = None, overrides: list[str] | None = None) -> Config:
+    data: dict = {}
+    for p in paths or []:
+        data = _merge(data, read_yaml(p))
+    for text in overrides or []:
+        (section, name), value = parse_override(text)
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"{section} must be a mapping")
+        data[section][name] = value
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that do not need the data (the trainer checks the shards when it starts)."""
+    d, t, o, m = cfg.data, cfg.train, cfg.optim, cfg.model
+    if d.backend not in ("torch", "dali"):
+        raise ConfigError(f"data.backend must be torch or dali, got {d.backend!r}")
+    if d.space not in ("dwt", "pixel"):
+        raise ConfigError(f"data.space must be dwt or pixel, got {d.space!r}")
+    if d.workers < 0:
+        raise ConfigError("data.workers must be >= 0")
+    if d.image_size is not None and (d.image_size < 2 or d.image_size % 2):
+        raise ConfigError(f"data.image_size must be a positive even number, got {d.image_size}")
+    if t.stage not in STAGES:
+        raise ConfigError(f"train.stage must be one of {STAGES}, got {t.stage!r}")
+    spec = cfg.mask.spec()
+    if t.stage == "finetune":
+        if spec.is_masked:
+            raise ConfigError("train.stage=finetune trains with plain denoising score matching: "
+                              "set mask.kind=none (or mask.ratio=0)")
+        if not t.init_from:
+            raise ConfigError("train.stage=finetune needs train.init_from: a pretrain checkpoint "
+                              "or run folder")
+    if cfg.mask.kind not in ("none", "patch", "block", "crop"):
+        raise ConfigError(f"mask.kind must be none, patch, block or crop, got {cfg.mask.kind!r}")
+    if cfg.mask.kind in ("patch", "block") and not 0.0 <= cfg.mask.ratio < 1.0:
+        raise ConfigError(f"mask.ratio must be in [0, 1), got {cfg.mask.ratio} (1.0 would leave "
+                          f"no visible patch)")
+    for name in ("steps", "global_batch", "grad_accum", "ckpt_every", "log_every", "sample_n",
+                 "keep_last"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {t.precision!r}")
+    if t.device not in ("auto", "cuda", "cpu"):
+        raise ConfigError(f"train.device must be auto, cuda or cpu, got {t.device!r}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    if o.lr <= 0 or o.weight_decay < 0 or o.warmup_steps < 0 or o.grad_clip < 0:
+        raise ConfigError("optim.lr must be > 0; weight_decay, warmup_steps, grad_clip >= 0")
+    if not 0 <= o.ema_decay < 1:
+        raise ConfigError(f"optim.ema_decay must be in [0, 1), got {o.ema_decay}")
+    if m.preset not in PRESETS and None in (m.depth, m.dim, m.heads):
+        raise ConfigError(f"model.preset {m.preset!r} is unknown; choose one of "
+                          f"{', '.join(PRESETS)} or set model.depth, dim and heads")
+    if m.attention not in ATTENTION_BACKENDS:
+        raise ConfigError(f"model.attention must be one of {ATTENTION_BACKENDS}, got {m.attention!r}")
+    if cfg.diffusion.schedule not in SCHEDULES:
+        raise ConfigError(f"diffusion.schedule must be one of {SCHEDULES}")
+    if cfg.eval.sampler not in SAMPLERS:
+        raise ConfigError(f"eval.sampler must be one of {SAMPLERS}")
+    if not 1 <= cfg.eval.steps <= cfg.diffusion.num_timesteps:
+        raise ConfigError(f"eval.steps must be in 1..{cfg.diffusion.num_timesteps}")
+    if d.image_size is not None:
+        check_shapes(cfg, d.image_size)
+
+
+def check_shapes(cfg: Config, image_size: int) -> ModelConfig:
+    """Model and mask against the real image size (called again once the manifest is read)."""
+    mcfg = cfg.model_config(image_size)
+    try:
+        cfg.mask.spec().validate(mcfg.grid)
+    except MaskSpecError as e:
+        raise ConfigError(f"{e} (token grid of {image_size}px {cfg.data.space} input with patch "
+                          f"{mcfg.patch_size})") from None
+    return mcfg
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The full DeepSpeed config: ZeRO + precision from the JSON, batch sizes and clipping here."""
+    t = cfg.train
+    path = Path(t.deepspeed_config) if t.deepspeed_config else \
+        DS_CONFIG_DIR / f"zero{t.zero_stage}_{t.precision}.json"
+    if not path.exists():
+        raise ConfigError(f"DeepSpeed config {path} does not exist (train.deepspeed_config, or "
+                          f"train.zero_stage/precision)")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON ({e})") from None
+    extra = set(ds) - {"zero_optimization", "bf16", "fp16", "comment"}
+    if extra:
+        raise ConfigError(f"{path}: holds {sorted(extra)}; DeepSpeed configs here hold only "
+                          f"zero_optimization and precision (batch sizes come from train.*)")
+    ds.pop("comment", None)
+    micro = t.global_batch // (world_size * t.grad_accum)
+    if micro < 1 or micro * world_size * t.grad_accum != t.global_batch:
+        raise ConfigError(f"train.global_batch ({t.global_batch}) must be divisible by world size "
+                          f"({world_size}) x train.grad_accum ({t.grad_accum})")
+    ds.update({
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    })
+    return ds
+
+
+def precision_of(ds: dict) -> str:
+    if ds.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if ds.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,123 @@
+"""All torch.distributed handling in one place: init, rank, world size, print0, stop flags.
+
+Works under the ``deepspeed`` launcher, ``torchrun``, Slurm ``srun`` (SLURM_* variables) and as a
+plain process (a world of one, with a free local port). On machines without CUDA it selects
+DeepSpeed's CPU accelerator and the gloo backend before DeepSpeed is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_env(device: str = "auto") -> torch.device:
+    """Fill RANK/WORLD_SIZE/... for a single process or Slurm; choose the accelerator."""
+    import warnings
+    # DeepSpeed still calls collectives that torch deprecates; the warning repeats every step.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated",
+                            category=FutureWarning)
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA GPU is visible; use train.device=auto")
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if int(os.environ["WORLD_SIZE"]) > 1:
+            raise RuntimeError("MASTER_PORT is not set for a multi-process run; launch with "
+                               "`deepspeed`, `torchrun` or set MASTER_ADDR/MASTER_PORT")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    if use_cuda:
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def init(device: torch.device) -> None:
+    import deepspeed
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   verbose=False)
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+_flag_group = None
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any (a CPU all-reduce: no GPU sync)."""
+    global _flag_group
+    if not torch.distributed.is_initialized() or world_size() == 1:
+        return flag
+    if _flag_group is None:
+        backend = torch.distributed.get_backend()
+        _flag_group = torch.distributed.new_group(backend="gloo") if backend != "gloo" else \
+            torch.distributed.group.WORLD
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    torch.distributed.all_reduce(t, group=_flag_group)
+    return bool(t.item())
+
+
+def broadcast_object(obj):
+    if not torch.distributed.is_initialized() or world_size() == 1:
+        return obj
+    holder = [obj]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def destroy() -> None:
+    if torch.distributed.is_initialized():
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception as e:  # shutting down: report, never mask the real exit status
+            print(f"warning: destroy_process_group failed: {e}", file=sys.stderr)
+
+
+def all_sum(value: float) -> float:
+    """Sum of ``value`` over ranks (CPU collective, like ``any_rank``)."""
+    if not torch.distributed.is_initialized() or world_size() == 1:
+        return value
+    any_rank(False)  # make sure the CPU group exists
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    torch.distributed.all_reduce(t, group=_flag_group)
+    return float(t.item())

@@ -1,0 +1,46 @@
+"""Model + AdamW + warmup schedule -> a DeepSpeed engine (every run, one process included)."""
+
+from __future__ import annotations
+
+import torch
+
+from model import ModelConfig, build_model
+
+from .config import Config
+from .sampling import load_strict
+
+
+def param_groups(net, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases, norms and embeddings are excluded."""
+    skip = net.no_weight_decay()
+    decay = [p for n, p in net.named_parameters() if n not in skip]
+    no_decay = [p for n, p in net.named_parameters() if n in skip]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_lambda(warmup_steps: int):
+    def f(step: int) -> float:
+        return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+    return f
+
+
+def build_engine(cfg: Config, mcfg: ModelConfig, device: torch.device, ds_config: dict,
+                 init_weights: dict[str, torch.Tensor] | None = None):
+    """-> (engine, net). ``init_weights`` (fine-tuning) are loaded with strict key matching."""
+    import deepspeed
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    net = build_model(mcfg, device=device)
+    if init_weights is not None:
+        load_strict(net, init_weights, f"the weights of train.init_from={cfg.train.init_from}")
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(net, o.weight_decay), lr=o.lr,
+                                  betas=tuple(o.betas), eps=o.eps,
+                                  fused=device.type == "cuda" or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(o.warmup_steps))
+    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=ds_config)
+    if cfg.train.compile:
+        engine.compile()
+    return engine, net

@@ -1,0 +1,185 @@
+"""Training: ZeRO 1/2/3 with 2 real CPU ranks == 1 rank; kill -9 + resume == uninterrupted;
+pretrain -> finetune strict loading; bad configs fail early; non-finite losses stop cleanly."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, shard_set
+
+CONFIG = str(ROOT / "configs" / "test_tiny.yaml")
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _port() -> str:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def train_cmd(shards: Path, run_dir: Path, *sets: str, ranks: int = 1, resume: str | None = None,
+              config: str = CONFIG) -> list[str]:
+    if ranks == 1:
+        head = [sys.executable, "-m", "pipeline.cli"]
+    else:
+        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                "--master_port", _port(), "-m", "pipeline.cli"]
+    cmd = head + ["train", "--config", config, "--set", f"data.shards={shards}",
+                  "--set", f"train.run_dir={run_dir}"]
+    for s in sets:
+        cmd += ["--set", s]
+    if resume:
+        cmd += ["--resume", resume]
+    return cmd
+
+
+def run_train(*args, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run(train_cmd(*args, **kw), cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=600)
+    return r
+
+
+def losses(stdout: str) -> list[float]:
+    return [float(x) for x in re.findall(r"^step \d+/\d+\s+loss (\S+)", stdout, re.M)]
+
+
+def ema(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(run_dir / "export" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return shard_set(tmp_path_factory.mktemp("train"), "s", count=96, samples_per_shard=32)
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_two_ranks_follow_one_rank(shards, tmp_path, zero):
+    one = run_train(shards, tmp_path / "one", f"train.zero_stage={zero}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_train(shards, tmp_path / "two", f"train.zero_stage={zero}", ranks=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    l1, l2 = losses(one.stdout), losses(two.stdout)
+    assert len(l1) == 3 and l1 == pytest.approx(l2, rel=1e-4)
+    w1, w2 = ema(tmp_path / "one"), ema(tmp_path / "two")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-6), k
+
+
+def _kill_during(cmd: list[str], ckpt_root: Path, after: str, delay: float) -> None:
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None and not (ckpt_root / after).exists():
+            time.sleep(0.05)
+        assert proc.poll() is None, "training ended before it could be killed"
+        time.sleep(delay)  # somewhere between checkpoints
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_sigkill_and_resume_gives_the_same_final_state(shards, tmp_path):
+    sets = ("train.steps=24", "train.ckpt_every=4", "train.log_every=4")
+    ref = run_train(shards, tmp_path / "ref", *sets)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    victim = tmp_path / "victim"
+    _kill_during(train_cmd(shards, victim, *sets), victim / "checkpoints", "step_00000008", 0.3)
+    done = sorted(p.name for p in (victim / "checkpoints").glob("step_*"))
+    assert done and "step_00000024" not in done
+    res = run_train(shards, victim, *sets, resume="auto")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stdout
+    for k, v in ema(tmp_path / "ref").items():
+        assert torch.equal(v, ema(victim)[k]), f"EMA {k} differs after resume"
+    a = torch.load(tmp_path / "ref/checkpoints/step_00000024/mp_rank_00_model_states.pt",
+                   weights_only=False)["module"]
+    b = torch.load(victim / "checkpoints/step_00000024/mp_rank_00_model_states.pt",
+                   weights_only=False)["module"]
+    assert all(torch.equal(a[k], b[k]) for k in a), "model weights differ after resume"
+    oa = torch.load(next((tmp_path / "ref/checkpoints/step_00000024").glob("*optim_states.pt")),
+                    weights_only=False)
+    ob = torch.load(next((victim / "checkpoints/step_00000024").glob("*optim_states.pt")),
+                    weights_only=False)
+    sa = oa["optimizer_state_dict"]["base_optimizer_state"]["state"]
+    sb = ob["optimizer_state_dict"]["base_optimizer_state"]["state"]
+    for i in sa:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(sa[i][key], sb[i][key]), f"optimizer {key} differs"
+
+
+def test_pretrain_then_finetune_and_a_mismatched_checkpoint(shards, tmp_path):
+    pre = run_train(shards, tmp_path / "pre", "train.steps=3")
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    ft = run_train(shards, tmp_path / "ft", "train.stage=finetune", "mask.kind=none",
+                   f"train.init_from={tmp_path / 'pre'}", "train.steps=3")
+    assert ft.returncode == 0, ft.stderr[-3000:]
+    assert "finetune" in ft.stdout and "visible tokens" in ft.stdout
+    bad = run_train(shards, tmp_path / "bad", "train.stage=finetune", "mask.kind=none",
+                    f"train.init_from={tmp_path / 'pre'}", "train.steps=3", "model.dim=192",
+                    "model.heads=4")
+    assert bad.returncode != 0
+    assert "do not fit this model" in bad.stderr and "shape mismatches" in bad.stderr
+
+
+@pytest.mark.parametrize("sets,env,message", [
+    (["train.stpes=3"], {}, "unknown key 'train.stpes' (did you mean 'train.steps'?)"),
+    (["mask.ratio=1.0"], {}, "mask.ratio must be in [0, 1)"),
+    (["train.global_batch=9"], {"WORLD_SIZE": "2"}, "must be divisible by world size (2)"),
+    (["data.shards=/nonexistent/shards"], {}, "data.shards: /nonexistent/shards: no such shard"),
+    (["train.stage=finetune", "mask.kind=none"], {}, "needs train.init_from"),
+    (["mask.block_size=3"], {}, "block_size 3 must divide the token grid 8x8"),
+    (["train.steps=abc"], {}, "train.steps must be an integer"),
+])
+def test_bad_configs_fail_before_training(shards, tmp_path, capsys, sets, env, message):
+    from pipeline.cli import main
+    args = ["train", "--config", CONFIG, "--set", f"data.shards={shards}",
+            "--set", f"train.run_dir={tmp_path / 'r'}"]
+    for s in sets:
+        args += ["--set", s]
+    if env:
+        args.append("--dry-run")
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        code = main(args)
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path):
+    r = run_train(shards, tmp_path / "nan", "optim.lr=1.0e12", "optim.warmup_steps=0",
+                  "optim.grad_clip=0", "train.steps=30", "train.ckpt_every=1", "train.log_every=1")
+    assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "non-finite loss" in r.stderr and "last good checkpoint" in r.stderr
+    ckpts = sorted((tmp_path / "nan" / "checkpoints").glob("step_*"))
+    assert ckpts, "the checkpoints before the blow-up are kept"
+    last = torch.load(ckpts[-1] / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert all(torch.isfinite(v).all() for v in last.values())
