@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect_parser(sub)
     _add_train(sub)
     _add_export(sub)
+    from pipeline.eval.cli import add_parsers as add_eval_parsers
+    add_eval_parsers(sub)
     _add_bench(sub)
     return parser
 

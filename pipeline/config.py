@@ -119,13 +119,17 @@ class TrackingConfig:
 
 @dataclass
 class EvalConfig:
-    fid_every: int = 0  # steps between FID evaluations during training (0: never)
-    fid_samples: int = 1000
+    # Sampler settings for the sample grids and training-time FID.
     sampler: str = "ddim"
     steps: int = 50
     eta: float = 0.0
-    batch: int = 64
-    inception_weights: str | None = None
+    batch: int = 64  # images per forward pass per rank
+    # Training-time FID (EMA weights, sampled on all ranks, logged to MLflow as `fid`).
+    fid_every: int = 0  # steps between FID evaluations (0: never); also run at the last step
+    fid_samples: int = 1000  # images per evaluation (FID-N)
+    fid_ref: str | None = None  # shard folder, stats .npz or image folder; default data.shards
+    fid_seed: int = 0  # image i of every evaluation uses the same seed
+    inception_weights: str | None = None  # default: $MASKDM_INCEPTION_WEIGHTS, torch hub cache
 
 
 @dataclass
@@ -348,6 +352,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.sampler must be one of {SAMPLERS}")
     if not 1 <= cfg.eval.steps <= cfg.diffusion.num_timesteps:
         raise ConfigError(f"eval.steps must be in 1..{cfg.diffusion.num_timesteps}")
+    if cfg.eval.fid_every < 0 or cfg.eval.fid_samples < 2 or cfg.eval.batch < 1:
+        raise ConfigError("eval.fid_every must be >= 0, eval.fid_samples >= 2, eval.batch >= 1")
     if d.image_size is not None:
         check_shapes(cfg, d.image_size)
 

@@ -70,6 +70,8 @@ def prepare(cfg: Config):
         raise ConfigError(f"data.image_size={cfg.data.image_size} but {cfg.data.shards} holds "
                           f"{m.image_size}px images")
     mcfg = check_shapes(cfg, m.image_size)
+    from .eval import periodic
+    periodic.check(cfg)
     if mcfg.num_classes:
         if not m.labels:
             raise ConfigError(f"model.num_classes={mcfg.num_classes} needs labelled shards "
@@ -132,9 +134,13 @@ def run_training(cfg: Config, *, resume: str | None = None) -> dict:
     from .tracking import Tracker, ui_command
 
     engine, _ = build_engine(cfg, mcfg, device, ds_config, init_weights)
+    diffusion = GaussianDiffusion(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
+    fid_eval = None
+    if cfg.eval.fid_every:
+        from .eval.periodic import TrainingFID, check
+        fid_eval = TrainingFID(cfg, mcfg, diffusion, device, check(cfg), log=dist.print0)
     torch.manual_seed(t.seed * world + rank)  # anything rank-local from here on
     ema = EMA(engine.module, o.ema_decay)
-    diffusion = GaussianDiffusion(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
     objective = DiffusionObjective(diffusion, mcfg.patch_size)
     spec = cfg.mask.spec()
     micro_global = t.global_batch // t.grad_accum
@@ -244,6 +250,19 @@ def run_training(cfg: Config, *, resume: str | None = None) -> dict:
         Image.fromarray(g).save(out)
         tracker.log_image(g, f"samples/step_{step_now:08d}.png")
 
+    last_fid = {"step": None, "value": None}
+
+    def fid(step_now: int) -> None:
+        weights = ema.full_state_dict()
+        t0 = time.perf_counter()
+        value = fid_eval(weights, step_now, autocast_dtype=amp["dtype"] if amp["enabled"] and
+                         device.type == "cuda" else None)
+        last_fid.update(step=step_now, value=value)
+        if is_main:
+            tracker.log_metrics({"fid": value}, step_now)
+            log(f"step {step_now}: FID-{cfg.eval.fid_samples} {value:.3f} "
+                f"({cfg.eval.sampler} {cfg.eval.steps} steps, {time.perf_counter() - t0:.0f} s)")
+
     from tqdm import tqdm
     bar = tqdm(total=t.steps, initial=step, unit="step", desc=t.stage, dynamic_ncols=True,
                disable=not (is_main and sys.stderr.isatty()), file=sys.stderr)
@@ -298,6 +317,8 @@ def run_training(cfg: Config, *, resume: str | None = None) -> dict:
 
             if t.sample_every and step % t.sample_every == 0 and step < t.steps:
                 samples(step)
+            if fid_eval is not None and step % cfg.eval.fid_every == 0 and step < t.steps:
+                fid(step)
             if step % t.ckpt_every == 0 or step == t.steps:
                 save(step)
             if dist.any_rank(stop["signal"] is not None):
@@ -307,6 +328,8 @@ def run_training(cfg: Config, *, resume: str | None = None) -> dict:
                 raise TrainingStopped(f"stopped by {name} at step {step}; resume with "
                                       f"`--resume auto`", 128 + (stop["signal"] or 15))
         samples(step)
+        if fid_eval is not None and last_fid["step"] != step:
+            fid(step)
         export_dir = None
         if is_main:
             from .export import export_weights
@@ -327,7 +350,8 @@ def run_training(cfg: Config, *, resume: str | None = None) -> dict:
     summary = {"exit_code": 0, "step": step, "run_id": run_id, "run_dir": str(run_dir),
                "checkpoint": str(ckpt_root / last_ckpt),
                "samples": str(run_dir / "samples" / f"step_{step:08d}.png"),
-               "tracking_uri": tracker.uri, "tracking_ok": delivered}
+               "tracking_uri": tracker.uri, "tracking_ok": delivered,
+               "fid": last_fid["value"]}
     log(f"done: {t.steps} steps; checkpoint {summary['checkpoint']}; samples {summary['samples']}"
         + (f"; MLflow run {run_id}: {ui_command(tracker.uri)}" if tracker.enabled else ""))
     return summary

@@ -45,3 +45,25 @@ def shard_set(tmp_path: Path, name: str, **kw) -> Path:
     opts.update(kw)
     run(ShardOptions(**opts), progress=False, log=lambda *a: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def standin_inception(tmp_path_factory) -> Path:
+    """A stand-in for the FID Inception weights: the same architecture and file layout with
+    seeded random weights, batch norms calibrated on procedural faces so the features are well
+    scaled. Lets every FID code path run without the real (downloaded) weights."""
+    import torch
+    from pipeline.eval.inception import FIDInception
+    from preprocessing.procedural import render
+    torch.manual_seed(1234)
+    net = FIDInception()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batch
+    imgs = torch.from_numpy(np.stack([render(99, i, 64) for i in range(12)]))
+    net.train()
+    with torch.no_grad():
+        net(imgs)
+    path = tmp_path_factory.mktemp("inception") / "standin_inception.pth"
+    torch.save(net.state_dict(), path)
+    return path

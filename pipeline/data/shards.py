@@ -140,7 +140,10 @@ class ShardReader:
     def read(self, sample_id: int, order: StreamOrder) -> tuple[str, dict[str, bytes]]:
         """Sample id -> (key, ext -> bytes of the required components)."""
         shard, j = order.locate(sample_id)
-        shard, j = int(shard), int(j)
+        return self.read_at(int(shard), int(j))
+
+    def read_at(self, shard: int, j: int) -> tuple[str, dict[str, bytes]]:
+        """Sample ``j`` of usable shard ``shard`` (storage order) -> (key, ext -> bytes)."""
         key, comps = self.entries(shard, j)
         fd = self._fd(shard)
         out = {}

@@ -1,0 +1,1 @@
+"""Evaluation: sharded sampling to PNG folders and FID against per-dataset reference statistics."""

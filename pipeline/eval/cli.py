@@ -1,0 +1,165 @@
+"""Command-line front ends of evaluation: ``maskdm sample``, ``maskdm fid-stats``, ``maskdm fid``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+SAMPLE_EPILOG = """\
+examples:
+  maskdm sample --ckpt runs/demo/finetune --n 64 --out samples/demo
+  maskdm sample --ckpt runs/x/export --n 10000 --steps 100 --out samples/x   # rerun to resume
+  deepspeed --num_gpus 8 $(which maskdm) sample --ckpt runs/x --num-images 50000 --out samples/x
+"""
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("sample", help="draw images from a trained model into a PNG folder",
+                       description="Sample a trained model (EMA weights by default) into "
+                       "DIR/000000.png, 000001.png, ... Image i depends only on (model, --seed, "
+                       "i, sampler settings, --batch), not on the number of ranks; rerunning the "
+                       "same command completes a partly written folder.",
+                       epilog=SAMPLE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, metavar="PATH",
+                   help="a run folder (newest checkpoint), a checkpoint folder or an export "
+                   "folder from `maskdm export`")
+    p.add_argument("--n", "--num-images", type=int, required=True, dest="n",
+                   help="number of images (spell it --num-images under torchrun/deepspeed, "
+                   "whose own argument parsers would take --n for one of theirs)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--seed", type=int, default=0, help="base seed (image i: mix(seed, i))")
+    p.add_argument("--batch", type=int, default=64, help="images per forward pass per rank")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                   help="EMA weights (default) or the raw training weights of a checkpoint")
+    p.add_argument("--class", type=int, default=None, dest="class_label",
+                   help="conditional models: sample this class (default: image i gets class "
+                   "i %% num_classes)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="autocast for the network (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=run_sample)
+
+    s = sub.add_parser("fid-stats", help="compute FID reference statistics of a shard folder",
+                       description="Compute Inception statistics (mean, covariance) of every "
+                       "image in a shard folder (inverse DWT, or the stored JPEGs) and store them "
+                       "beside its manifest as fid_stats-<features>.npz. Done once per dataset; "
+                       "`maskdm fid` and training-time FID reuse them.")
+    s.add_argument("shards", metavar="SHARDS", help="shard folder made by `maskdm shard`")
+    _add_common(s)
+    s.add_argument("--force", action="store_true", help="recompute even if the file exists")
+    s.add_argument("--max-images", type=int, default=None,
+                   help="use only the first N images (storage order); default: all")
+    s.set_defaults(func=run_fid_stats)
+
+    f = sub.add_parser("fid", help="FID of a folder of samples against reference statistics",
+                       description="FID-N of the images in --samples against --ref: a shard "
+                       "folder (its statistics are computed and stored on first use), a "
+                       "statistics .npz, or another folder of images.")
+    f.add_argument("--samples", required=True, metavar="DIR", help="folder of generated images")
+    f.add_argument("--ref", required=True, metavar="SHARDS|NPZ|DIR", help="the reference")
+    f.add_argument("--n", type=int, default=None,
+                   help="use the first N samples (default: all); the result is FID-N")
+    f.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    _add_common(f)
+    f.set_defaults(func=run_fid)
+
+
+def _add_common(p) -> None:
+    p.add_argument("--inception-weights", default=None, metavar="PTH",
+                   help="path of pt_inception-2015-12-05-6726825d.pth (default: "
+                   "$MASKDM_INCEPTION_WEIGHTS, then the torch hub cache)")
+    p.add_argument("--batch", type=int, default=64, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def run_sample(args) -> int:
+    from pipeline import dist
+    from pipeline.checkpoint import CheckpointError
+    from .sample import SampleError, load_generator, sample_to_dir
+    try:
+        device = dist.setup_env(args.device)
+        if dist_world() > 1:
+            dist.init(device)
+        gen = load_generator(args.ckpt, weights=args.weights, device=device)
+        dist.print0(f"sampling {args.n} images from {gen.source} (step {gen.step}, "
+                    f"{args.weights} weights, {gen.mcfg.preset}) with {args.sampler} "
+                    f"{args.steps} steps, eta {args.eta}, seed {args.seed}, on "
+                    f"{dist.world_size()} rank(s)")
+        res = sample_to_dir(gen, args.out, args.n, seed=args.seed, sampler=args.sampler,
+                            steps=args.steps, eta=args.eta, batch=args.batch,
+                            class_label=args.class_label, precision=args.precision)
+    except (SampleError, CheckpointError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dist.print0(f"{res['n']} images in {res['out']} ({res['written']} written now, "
+                f"{res['skipped_existing']} already there) in {res['seconds']:.0f} s")
+    dist.destroy()
+    return 0
+
+
+def dist_world() -> int:
+    import os
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _net(args):
+    from .fid import pick_device
+    from .inception import load_inception
+    device = pick_device(args.device)
+    net, feature_id = load_inception(args.inception_weights, device)
+    if not feature_id.startswith("inception-2015"):
+        print(f"warning: {args.inception_weights} are not the standard FID Inception weights; "
+              f"FIDs from them are not comparable with published numbers (features: "
+              f"{feature_id})", file=sys.stderr)
+    return net, feature_id, device
+
+
+def run_fid_stats(args) -> int:
+    from pathlib import Path
+    from .fid import FIDError, shard_stats, stats_path
+    from .inception import MissingWeights
+    try:
+        if not (Path(args.shards) / "manifest.json").exists():
+            raise FIDError(f"{args.shards} is not a shard folder (no manifest.json); make one with "
+                           f"`maskdm shard SRC {args.shards}`")
+        net, feature_id, device = _net(args)
+        path = stats_path(args.shards, feature_id)
+        if path.exists() and not args.force:
+            print(f"{path} already exists (use --force to recompute)")
+            return 0
+        stats = shard_stats(net, feature_id, args.shards, batch=args.batch, device=device,
+                            limit=args.max_images)
+        stats.save(path)
+    except (FIDError, MissingWeights) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}: {stats.n} images, features {feature_id}"
+          + (f", {stats.skipped} damaged sample(s) left out" if stats.skipped else ""))
+    return 0
+
+
+def run_fid(args) -> int:
+    from .fid import FIDError, folder_stats, frechet_distance, reference_stats
+    from .inception import MissingWeights
+    try:
+        net, feature_id, device = _net(args)
+        ref = reference_stats(args.ref, net, feature_id, batch=args.batch, device=device)
+        gen = folder_stats(net, feature_id, args.samples, batch=args.batch, device=device,
+                           limit=args.n)
+        value = frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma)
+    except (FIDError, MissingWeights) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = {"fid": value, "n": gen.n, "samples": gen.source, "reference": ref.source,
+              "reference_n": ref.n, "features": feature_id}
+    print(f"FID-{gen.n}: {value:.3f}  (samples {gen.source}; reference {ref.source}, "
+          f"{ref.n} images; features {feature_id})")
+    if args.json:
+        from preprocessing.fsutil import atomic_write_json
+        atomic_write_json(args.json, result)
+    return 0
