@@ -41,9 +41,14 @@ class MaskSpec:
             b = self.block_size
             if b < 1 or gh % b or gw % b:
                 raise MaskSpecError(f"mask.block_size {b} must divide the token grid {gh}x{gw}")
-            if self.num_visible(grid) < 1:
-                raise MaskSpecError(f"mask.ratio {self.ratio} with block_size {b} masks every "
-                                    f"block of the {gh}x{gw} grid")
+            nb = (gh // b) * (gw // b)
+            if self.num_visible(grid) < 1 or (self.ratio > 0 and round(self.ratio * nb) == 0):
+                near = ", ".join(f"{k / nb:.3g}" for k in range(1, nb)) or "none"
+                raise MaskSpecError(
+                    f"mask.ratio {self.ratio} with block_size {b} masks "
+                    f"{'every' if self.num_visible(grid) < 1 else 'no'} block of the {nb} "
+                    f"{b}x{b} blocks of the {gh}x{gw} token grid (whole blocks are masked; "
+                    f"achievable ratios: {near}); use a smaller block_size or another ratio")
         if self.kind == "crop":
             c = self.crop_size
             if not 1 <= c <= min(gh, gw):

@@ -1,0 +1,40 @@
+"""The README's main command, as a user runs it: `maskdm demo --quick` end to end (subprocess)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from PIL import Image
+
+from tests.test_train import _env
+
+
+def test_quick_demo_runs_every_stage(tmp_path):
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--quick", "--out", str(out)],
+                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for stage in ("1/4 shard", "2/4 pre-train", "3/4 fine-tune", "4/4 sample"):
+        assert stage in r.stdout
+    assert "$ maskdm train --config configs/demo_pretrain.yaml" in r.stdout
+    assert "mlflow ui --backend-store-uri" in r.stdout
+    assert len(list((out / "samples").glob("*.png"))) == 64
+    assert Image.open(out / "samples.png").size[0] > 200
+    assert (out / "runs" / "finetune" / "export" / "model.safetensors").exists()
+    # both runs in one MLflow experiment, the fine-tune linked to its parent
+    import mlflow
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("maskdm-demo")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.data.tags["maskdm.stage"] for r in runs) == ["finetune", "pretrain"]
+    ft = next(r for r in runs if r.data.tags["maskdm.stage"] == "finetune")
+    pre = next(r for r in runs if r.data.tags["maskdm.stage"] == "pretrain")
+    assert ft.data.tags["maskdm.parent_run_id"] == pre.info.run_id
+    assert client.get_metric_history(pre.info.run_id, "loss")
+
+    # a second run resumes: nothing is retrained
+    r2 = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--quick", "--out", str(out)],
+                        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    assert "(0 written now, 64 already there)" in r2.stdout
