@@ -13,6 +13,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="maskdm",
         description="MaskDM: masked diffusion pre-training on DWT WebDataset shards. "
         "Run `maskdm demo` for the end-to-end tour, or `maskdm COMMAND --help`.")
+    # The deepspeed launcher passes --local_rank=N before the subcommand (LOCAL_RANK is used).
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from pipeline.demo import add_parser as add_demo_parser
     add_demo_parser(sub)

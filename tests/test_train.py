@@ -86,6 +86,23 @@ def test_two_ranks_follow_one_rank(shards, tmp_path, zero):
         assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-6), k
 
 
+def test_the_deepspeed_launcher_runs_two_cpu_ranks_as_documented(shards, tmp_path):
+    """README: `DS_ACCELERATOR=cpu deepspeed --num_gpus 2 $(which maskdm) train ...` (the launcher
+    passes --local_rank=N ahead of the subcommand)."""
+    bindir = Path(sys.executable).parent
+    deepspeed, maskdm = bindir / "deepspeed", bindir / "maskdm"
+    if not (deepspeed.exists() and maskdm.exists()):
+        pytest.skip("the deepspeed and maskdm scripts are not installed next to this python")
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", _port(), str(maskdm), "train",
+           "--config", CONFIG, "--set", f"data.shards={shards}",
+           "--set", f"train.run_dir={tmp_path / 'run'}"]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "2 rank(s) x 4 x 1 accumulation = 8 per step" in r.stdout
+    assert len(losses(r.stdout)) == 3
+    assert (tmp_path / "run" / "export" / "model.safetensors").exists()
+
+
 def _kill_during(cmd: list[str], ckpt_root: Path, after: str, delay: float) -> None:
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)

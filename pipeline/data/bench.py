@@ -15,6 +15,7 @@ import datetime
 import os
 import platform
 import resource
+import sys
 import time
 
 
@@ -43,6 +44,11 @@ def raw_rate(reader, batch: int, n_batches: int) -> tuple[float, float]:
     per_sample = sum(s.bytes for s in reader.manifest.shards) / max(reader.manifest.num_samples, 1)
     n = batch * n_batches
     return n / dt, n * per_sample / dt / 1e6
+
+
+def _progress(row) -> None:
+    print(f"  measured {row[0]} {row[2]} x{row[3]}: {row[4]} img/s delivered", file=sys.stderr,
+          flush=True)
 
 
 def run_one(shards: str, backend: str, workers: int, batch: int, batches: int, device,
@@ -121,7 +127,7 @@ def run(args) -> int:
         r_img, r_mb = raw_rate(reader, args.batch, max(3, min(20, reader.num_samples // args.batch)))
         rows.append((shards, enc, "raw (1 core)", "-", f"{r_img:.0f}", "100%", "-",
                      f"{r_mb:.0f}", "1.00", "-", "-"))
-        print(rows[-1], flush=True)
+        _progress(rows[-1])
         for backend in backends:
             for w in workers:
                 raw = run_one(shards, backend, w, args.batch, args.batches, device, 0, True)
@@ -133,7 +139,7 @@ def run(args) -> int:
                 rows.append((shards, enc, backend, str(w), f"{raw['img_s']:.0f}",
                              f"{per_worker:.0%}", f"{free['img_s']:.0f}", f"{free['mb_s']:.0f}",
                              f"{free['cores']:.2f}", f"{step:.0f}", f"{busy['wait']:.0%}"))
-                print(rows[-1], flush=True)
+                _progress(rows[-1])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         (platform.processor() or platform.machine())
     print(f"\ndata loading, {name}, {cores} cores, batch {args.batch}, device {device}, "

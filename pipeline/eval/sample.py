@@ -108,6 +108,26 @@ def _write_png(path: Path, img: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _prepare_out(out: Path, settings: dict, n: int) -> set[int]:
+    """Check/record the settings of ``out`` and clear interrupted writes -> indices present."""
+    record = out / "sampling.json"
+    out.mkdir(parents=True, exist_ok=True)
+    prev_n = 0
+    if record.exists():
+        old = json.loads(record.read_text())
+        diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+        if diff:
+            raise SampleError(f"{out} holds samples made with other settings ("
+                              + "; ".join(diff) + "); use another --out or delete it")
+        prev_n = old.get("n", 0)
+    elif existing(out):
+        raise SampleError(f"{out} already holds PNGs but no sampling.json; use an empty folder")
+    for tmp in out.glob(".*.png.tmp"):
+        tmp.unlink()
+    atomic_write_json(record, {**settings, "n": max(n, prev_n)})
+    return existing(out)
+
+
 def sample_to_dir(gen: Generator, out: str | os.PathLike, n: int, *, seed: int = 0,
                   sampler: str = "ddim", steps: int = 50, eta: float = 0.0, batch: int = 64,
                   class_label: int | None = None, precision: str = "auto",
@@ -134,25 +154,16 @@ def sample_to_dir(gen: Generator, out: str | os.PathLike, n: int, *, seed: int =
                                                  else "index % num_classes"),
                 "image_size": gen.image_size, "space": gen.space,
                 "seeds": "image i uses mix_seed(seed, i)"}
-    record = out / "sampling.json"
+    error, done = None, set()
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if record.exists():
-            old = json.loads(record.read_text())
-            diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items()
-                    if old.get(k) != v]
-            if diff:
-                raise SampleError(f"{out} holds samples made with other settings ("
-                                  + "; ".join(diff) + "); use another --out or delete it")
-        elif existing(out):
-            raise SampleError(f"{out} already holds PNGs but no sampling.json; use an empty "
-                              f"folder")
-        for tmp in out.glob(".*.png.tmp"):
-            tmp.unlink()
-        prev_n = json.loads(record.read_text()).get("n", 0) if record.exists() else 0
-        atomic_write_json(record, {**settings, "n": max(n, prev_n)})
-    done = existing(out) if rank == 0 else set()
-    done = dist.broadcast_object(done)  # one listing for everyone, taken before any writing
+        try:
+            done = _prepare_out(out, settings, n)
+        except (SampleError, OSError, ValueError) as e:
+            error = str(e)
+    # one listing for everyone, taken before any writing; an error stops every rank
+    error, done = dist.broadcast_object((error, done))
+    if error:
+        raise SampleError(error)
     n_batches = (n + batch - 1) // batch
     todo = [k for k in range(n_batches)
             if any(i not in done for i in range(k * batch, min(n, (k + 1) * batch)))]
