@@ -65,14 +65,13 @@ def main(argv=None) -> int:
         shape = (args.batch, 12, mcfg.input_size, mcfg.input_size)
         seeds = list(range(args.batch))
 
-        def run():
+        def run(net=net, shape=shape, seeds=seeds):
             diffusion.sample(net, shape, sampler="ddim", steps=args.steps, seeds=seeds,
                              device=device, autocast_dtype=dtype)
         per_step = args.batch * args.steps / timed(run, device, args.reps)
         hours = 10_000 * 100 / per_step / 3600
         print(f"| sample {preset} ({mcfg.num_tokens} tokens) | {args.batch} | {per_step:.0f} | "
               f"{per_step / 50:.1f} | {hours:.2f} h |", flush=True)
-        del net
     from pipeline.eval.inception import FIDInception
     inc = FIDInception().eval().to(device)
     imgs = torch.randint(0, 256, (args.inception_batch, args.image_size, args.image_size, 3),
