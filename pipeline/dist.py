@@ -80,21 +80,25 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-_flag_group = None
+_cpu_group = None
+
+
+def all_reduce_cpu(t: torch.Tensor) -> torch.Tensor:
+    """Sum a CPU tensor over ranks in place, on a gloo group (no GPU sync); returns it."""
+    global _cpu_group
+    if not torch.distributed.is_initialized() or world_size() == 1:
+        return t
+    if _cpu_group is None:
+        backend = torch.distributed.get_backend()
+        _cpu_group = torch.distributed.new_group(backend="gloo") if backend != "gloo" else \
+            torch.distributed.group.WORLD
+    torch.distributed.all_reduce(t, group=_cpu_group)
+    return t
 
 
 def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any (a CPU all-reduce: no GPU sync)."""
-    global _flag_group
-    if not torch.distributed.is_initialized() or world_size() == 1:
-        return flag
-    if _flag_group is None:
-        backend = torch.distributed.get_backend()
-        _flag_group = torch.distributed.new_group(backend="gloo") if backend != "gloo" else \
-            torch.distributed.group.WORLD
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    torch.distributed.all_reduce(t, group=_flag_group)
-    return bool(t.item())
+    return bool(all_reduce_cpu(torch.tensor([1 if flag else 0], dtype=torch.int32)).item())
 
 
 def broadcast_object(obj):
@@ -115,9 +119,4 @@ def destroy() -> None:
 
 def all_sum(value: float) -> float:
     """Sum of ``value`` over ranks (CPU collective, like ``any_rank``)."""
-    if not torch.distributed.is_initialized() or world_size() == 1:
-        return value
-    any_rank(False)  # make sure the CPU group exists
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    torch.distributed.all_reduce(t, group=_flag_group)
-    return float(t.item())
+    return float(all_reduce_cpu(torch.tensor([float(value)], dtype=torch.float64)).item())

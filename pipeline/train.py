@@ -202,6 +202,8 @@ def run_training(cfg: Config, *, resume: str | None = None) -> dict:
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     amp = dict(device_type=device.type, enabled=precision != "fp32",
                dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    # sampling (grids, FID) autocasts like training on GPUs and runs in fp32 on the CPU
+    sample_autocast = amp["dtype"] if amp["enabled"] and device.type == "cuda" else None
     sample_shape = loader.sample_shape
     loss_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), dtype=torch.int64, device=device)
@@ -242,7 +244,7 @@ def run_training(cfg: Config, *, resume: str | None = None) -> dict:
         imgs = sample_images(sampler_net, diffusion, mcfg, list(range(t.sample_n)),
                              space=cfg.data.space, device=device, sampler=e.sampler,
                              steps=e.steps, eta=e.eta, labels=labels, batch=max(t.sample_n, 1),
-                             autocast_dtype=amp["dtype"] if amp["enabled"] and device.type == "cuda" else None)
+                             autocast_dtype=sample_autocast)
         from PIL import Image
         out = run_dir / "samples" / f"step_{step_now:08d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -255,8 +257,7 @@ def run_training(cfg: Config, *, resume: str | None = None) -> dict:
     def fid(step_now: int) -> None:
         weights = ema.full_state_dict()
         t0 = time.perf_counter()
-        value = fid_eval(weights, step_now, autocast_dtype=amp["dtype"] if amp["enabled"] and
-                         device.type == "cuda" else None)
+        value = fid_eval(weights, step_now, autocast_dtype=sample_autocast)
         last_fid.update(step=step_now, value=value)
         if is_main:
             tracker.log_metrics({"fid": value}, step_now)

@@ -40,6 +40,14 @@ def summary(m: ShardManifest, directory: str | Path) -> str:
     return "\n".join(lines)
 
 
+def sample_image(data: dict[str, bytes], image_size: int) -> np.ndarray:
+    """The stored image of a sample (ext -> component bytes) as uint8 [H, W, 3]: the exact
+    inverse DWT of ``dwt16`` when present, else the decoded ``jpg``."""
+    if "dwt16" in data:
+        return haar.idwt_uint8(haar.decode_dwt16(data["dwt16"], image_size))
+    return decode_jpeg(data["jpg"])
+
+
 def read_samples(directory: str | Path, m: ShardManifest, n: int, seed: int | None = None):
     """Yield (key, uint8 [H, W, 3]) for ``n`` samples: the first ones, or a seeded random pick."""
     directory = Path(directory)
@@ -55,16 +63,11 @@ def read_samples(directory: str | Path, m: ShardManifest, n: int, seed: int | No
             indexes[si] = parse_index((directory / shard.index).read_text(), shard.index)
         sample = indexes[si][j]
         comps = {c.ext: c for c in sample}
+        c = comps["dwt16"] if "dwt16" in comps else comps["jpg"]
         with open(directory / shard.name, "rb") as f:
-            if "dwt16" in comps:
-                c = comps["dwt16"]
-                f.seek(c.offset)
-                img = haar.idwt_uint8(haar.decode_dwt16(f.read(c.size), m.image_size))
-            else:
-                c = comps["jpg"]
-                f.seek(c.offset)
-                img = decode_jpeg(f.read(c.size))
-        yield sample_key(sample), img
+            f.seek(c.offset)
+            data = {c.ext: f.read(c.size)}
+        yield sample_key(sample), sample_image(data, m.image_size)
 
 
 def grid(images: list[np.ndarray], min_tile: int = 96) -> np.ndarray:

@@ -9,7 +9,6 @@ files the manifest does not list.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import haar
+from .fsutil import sha256_file
 from .images import decode_jpeg
 from .manifest import SKIPPED, DatasetError, ShardEntry, load_manifest
 from .tarfmt import BadIndex, parse_index, sample_key, scan_tar
@@ -37,14 +37,6 @@ class VerifyReport:
         return not self.problems
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_shard(args) -> tuple[str, int, list[str]]:
     """Verify one shard; returns (name, samples checked, problems)."""
     directory, entry, image_size, components, quick = args
@@ -57,7 +49,7 @@ def _check_shard(args) -> tuple[str, int, list[str]]:
     if size != entry.bytes:
         problems.append(f"{entry.name}: {size} bytes, manifest says {entry.bytes} (truncated or "
                         f"overwritten)")
-    elif _sha256(tar) != entry.sha256:
+    elif sha256_file(tar) != entry.sha256:
         problems.append(f"{entry.name}: sha256 mismatch (contents changed on disk)")
     try:
         on_disk = scan_tar(tar)

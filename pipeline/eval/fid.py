@@ -22,6 +22,9 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from pipeline import dist
+from preprocessing.fsutil import atomic_write_bytes
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -49,17 +52,9 @@ class Accumulator:
 
     def all_reduce(self) -> None:
         """Sum the accumulators of all ranks (a CPU collective; every rank must call it)."""
-        import torch.distributed as tdist
-        if not tdist.is_initialized() or tdist.get_world_size() == 1:
-            return
-        from pipeline import dist
-        dist.any_rank(False)  # creates the CPU (gloo) group used for host-side collectives
         for arr in (self.sum, self.outer):
-            t = torch.from_numpy(arr)
-            tdist.all_reduce(t, group=dist._flag_group)
-        n = torch.tensor([self.n], dtype=torch.float64)
-        tdist.all_reduce(n, group=dist._flag_group)
-        self.n = int(n.item())
+            dist.all_reduce_cpu(torch.from_numpy(arr))  # in place: shares the numpy memory
+        self.n = int(dist.all_sum(self.n))
 
     def stats(self, feature_id: str, source: str, skipped: int = 0) -> "FIDStats":
         if self.n < 2:
@@ -84,12 +79,7 @@ class FIDStats:
         np.savez(buf, mu=self.mu, sigma=self.sigma, n=np.int64(self.n),
                  feature_id=np.array(self.feature_id), source=np.array(self.source),
                  skipped=np.int64(self.skipped), format=np.array("maskdm-fid-stats-v1"))
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, buf.getvalue())
         return path
 
     @classmethod
@@ -227,8 +217,7 @@ def shard_batches(reader, batch: int, rank: int = 0, world: int = 1,
                   skipped: list | None = None, limit: int | None = None):
     """Uint8 images of a shard folder in storage order; rank r takes samples r, r+world, ..."""
     from pipeline.data.shards import SampleError
-    from preprocessing import haar
-    from preprocessing.images import decode_jpeg
+    from preprocessing.preview import sample_image
     buf, pos = [], 0
     for s in range(len(reader.used)):
         for j in range(reader.shard_entry(s).samples):
@@ -239,11 +228,7 @@ def shard_batches(reader, batch: int, rank: int = 0, world: int = 1,
             if not mine:
                 continue
             try:
-                key, data = reader.read_at(s, j)
-                if reader.encoding == "dwt16":
-                    img = haar.idwt_uint8(haar.decode_dwt16(data["dwt16"], reader.image_size))
-                else:
-                    img = decode_jpeg(data["jpg"])
+                img = sample_image(reader.read_at(s, j)[1], reader.image_size)
             except (SampleError, ValueError, OSError) as e:
                 if skipped is not None:
                     skipped.append(f"{reader.shard_entry(s).name}#{j}: {e}")
@@ -270,11 +255,12 @@ def shard_stats(net, feature_id: str, shards, *, batch: int, device, rank: int =
               f"{'; '.join(reader.excluded.values())}", file=sys.stderr)
     total = reader.num_samples if limit is None else min(limit, reader.num_samples)
     skipped: list[str] = []
-    bar = _bar(total, f"reference {Path(shards).name}", progress and rank == 0)
+    mine = len(range(rank, total, world))  # the bar follows rank 0's share
+    bar = _bar(mine, f"reference {Path(shards).name}", progress and rank == 0)
     t0 = time.perf_counter()
     try:
         acc = accumulate(net, shard_batches(reader, batch, rank, world, skipped, limit),
-                         net_dim(net), device, bar if world == 1 else None)
+                         net_dim(net), device, bar)
     finally:
         bar.close()
     acc.all_reduce()
@@ -282,17 +268,12 @@ def shard_stats(net, feature_id: str, shards, *, batch: int, device, rank: int =
         print(f"warning: {len(skipped)} damaged sample(s) left out of the reference statistics "
               f"(run `maskdm shard --verify {shards}`): {'; '.join(skipped[:5])}"
               f"{' ...' if len(skipped) > 5 else ''}", file=sys.stderr)
-    n_skipped = int(round(_all_sum(len(skipped))))
+    n_skipped = int(dist.all_sum(len(skipped)))
     stats = acc.stats(feature_id, str(Path(shards).resolve()), n_skipped)
     if rank == 0 and progress:
         print(f"reference statistics of {stats.n} images in {time.perf_counter() - t0:.0f} s",
               file=sys.stderr)
     return stats
-
-
-def _all_sum(x: float) -> float:
-    from pipeline import dist
-    return dist.all_sum(x)
 
 
 def reference_stats(ref: str | os.PathLike, net, feature_id: str, *, batch: int, device,

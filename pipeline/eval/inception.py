@@ -12,13 +12,14 @@ when they are missing :class:`MissingWeights` says which file is needed and wher
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from preprocessing.fsutil import sha256_file
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_SHA256_PREFIX = "6726825d"
@@ -217,20 +218,12 @@ def find_weights(path: str | os.PathLike | None = None) -> Path:
     raise MissingWeights(missing_message(tried))
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_inception(path: str | os.PathLike | None = None, device="cpu") -> tuple[FIDInception, str]:
     """-> (eval-mode network, feature id). The id is ``inception-2015-12-05`` for the standard
     weights and ``inception-custom-<sha256[:12]>`` for any other file of the same layout, so
     statistics from different networks are never compared with each other."""
     p = find_weights(path)
-    digest = sha256_of(p)
+    digest = sha256_file(p)
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -38,7 +38,7 @@ class TrainingFID:
         self.log = log
         self.net, self.feature_id = load_inception(weights_path, device)
         self.ref = self._reference(Path(cfg.eval.fid_ref or cfg.data.shards))
-        self.sampler_net = None
+        self.generator = None  # the EMA model, built on the first evaluation
 
     def _reference(self, ref: Path) -> FIDStats | None:
         """Collective. Returns the statistics on rank 0, None elsewhere."""
@@ -69,26 +69,23 @@ class TrainingFID:
     @torch.no_grad()
     def __call__(self, weights: dict[str, torch.Tensor], step: int, autocast_dtype=None):
         """Collective: every rank passes the full EMA weights. -> FID on rank 0, else None."""
-        from ..sampling import model_from_weights, sample_images
-        from .sample import image_seed
+        from ..sampling import model_from_weights
+        from .sample import Generator, draw
         e = self.cfg.eval
-        if self.sampler_net is None:
-            self.sampler_net = model_from_weights(self.mcfg, weights, self.device)
+        if self.generator is None:
+            net = model_from_weights(self.mcfg, weights, self.device)
+            space = self.cfg.data.space
+            size = self.mcfg.input_size * (2 if space == "dwt" else 1)
+            self.generator = Generator(net, self.mcfg, self.diffusion, space, size, "training",
+                                       step, "ema")
         else:
-            self.sampler_net.load_state_dict(weights)
+            self.generator.net.load_state_dict(weights)
         n, b = e.fid_samples, e.batch
         rank, world = dist.rank(), dist.world_size()
         acc = Accumulator(self.net.feature_dim)
         for k in range(rank, (n + b - 1) // b, world):
-            idx = list(range(k * b, min(n, (k + 1) * b)))
-            labels = None
-            if self.mcfg.num_classes:
-                labels = torch.tensor([i % self.mcfg.num_classes for i in idx])
-            imgs = sample_images(self.sampler_net, self.diffusion, self.mcfg,
-                                 [image_seed(e.fid_seed, i) for i in idx],
-                                 space=self.cfg.data.space, device=self.device,
-                                 sampler=e.sampler, steps=e.steps, eta=e.eta, batch=len(idx),
-                                 labels=labels, autocast_dtype=autocast_dtype)
+            imgs = draw(self.generator, list(range(k * b, min(n, (k + 1) * b))), seed=e.fid_seed,
+                        sampler=e.sampler, steps=e.steps, eta=e.eta, autocast_dtype=autocast_dtype)
             acc.add(features(self.net, list(imgs), self.device))
         acc.all_reduce()
         if not dist.is_main():

@@ -10,6 +10,7 @@ rerun with different settings is refused instead of mixing two sample sets.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -24,7 +25,7 @@ import torch
 from model import ModelConfig
 from model.diffusion import GaussianDiffusion
 from model.rng import mix_seed
-from preprocessing.fsutil import atomic_write_json
+from preprocessing.fsutil import atomic_write_bytes, atomic_write_json, remove_stale_tmp
 
 from .. import checkpoint as ckpt
 from .. import dist
@@ -96,6 +97,21 @@ def image_seed(seed: int, index: int) -> int:
     return mix_seed(seed, index)
 
 
+def draw(gen: Generator, idx: list[int], *, seed: int, sampler: str, steps: int, eta: float,
+         class_label: int | None = None, autocast_dtype=None) -> np.ndarray:
+    """Images ``idx`` of the sample set ``seed`` in one batch -> uint8 [len(idx), H, W, 3]. Image
+    i uses the seed ``mix_seed(seed, i)`` and, for conditional models, class ``i % num_classes``
+    (or ``class_label``)."""
+    from ..sampling import sample_images
+    nc = gen.mcfg.num_classes
+    labels = torch.tensor([class_label if class_label is not None else i % nc for i in idx],
+                          dtype=torch.long) if nc else None
+    return sample_images(gen.net, gen.diffusion, gen.mcfg, [image_seed(seed, i) for i in idx],
+                         space=gen.space, device=next(gen.net.parameters()).device,
+                         sampler=sampler, steps=steps, eta=eta, batch=len(idx), labels=labels,
+                         autocast_dtype=autocast_dtype)
+
+
 def existing(out: Path) -> set[int]:
     return {int(m.group(1)) for p in out.iterdir() if (m := PNG.match(p.name))} \
         if out.is_dir() else set()
@@ -103,9 +119,9 @@ def existing(out: Path) -> set[int]:
 
 def _write_png(path: Path, img: np.ndarray) -> None:
     from PIL import Image
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(img).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _prepare_out(out: Path, settings: dict, n: int) -> set[int]:
@@ -122,8 +138,7 @@ def _prepare_out(out: Path, settings: dict, n: int) -> set[int]:
         prev_n = old.get("n", 0)
     elif existing(out):
         raise SampleError(f"{out} already holds PNGs but no sampling.json; use an empty folder")
-    for tmp in out.glob(".*.png.tmp"):
-        tmp.unlink()
+    remove_stale_tmp(out)
     atomic_write_json(record, {**settings, "n": max(n, prev_n)})
     return existing(out)
 
@@ -168,7 +183,6 @@ def sample_to_dir(gen: Generator, out: str | os.PathLike, n: int, *, seed: int =
     todo = [k for k in range(n_batches)
             if any(i not in done for i in range(k * batch, min(n, (k + 1) * batch)))]
     mine = todo[rank::world]
-    from ..sampling import sample_images
     from tqdm import tqdm
     remaining = sum(min(n, (k + 1) * batch) - k * batch for k in todo)
     bar = tqdm(total=remaining, unit="img", desc="sampling", dynamic_ncols=True, file=sys.stderr,
@@ -177,13 +191,8 @@ def sample_to_dir(gen: Generator, out: str | os.PathLike, n: int, *, seed: int =
     written = 0
     for k in mine:
         idx = list(range(k * batch, min(n, (k + 1) * batch)))
-        labels = None
-        if nc:
-            labels = torch.tensor([class_label if class_label is not None else i % nc
-                                   for i in idx], dtype=torch.long)
-        imgs = sample_images(gen.net, gen.diffusion, gen.mcfg, [image_seed(seed, i) for i in idx],
-                             space=gen.space, device=device, sampler=sampler, steps=steps,
-                             eta=eta, batch=len(idx), labels=labels, autocast_dtype=autocast)
+        imgs = draw(gen, idx, seed=seed, sampler=sampler, steps=steps, eta=eta,
+                    class_label=class_label, autocast_dtype=autocast)
         for i, img in zip(idx, imgs):
             if i not in done:
                 _write_png(out / f"{i:06d}.png", img)
