@@ -1,29 +1,36 @@
 """maskdm: Masked Diffusion Models are Fast Learners, as a training pipeline.
 
-Install torch first on CPU-only machines (``pip install torch==2.13.0``): a bare ``torch``
-requirement would otherwise pull a multi-GB CUDA build.
+Install torch first (see the README: on CPU-only machines take PyTorch's CPU wheel): a bare
+``torch`` requirement would otherwise pull a multi-GB CUDA build.
+
+The source tree keeps one top-level folder per layer (``preprocessing/``, ``shardformat/``,
+``model/``, ``pipeline/``, ``deepspeed_configs/``); all of them are installed under the one import
+namespace ``maskdm`` (``maskdm.model``, ``maskdm.pipeline``, ...), so nothing named ``model`` or
+``pipeline`` lands in site-packages. Editable installs map the same names onto the folders.
 """
 
-from setuptools import find_packages, setup
+from setuptools import setup
+
+LAYERS = ("preprocessing", "shardformat", "model", "pipeline", "pipeline.data", "pipeline.eval",
+          "deepspeed_configs")
 
 setup(
     name="maskdm",
-    version="0.1.0",
+    version="0.2.0",
     description="MaskDM: masked score matching pre-training for U-ViT diffusion models, "
     "on DWT WebDataset shards, with DALI, DeepSpeed ZeRO and MLflow.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["pipeline", "pipeline.*", "model", "model.*",
-                                    "preprocessing", "preprocessing.*"]),
-    package_data={"pipeline": ["resources/*"]},
-    include_package_data=True,
+    packages=["maskdm"] + [f"maskdm.{name}" for name in LAYERS],
+    package_dir={"maskdm": "maskdm",
+                 **{f"maskdm.{name}": name.replace(".", "/") for name in LAYERS}},
+    package_data={"maskdm.deepspeed_configs": ["*.json"]},
     install_requires=[
         "torch>=2.1",
         "numpy>=1.24",
         "pillow>=10.0",
         "PyWavelets>=1.4",
-        "webdataset>=0.2.86",
         # DeepSpeed 0.19.x is what the tests run against; the engine API used here is stable.
         "deepspeed>=0.14,<0.20",
         # 3.18.0's mlflow-skinny is missing from some indexes; 3.17.2 is the tested version.
@@ -39,7 +46,8 @@ setup(
         "dali": ["nvidia-dali-cuda120>=1.40"],
         "dali-cuda13": ["nvidia-dali-cuda130>=2.0"],
         "xformers": ["xformers>=0.0.28"],
-        "dev": ["pytest>=7.4", "pytest-timeout>=2.2"],
+        # webdataset: the tests read our shards with it, proving any WebDataset reader can.
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "webdataset>=0.2.86"],
     },
-    entry_points={"console_scripts": ["maskdm = pipeline.cli:main"]},
+    entry_points={"console_scripts": ["maskdm = maskdm.pipeline.cli:main"]},
 )

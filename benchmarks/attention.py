@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     kernels = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
                "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
-    from model.attention import xformers_usable
+    from maskdm.model.attention import xformers_usable
     xf_ok, xf_why = xformers_usable(torch.device("cuda"))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; xformers: {xf_why}")
     print(f"{'kernel':<16}{'tokens':>8}{'fwd TF/s':>10}{'fwd+bwd TF/s':>14}")

@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from model import ModelConfig, build_model
-from model.diffusion import GaussianDiffusion
+from maskdm.model import ModelConfig, build_model
+from maskdm.model.diffusion import GaussianDiffusion
 
 
 def sync(device):
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         hours = 10_000 * 100 / per_step / 3600
         print(f"| sample {preset} ({mcfg.num_tokens} tokens) | {args.batch} | {per_step:.0f} | "
               f"{per_step / 50:.1f} | {hours:.2f} h |", flush=True)
-    from pipeline.eval.inception import FIDInception
+    from maskdm.pipeline.eval.inception import FIDInception
     inc = FIDInception().eval().to(device)
     imgs = torch.randint(0, 256, (args.inception_batch, args.image_size, args.image_size, 3),
                          dtype=torch.uint8, device=device)

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from preprocessing.procedural import render
-from preprocessing.shard import ShardOptions, run, usable_cores
+from maskdm.preprocessing.procedural import render
+from maskdm.preprocessing.shard_job import ShardOptions, run, usable_cores
 
 
 def make_sources(folder: Path, n: int, side: int, seed: int) -> None:

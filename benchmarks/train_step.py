@@ -5,7 +5,7 @@
     python -m benchmarks.train_step --presets MaskDM-L --ratios 0 --batch 32 --checkpointing
 
 Each row times full training steps: timesteps, noise and masks drawn as the trainer draws them
-(``model.rng.draw_step``), forward on the visible tokens, MSM loss, backward and a fused AdamW update, under bf16
+(``pipeline.randomness.draw_step``), forward on the visible tokens, MSM loss, backward and a fused AdamW update, under bf16
 autocast on CUDA (fp32 on CPU). MFU divides the achieved rate by a matmul peak measured here on the
 same device (bf16 8192^3 on CUDA, fp32 2048^3 on CPU). ``--compile`` wraps the model in
 torch.compile and falls back to eager (saying so) if compilation fails.
@@ -21,12 +21,12 @@ import time
 
 import torch
 
-from model import ModelConfig, build_model
-from model.diffusion import GaussianDiffusion
-from model.flops import train_step_flops
-from model.masks import patch
-from model.objective import DiffusionObjective
-from model.rng import draw_step
+from maskdm.model import ModelConfig, build_model
+from maskdm.model.diffusion import GaussianDiffusion
+from maskdm.model.flops import train_step_flops
+from maskdm.model.masks import patch
+from maskdm.model.objective import DiffusionObjective
+from maskdm.pipeline.randomness import draw_step
 
 
 def sync(device: torch.device) -> None:

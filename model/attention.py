@@ -10,13 +10,14 @@ another torch imports fine but has no operators), else sdpa. The model records w
 from __future__ import annotations
 
 import importlib.util
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-SDPA_KERNELS = ("auto", "flash", "cudnn", "efficient", "math")
+SdpaKernel = Literal["auto", "flash", "cudnn", "efficient", "math"]
+SDPA_KERNELS = get_args(SdpaKernel)
 _probe_cache: dict[str, tuple[bool, str]] = {}
 
 

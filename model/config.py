@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Literal, get_args
+
+from .attention import SDPA_KERNELS, SdpaKernel
 
 # name -> (depth, dim, heads). depth counts in + out blocks; a mid block is added (depth/2 each side).
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -12,14 +15,17 @@ PRESETS: dict[str, tuple[int, int, int]] = {
     "tiny": (4, 128, 4),  # tests and the CPU demo
     "small-demo": (6, 192, 6),
 }
-ATTENTION_BACKENDS = ("auto", "sdpa", "xformers")
+Attention = Literal["auto", "sdpa", "xformers"]
+ATTENTION_BACKENDS = get_args(Attention)
 
 
 @dataclass
 class ModelConfig:
-    preset: str = "MaskDM-B"
-    in_channels: int = 12  # 12 for Haar-DWT input, 3 for pixels
-    input_size: int = 128  # spatial side of the model input (128 for DWT of 256x256 images)
+    preset: str = "MaskDM-B"  # a name in PRESETS, or any name with depth, dim and heads set
+    # The input: 12 channels for Haar-DWT input, 3 for pixels; side 128 for the DWT of 256x256
+    # images. The training config derives both from data.space and the shards (leave them unset).
+    in_channels: int | None = None
+    input_size: int | None = None
     patch_size: int = 2
     depth: int | None = None  # None: from the preset
     dim: int | None = None
@@ -27,8 +33,8 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = False
     num_classes: int = 0  # > 0 adds a label token (conditional model)
-    attention: str = "auto"
-    sdpa_kernel: str = "auto"  # with sdpa: auto (PyTorch picks) | flash | cudnn | efficient | math
+    attention: Attention = "auto"
+    sdpa_kernel: SdpaKernel = "auto"  # with sdpa: auto lets PyTorch pick the kernel
     # Activation checkpointing: False, True (every block) or an int k (the first k blocks run
     # recompute-in-backward; the rest keep activations) to trade memory for speed.
     checkpointing: bool | int = False
@@ -42,8 +48,9 @@ class ModelConfig:
             return 0
         return int(self.checkpointing)
 
-    def resolved(self) -> "ModelConfig":
-        """Fill depth/dim/heads from the preset; validate everything."""
+    def architecture(self) -> "ModelConfig":
+        """Fill depth/dim/heads from the preset and check everything that does not depend on the
+        input (raises ValueError naming the field)."""
         if self.preset not in PRESETS and None in (self.depth, self.dim, self.heads):
             raise ValueError(f"model.preset {self.preset!r} is unknown; choose one of "
                              f"{', '.join(PRESETS)} or set model.depth, model.dim and model.heads")
@@ -53,10 +60,6 @@ class ModelConfig:
             raise ValueError(f"model.depth must be an even number >= 2, got {cfg.depth}")
         if cfg.dim % cfg.heads:
             raise ValueError(f"model.dim ({cfg.dim}) must be divisible by model.heads ({cfg.heads})")
-        if cfg.input_size % cfg.patch_size:
-            raise ValueError(f"model.input_size ({cfg.input_size}) must be divisible by "
-                             f"model.patch_size ({cfg.patch_size})")
-        from .attention import SDPA_KERNELS
         if cfg.sdpa_kernel not in SDPA_KERNELS:
             raise ValueError(f"model.sdpa_kernel must be one of {SDPA_KERNELS}, got "
                              f"{cfg.sdpa_kernel!r}")
@@ -66,6 +69,17 @@ class ModelConfig:
         if cfg.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"model.attention must be one of {ATTENTION_BACKENDS}, got "
                              f"{cfg.attention!r}")
+        return cfg
+
+    def resolved(self) -> "ModelConfig":
+        """``architecture()`` plus the input: everything a model can be built from."""
+        if self.in_channels is None or self.input_size is None:
+            raise ValueError("model.in_channels and model.input_size must be set (the training "
+                             "config derives them from data.space and the shards)")
+        cfg = self.architecture()
+        if cfg.input_size % cfg.patch_size:
+            raise ValueError(f"model.input_size ({cfg.input_size}) must be divisible by "
+                             f"model.patch_size ({cfg.patch_size})")
         return cfg
 
     @property

@@ -8,13 +8,15 @@ sample, in which case an image depends only on its seed (not on batch size or wo
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import numpy as np
 import torch
 
-SCHEDULES = ("cosine", "linear")
-SAMPLERS = ("ddim", "ddpm")
+Schedule = Literal["cosine", "linear"]
+Sampler = Literal["ddim", "ddpm"]
+SCHEDULES = get_args(Schedule)
+SAMPLERS = get_args(Sampler)
 
 
 def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:

@@ -41,7 +41,7 @@ def flip(coeffs: torch.Tensor) -> torch.Tensor:
 
 def model_from_coeffs(coeffs: torch.Tensor) -> torch.Tensor:
     """Haar coefficients of a 0..255 image -> model space (float32)."""
-    c = coeffs.float().mul_(1.0 / 255.0)  # the same float32 arithmetic as preprocessing.haar
+    c = coeffs.float().mul_(1.0 / 255.0)  # the same float32 arithmetic as shardformat.haar
     c[..., :3, :, :] -= 1.0
     return c
 

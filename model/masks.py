@@ -12,10 +12,12 @@ Everything runs on the generator's device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
-KINDS = ("none", "patch", "block", "crop")
+MaskKind = Literal["none", "patch", "block", "crop"]
+KINDS = get_args(MaskKind)
 
 
 class MaskSpecError(ValueError):
@@ -24,19 +26,22 @@ class MaskSpecError(ValueError):
 
 @dataclass(frozen=True)
 class MaskSpec:
-    kind: str = "none"
-    ratio: float = 0.0
-    block_size: int = 1
-    crop_size: int = 0
+    kind: MaskKind = "none"
+    ratio: float = 0.0  # patch, block: the fraction of tokens (blocks) hidden
+    block_size: int = 1  # block: side of a block, in patches
+    crop_size: int = 0  # crop: side of the visible window, in patches
 
-    def validate(self, grid: tuple[int, int]) -> "MaskSpec":
-        """Raise MaskSpecError (naming the field) if this spec cannot run on ``grid``."""
-        gh, gw = grid
+    def validate(self, grid: tuple[int, int] | None = None) -> "MaskSpec":
+        """Raise MaskSpecError (naming the field) if this spec is invalid or, given the token
+        ``grid``, cannot run on it."""
         if self.kind not in KINDS:
             raise MaskSpecError(f"mask.kind must be one of {KINDS}, got {self.kind!r}")
         if self.kind in ("patch", "block") and not 0.0 <= self.ratio < 1.0:
             raise MaskSpecError(f"mask.ratio must be in [0, 1), got {self.ratio} "
                                 f"(1.0 would leave no visible token)")
+        if grid is None:
+            return self
+        gh, gw = grid
         if self.kind == "block":
             b = self.block_size
             if b < 1 or gh % b or gw % b:

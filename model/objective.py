@@ -22,7 +22,7 @@ class DiffusionObjective:
                  noise: torch.Tensor) -> torch.Tensor:
         """Scalar loss for ``batch`` (anything with ``.x0`` [B, C, H, W] and ``.labels``).
 
-        ``t`` [B] and ``noise`` [B, C, H, W] come from ``model.rng.draw_step`` in training.
+        ``t`` [B] and ``noise`` [B, C, H, W] come from ``maskdm.pipeline.randomness.draw_step`` in training.
         """
         x0 = batch.x0
         x_t = self.diffusion.q_sample(x0, t, noise.to(x0.dtype))

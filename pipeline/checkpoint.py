@@ -10,17 +10,20 @@ while saving leaves the previous one usable. The newest ``keep_last`` are kept.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from preprocessing.fsutil import atomic_write_json, fsync_dir
+from maskdm.shardformat.fsutil import atomic_write_json, fsync_dir
 
 from . import dist
 
@@ -29,6 +32,47 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 class CheckpointError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """``meta.json`` of a checkpoint: everything needed to resume it, sample from it or export it
+    without building the training config again."""
+
+    step: int
+    loader: dict[str, int]  # Loader.state_dict(): seed, samples_seen, global_batch
+    world_size: int
+    zero_stage: int
+    precision: str  # bf16 | fp16 | fp32
+    stage: str  # pretrain | finetune
+    config: dict[str, dict[str, Any]]  # the resolved training config (Config.to_dict())
+    model: dict[str, Any]  # the resolved ModelConfig
+    image_size: int
+    space: str  # dwt | pixel
+    mlflow_run_id: str | None = None
+    time: float = 0.0
+
+    @property
+    def diffusion(self) -> dict[str, Any]:
+        return self.config["diffusion"]
+
+    @property
+    def samples_seen(self) -> int:
+        return int(self.loader["samples_seen"])
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> "CheckpointMeta":
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING}
+        missing = sorted(required - set(data))
+        if missing:
+            raise CheckpointError(f"{where} lacks {', '.join(missing)}: not a checkpoint written "
+                                  f"by this version of maskdm")
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def tag(step: int) -> str:
@@ -80,10 +124,10 @@ def _fsync_tree(path: Path) -> None:
     fsync_dir(path)
 
 
-def save(engine, ema, root: str | os.PathLike, step: int, meta: dict, keep_last: int) -> Path:
+def save(engine, ema, root: str | os.PathLike, meta: CheckpointMeta, keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the committed checkpoint folder."""
     root = Path(root)
-    name = tag(step)
+    name = tag(meta.step)
     tmp, final = root / f".tmp-{name}", root / name
     if dist.is_main():
         root.mkdir(parents=True, exist_ok=True)
@@ -97,7 +141,7 @@ def save(engine, ema, root: str | os.PathLike, step: int, meta: dict, keep_last:
     _fsync_tree(tmp)
     dist.barrier()
     if dist.is_main():
-        atomic_write_json(tmp / "meta.json", meta)
+        atomic_write_json(tmp / "meta.json", meta.to_json())
         if final.exists():  # re-saving the same step (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -108,20 +152,21 @@ def save(engine, ema, root: str | os.PathLike, step: int, meta: dict, keep_last:
     return final
 
 
-def read_meta(ckpt: Path) -> dict:
+def read_meta(ckpt: Path) -> CheckpointMeta:
     try:
-        return json.loads((ckpt / "meta.json").read_text())
+        data = json.loads((ckpt / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{ckpt}/meta.json is unreadable ({e})") from None
+    return CheckpointMeta.from_json(data, f"{ckpt}/meta.json")
 
 
-def load(engine, ema, ckpt: Path) -> dict:
+def load(engine, ema, ckpt: Path) -> CheckpointMeta:
     """Collective: restore engine, EMA and this rank's RNG from ``ckpt``; returns its meta."""
     meta = read_meta(ckpt)
     world = dist.world_size()
-    if meta["world_size"] != world and meta.get("zero_stage", 0) > 0:
-        raise CheckpointError(f"{ckpt} was written by {meta['world_size']} ranks with ZeRO "
-                              f"stage {meta['zero_stage']}; resume it with {meta['world_size']} "
+    if meta.world_size != world and meta.zero_stage > 0:
+        raise CheckpointError(f"{ckpt} was written by {meta.world_size} ranks with ZeRO "
+                              f"stage {meta.zero_stage}; resume it with {meta.world_size} "
                               f"ranks (this run has {world})")
     path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=True,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
@@ -136,7 +181,7 @@ def load(engine, ema, ckpt: Path) -> dict:
     return meta
 
 
-def load_ema_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def load_ema_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
     """Full EMA weights (fp32, CPU) and meta of a checkpoint, merging ZeRO-3 partitions."""
     from .ema import merge_partitions
     meta = read_meta(ckpt)
@@ -144,7 +189,7 @@ def load_ema_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not files:
         raise CheckpointError(f"{ckpt} holds no EMA weights (ema_rank*.pt)")
     states = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
-    if states[0]["zero3"] and len(states) != meta["world_size"]:
-        raise CheckpointError(f"{ckpt}: ZeRO-3 EMA needs {meta['world_size']} partition files, "
+    if states[0]["zero3"] and len(states) != meta.world_size:
+        raise CheckpointError(f"{ckpt}: ZeRO-3 EMA needs {meta.world_size} partition files, "
                               f"found {len(states)}")
     return merge_partitions(states), meta

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from preprocessing.cli import add_inspect_parser, add_shard_parser
+from maskdm.preprocessing.cli import add_inspect_parser, add_shard_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,13 +17,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from pipeline.demo import add_parser as add_demo_parser
+    from maskdm.pipeline.demo import add_parser as add_demo_parser
     add_demo_parser(sub)
     add_shard_parser(sub)
     add_inspect_parser(sub)
     _add_train(sub)
     _add_export(sub)
-    from pipeline.eval.cli import add_parsers as add_eval_parsers
+    from maskdm.pipeline.eval.cli import add_parsers as add_eval_parsers
     add_eval_parsers(sub)
     _add_bench(sub)
     return parser
@@ -59,20 +59,21 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from pipeline.config import ConfigError, deepspeed_config, load_config, to_yaml
+    from maskdm.pipeline.config import ConfigError, deepspeed_config, load_config, to_yaml
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             import json
-            import os
-            world = int(os.environ.get("WORLD_SIZE", "1"))
+
+            from maskdm.pipeline.dist import launch_world_size
+            world = launch_world_size()
             print("# resolved config")
             print(to_yaml(cfg))
             print(f"# DeepSpeed config for a world of {world} (set WORLD_SIZE to see another)")
             print(json.dumps(deepspeed_config(cfg, world), indent=2))
             _dry_run_data_note(cfg)
             return 0
-        from pipeline.train import run_training
+        from maskdm.pipeline.train import run_training
         summary = run_training(cfg, resume=args.resume)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -82,20 +83,21 @@ def _run_train(args) -> int:
 
 def _dry_run_data_note(cfg) -> None:
     from pathlib import Path
-    from pipeline.config import ConfigError, check_shapes
+
+    from maskdm.pipeline.config import ConfigError, check_shapes
     shards = Path(cfg.data.shards) if cfg.data.shards else None
     if shards is None or not (shards / "manifest.json").exists():
         print(f"# note: data.shards={cfg.data.shards or '(unset)'} has no manifest yet; create it "
               f"with `maskdm shard SRC {cfg.data.shards or 'OUT'}` before training")
         size = cfg.data.image_size
     else:
-        from preprocessing.manifest import load_manifest
+        from maskdm.shardformat.manifest import load_manifest
         size = load_manifest(shards).image_size
         print(f"# data: {shards} ({size}px)")
     if size:
         try:
             m = check_shapes(cfg, size)
-            spec = cfg.mask.spec()
+            spec = cfg.mask
             print(f"# model: {m.preset}, input {m.in_channels}x{m.input_size}x{m.input_size}, patch "
                   f"{m.patch_size} -> {m.num_tokens} tokens; mask {spec} keeps "
                   f"{spec.num_visible(m.grid)}")
@@ -114,8 +116,8 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args) -> int:
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.export import export_weights
+    from maskdm.pipeline.checkpoint import CheckpointError
+    from maskdm.pipeline.export import export_weights
     try:
         out = export_weights(args.checkpoint, args.out)
     except CheckpointError as e:
@@ -132,7 +134,7 @@ def _add_bench(sub) -> None:
     bsub = p.add_subparsers(dest="bench", metavar="WHAT")
     d = bsub.add_parser("data", help="loader images/s, MB/s and CPU cores per backend",
                         description="Measure how fast the loaders deliver ready batches.")
-    from pipeline.data import bench as data_bench  # light: torch is imported when it runs
+    from maskdm.pipeline.data import bench as data_bench  # light: torch is imported when it runs
     data_bench.add_arguments(d)
     d.set_defaults(func=lambda a: data_bench.run(a))
     p.set_defaults(func=lambda a: p.print_help() or 2)

@@ -15,17 +15,22 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from model.config import ATTENTION_BACKENDS, PRESETS, ModelConfig
-from model.diffusion import SAMPLERS, SCHEDULES
-from model.masks import MaskSpec, MaskSpecError
+from maskdm.deepspeed_configs import DIRECTORY as DEEPSPEED_CONFIGS
+from maskdm.model.config import ModelConfig
+from maskdm.model.diffusion import Sampler, Schedule
+from maskdm.model.masks import MaskSpec, MaskSpecError
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "deepspeed_configs"
-PRECISIONS = ("bf16", "fp16", "fp32")
-STAGES = ("pretrain", "finetune")
+from .data.loader import Backend
+from .data.transform import Space, model_input_shape
+
+DS_CONFIG_DIR = DEEPSPEED_CONFIGS
+Precision = Literal["bf16", "fp16", "fp32"]
+Stage = Literal["pretrain", "finetune"]  # pretrain: MSM (or DSM from scratch with mask.kind none)
+Device = Literal["auto", "cuda", "cpu"]
 
 
 class ConfigError(ValueError):
@@ -36,44 +41,16 @@ class ConfigError(ValueError):
 class DataConfig:
     shards: str = ""  # shard folder made by `maskdm shard`
     image_size: int | None = None  # expected image size (checked against the manifest)
-    backend: str = "torch"  # torch | dali
+    backend: Backend = "torch"
     workers: int = 2  # torch: DataLoader workers; dali: reader threads
-    space: str = "dwt"  # dwt (12 x S/2 x S/2) | pixel (3 x S x S)
+    space: Space = "dwt"  # dwt: Haar subbands (12 x S/2 x S/2); pixel: 3 x S x S
     hflip: bool = True
     strict: bool = False  # damaged samples: replace and count (false) or stop (true)
 
 
 @dataclass
-class MaskConfig:
-    kind: str = "block"  # none | patch | block | crop
-    ratio: float = 0.7
-    block_size: int = 4  # in patches
-    crop_size: int = 0  # in patches
-
-    def spec(self) -> MaskSpec:
-        return MaskSpec(self.kind, self.ratio, self.block_size, self.crop_size)
-
-
-@dataclass
-class ModelSection:
-    preset: str = "MaskDM-B"
-    patch_size: int = 2
-    in_channels: int | None = None  # default: from data.space (12 dwt, 3 pixel)
-    input_size: int | None = None  # default: from the image size and data.space
-    depth: int | None = None
-    dim: int | None = None
-    heads: int | None = None
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = False
-    num_classes: int = 0  # > 0: conditional on the shard labels (VGGFace2 identities)
-    attention: str = "auto"  # auto | sdpa | xformers
-    sdpa_kernel: str = "auto"
-    checkpointing: bool | int = False
-
-
-@dataclass
 class DiffusionConfig:
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     num_timesteps: int = 1000
 
 
@@ -90,14 +67,14 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    stage: str = "pretrain"  # pretrain (MSM, or DSM from scratch with mask.kind none) | finetune
+    stage: Stage = "pretrain"
     init_from: str | None = None  # finetune: a pretrain checkpoint or run folder
     steps: int = 1000
     global_batch: int = 128
     grad_accum: int = 1
     seed: int = 0
     zero_stage: int = 2
-    precision: str = "bf16"  # bf16 | fp16 | fp32
+    precision: Precision = "bf16"
     deepspeed_config: str | None = None  # explicit JSON instead of zero_stage + precision
     run_dir: str = "runs/maskdm"
     ckpt_every: int = 1000
@@ -106,7 +83,7 @@ class TrainConfig:
     sample_every: int = 0  # steps between sample grids in MLflow (0: only at the end)
     sample_n: int = 16  # images per grid (sampler settings: eval.sampler/steps/eta)
     compile: bool = False
-    device: str = "auto"  # auto | cuda | cpu
+    device: Device = "auto"
 
 
 @dataclass
@@ -120,7 +97,7 @@ class TrackingConfig:
 @dataclass
 class EvalConfig:
     # Sampler settings for the sample grids and training-time FID.
-    sampler: str = "ddim"
+    sampler: Sampler = "ddim"
     steps: int = 50
     eta: float = 0.0
     batch: int = 64  # images per forward pass per rank
@@ -135,8 +112,9 @@ class EvalConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
-    mask: MaskConfig = field(default_factory=MaskConfig)
-    model: ModelSection = field(default_factory=ModelSection)
+    # The config sections `mask` and `model` are the model package's own types (one definition).
+    mask: MaskSpec = field(default_factory=lambda: MaskSpec("block", ratio=0.7, block_size=4))
+    model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -156,21 +134,15 @@ class Config:
     def model_config(self, image_size: int) -> ModelConfig:
         """The architecture for images of ``image_size`` in ``data.space``."""
         m = self.model
-        channels = 12 if self.data.space == "dwt" else 3
-        side = image_size // 2 if self.data.space == "dwt" else image_size
+        channels, side, _ = model_input_shape(image_size, self.data.space)
         if m.in_channels is not None and m.in_channels != channels:
             raise ConfigError(f"model.in_channels={m.in_channels} but data.space={self.data.space} "
                               f"gives {channels} channels; remove model.in_channels")
         if m.input_size is not None and m.input_size != side:
             raise ConfigError(f"model.input_size={m.input_size} but {image_size}px images in "
                               f"{self.data.space} space are {side}px; remove model.input_size")
-        cfg = ModelConfig(preset=m.preset, in_channels=channels, input_size=side,
-                          patch_size=m.patch_size, depth=m.depth, dim=m.dim, heads=m.heads,
-                          mlp_ratio=m.mlp_ratio, qkv_bias=m.qkv_bias, num_classes=m.num_classes,
-                          attention=m.attention, sdpa_kernel=m.sdpa_kernel,
-                          checkpointing=m.checkpointing)
         try:
-            return cfg.resolved()
+            return dataclasses.replace(m, in_channels=channels, input_size=side).resolved()
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -196,6 +168,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         names = " or ".join(getattr(a, "__name__", str(a)) for a in args)
         raise ConfigError(f"{key} must be {names}, got {value!r}")
+    if origin is Literal:
+        if isinstance(value, str) and value in args:
+            return value
+        raise ConfigError(f"{key} must be one of {', '.join(args)}, got {value!r}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
@@ -224,7 +200,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
-def _build(cls, values: dict[str, Any], prefix: str):
+def _build(cls, values: dict[str, Any], prefix: str, default=None):
+    """``default`` (a section's default instance) supplies the values the YAML leaves out."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {values!r}")
     hints = _hints(cls)
@@ -239,10 +216,10 @@ def _build(cls, values: dict[str, Any], prefix: str):
             raise ConfigError(f"unknown key '{dotted}'{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, dotted)
+            kwargs[key] = _build(tp, value or {}, dotted, getattr(cls(), key))
         else:
             kwargs[key] = _coerce(value, tp, dotted)
-    return cls(**kwargs)
+    return dataclasses.replace(default, **kwargs) if default is not None else cls(**kwargs)
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -300,56 +277,39 @@ def load_config(paths: list[str] | None = None, overrides: list[str] | None = No
 
 
 def validate(cfg: Config) -> None:
-    """Value checks that do not need the data (the trainer checks the shards when it starts)."""
-    d, t, o, m = cfg.data, cfg.train, cfg.optim, cfg.model
-    if d.backend not in ("torch", "dali"):
-        raise ConfigError(f"data.backend must be torch or dali, got {d.backend!r}")
-    if d.space not in ("dwt", "pixel"):
-        raise ConfigError(f"data.space must be dwt or pixel, got {d.space!r}")
+    """Value checks that do not need the data (the trainer checks the shards when it starts).
+    Choices (``Literal`` fields) were checked while loading."""
+    d, t, o = cfg.data, cfg.train, cfg.optim
     if d.workers < 0:
         raise ConfigError("data.workers must be >= 0")
     if d.image_size is not None and (d.image_size < 2 or d.image_size % 2):
         raise ConfigError(f"data.image_size must be a positive even number, got {d.image_size}")
-    if t.stage not in STAGES:
-        raise ConfigError(f"train.stage must be one of {STAGES}, got {t.stage!r}")
-    spec = cfg.mask.spec()
+    try:
+        cfg.mask.validate()
+        cfg.model.architecture()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if t.stage == "finetune":
-        if spec.is_masked:
+        if cfg.mask.is_masked:
             raise ConfigError("train.stage=finetune trains with plain denoising score matching: "
                               "set mask.kind=none (or mask.ratio=0)")
         if not t.init_from:
             raise ConfigError("train.stage=finetune needs train.init_from: a pretrain checkpoint "
                               "or run folder")
-    if cfg.mask.kind not in ("none", "patch", "block", "crop"):
-        raise ConfigError(f"mask.kind must be none, patch, block or crop, got {cfg.mask.kind!r}")
-    if cfg.mask.kind in ("patch", "block") and not 0.0 <= cfg.mask.ratio < 1.0:
-        raise ConfigError(f"mask.ratio must be in [0, 1), got {cfg.mask.ratio} (1.0 would leave "
-                          f"no visible patch)")
     for name in ("steps", "global_batch", "grad_accum", "ckpt_every", "log_every", "sample_n",
                  "keep_last"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if t.seed < 0:
+        raise ConfigError(f"train.seed must be >= 0, got {t.seed}")
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
-    if t.precision not in PRECISIONS:
-        raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {t.precision!r}")
-    if t.device not in ("auto", "cuda", "cpu"):
-        raise ConfigError(f"train.device must be auto, cuda or cpu, got {t.device!r}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
     if o.lr <= 0 or o.weight_decay < 0 or o.warmup_steps < 0 or o.grad_clip < 0:
         raise ConfigError("optim.lr must be > 0; weight_decay, warmup_steps, grad_clip >= 0")
     if not 0 <= o.ema_decay < 1:
         raise ConfigError(f"optim.ema_decay must be in [0, 1), got {o.ema_decay}")
-    if m.preset not in PRESETS and None in (m.depth, m.dim, m.heads):
-        raise ConfigError(f"model.preset {m.preset!r} is unknown; choose one of "
-                          f"{', '.join(PRESETS)} or set model.depth, dim and heads")
-    if m.attention not in ATTENTION_BACKENDS:
-        raise ConfigError(f"model.attention must be one of {ATTENTION_BACKENDS}, got {m.attention!r}")
-    if cfg.diffusion.schedule not in SCHEDULES:
-        raise ConfigError(f"diffusion.schedule must be one of {SCHEDULES}")
-    if cfg.eval.sampler not in SAMPLERS:
-        raise ConfigError(f"eval.sampler must be one of {SAMPLERS}")
     if not 1 <= cfg.eval.steps <= cfg.diffusion.num_timesteps:
         raise ConfigError(f"eval.steps must be in 1..{cfg.diffusion.num_timesteps}")
     if cfg.eval.fid_every < 0 or cfg.eval.fid_samples < 2 or cfg.eval.batch < 1:
@@ -362,7 +322,7 @@ def check_shapes(cfg: Config, image_size: int) -> ModelConfig:
     """Model and mask against the real image size (called again once the manifest is read)."""
     mcfg = cfg.model_config(image_size)
     try:
-        cfg.mask.spec().validate(mcfg.grid)
+        cfg.mask.validate(mcfg.grid)
     except MaskSpecError as e:
         raise ConfigError(f"{e} (token grid of {image_size}px {cfg.data.space} input with patch "
                           f"{mcfg.patch_size})") from None
@@ -386,10 +346,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         raise ConfigError(f"{path}: holds {sorted(extra)}; DeepSpeed configs here hold only "
                           f"zero_optimization and precision (batch sizes come from train.*)")
     ds.pop("comment", None)
-    micro = t.global_batch // (world_size * t.grad_accum)
-    if micro < 1 or micro * world_size * t.grad_accum != t.global_batch:
-        raise ConfigError(f"train.global_batch ({t.global_batch}) must be divisible by world size "
-                          f"({world_size}) x train.grad_accum ({t.grad_accum})")
+    micro = micro_batch(t, world_size)
     ds.update({
         "train_batch_size": t.global_batch,
         "train_micro_batch_size_per_gpu": micro,
@@ -399,6 +356,15 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     })
     return ds
+
+
+def micro_batch(t: TrainConfig, world_size: int) -> int:
+    """Samples per rank per forward pass: global_batch / (world size x grad_accum), exactly."""
+    micro = t.global_batch // (world_size * t.grad_accum)
+    if micro < 1 or micro * world_size * t.grad_accum != t.global_batch:
+        raise ConfigError(f"train.global_batch ({t.global_batch}) must be divisible by world size "
+                          f"({world_size}) x train.grad_accum ({t.grad_accum})")
+    return micro
 
 
 def precision_of(ds: dict) -> str:

@@ -37,7 +37,7 @@ def _stage(title: str) -> float:
 
 
 def _train(config: Path, sets: list[str], log: Path) -> None:
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(config), "--resume", "auto"]
+    cmd = [sys.executable, "-m", "maskdm", "train", "--config", str(config), "--resume", "auto"]
     for s in sets:
         cmd += ["--set", s]
     shown = "maskdm train --config " + str(config.relative_to(REPO)) + " " + \
@@ -59,11 +59,6 @@ def _train(config: Path, sets: list[str], log: Path) -> None:
 
 
 def run(args) -> int:
-    from preprocessing.preview import write_preview
-    from preprocessing.shard import ShardOptions
-    from preprocessing.shard import run as shard
-
-    from .checkpoint import complete_checkpoints
     from .tracking import default_uri, ui_command
 
     configs = REPO / "configs"
@@ -77,54 +72,17 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
     count = 512 if args.quick else args.count
-    steps = ["train.steps=20", "train.ckpt_every=10", "train.log_every=10", "train.sample_every=0",
-             "eval.steps=10"] if args.quick else []
     print(f"maskdm demo -> {out}\n  1. shard {count} procedural face images (32x32)\n"
           f"  2. pre-train a tiny U-ViT with masked score matching (50% of 2x2-token blocks)\n"
           f"  3. fine-tune it with denoising score matching\n  4. sample 64 images (DDIM); both runs go to "
           f"MLflow experiment 'maskdm-demo'\nexpected time: {'~1-2 min' if args.quick else '~8-10 min on 2 CPU cores'}")
-
-    t0 = _stage("1/4 shard the procedural set")
-    print(f"$ maskdm shard procedural {out / 'shards'} --size 32 --count {count}", flush=True)
-    m = shard(ShardOptions(src="procedural", out=str(out / "shards"), source="procedural", size=32,
-                           count=count, samples_per_shard=1000), progress=sys.stderr.isatty())
-    write_preview(out / "shards", out / "data.png", n=64)
-    print(f"  {m.num_samples} samples; real images for comparison: {out / 'data.png'} "
-          f"({time.time() - t0:.0f}s)")
-
+    _shard_stage(out, count)
     runs = out / "runs"
-    common = [f"data.shards={out / 'shards'}"] + steps
-    t0 = _stage("2/4 pre-train (MSM: loss on the visible patches only)")
-    _train(configs / "demo_pretrain.yaml", common + [f"train.run_dir={runs / 'pretrain'}"],
-           out / "pretrain.log")
-    print(f"  ({time.time() - t0:.0f}s)")
-
-    t0 = _stage("3/4 fine-tune (DSM, from the pre-trained EMA weights)")
-    _train(configs / "demo_finetune.yaml", common + [f"train.run_dir={runs / 'finetune'}",
-                                                     f"train.init_from={runs / 'pretrain'}"],
-           out / "finetune.log")
-    print(f"  ({time.time() - t0:.0f}s)")
-
-    t0 = _stage("4/4 sample 64 images with DDIM from the fine-tuned EMA weights")
-    last = complete_checkpoints(runs / "finetune" / "checkpoints")[-1]
+    _train_stages(configs, out, runs, args.quick)
     n_steps = "10" if args.quick else "100"
-    cmd = ["sample", "--ckpt", str(runs / "finetune"), "--num-images", "64", "--sampler", "ddim",
-           "--steps", n_steps, "--eta", "1", "--out", str(out / "samples")]
-    print("$ maskdm " + " ".join(cmd), flush=True)
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", *cmd], cwd=os.getcwd(),
-                       env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True)
-    if r.returncode != 0:
-        print(r.stdout, file=sys.stderr)
-        raise SystemExit(f"error: sampling failed (exit {r.returncode}); re-run `maskdm demo`")
-    lines = [ln for ln in r.stdout.splitlines() if ln.strip() and not ln.startswith("DeepSpeed ")]
-    if lines:
-        print("  " + lines[-1])
-    final = out / "samples.png"
-    _grid(out / "samples", final)
-    print(f"  ({time.time() - t0:.0f}s)")
+    last = _sample_stage(out, runs, n_steps)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_uri(runs / "finetune")[0]
-    print(f"\nsamples (EMA weights, DDIM {n_steps} steps, eta 1): {final} (PNGs in {out / 'samples'})\n"
+    print(f"\nsamples (EMA weights, DDIM {n_steps} steps, eta 1): {out / 'samples.png'} (PNGs in {out / 'samples'})\n"
           f"real data for comparison:          {out / 'data.png'}\n"
           f"fine-tuned checkpoint:             {last}\n"
           f"exported model:                    {runs / 'finetune' / 'export'}\n"
@@ -134,11 +92,61 @@ def run(args) -> int:
     return 0
 
 
+def _shard_stage(out: Path, count: int) -> None:
+    from maskdm.preprocessing.preview import write_preview
+    from maskdm.preprocessing.shard_job import ShardOptions
+    from maskdm.preprocessing.shard_job import run as shard
+    t0 = _stage("1/4 shard the procedural set")
+    print(f"$ maskdm shard procedural {out / 'shards'} --size 32 --count {count}", flush=True)
+    m = shard(ShardOptions(src="procedural", out=str(out / "shards"), source="procedural", size=32,
+                           count=count, samples_per_shard=1000), progress=sys.stderr.isatty())
+    write_preview(out / "shards", out / "data.png", n=64)
+    print(f"  {m.num_samples} samples; real images for comparison: {out / 'data.png'} "
+          f"({time.time() - t0:.0f}s)")
+
+
+def _train_stages(configs: Path, out: Path, runs: Path, quick: bool) -> None:
+    steps = ["train.steps=20", "train.ckpt_every=10", "train.log_every=10", "train.sample_every=0",
+             "eval.steps=10"] if quick else []
+    common = [f"data.shards={out / 'shards'}"] + steps
+    t0 = _stage("2/4 pre-train (MSM: loss on the visible patches only)")
+    _train(configs / "demo_pretrain.yaml", common + [f"train.run_dir={runs / 'pretrain'}"],
+           out / "pretrain.log")
+    print(f"  ({time.time() - t0:.0f}s)")
+    t0 = _stage("3/4 fine-tune (DSM, from the pre-trained EMA weights)")
+    _train(configs / "demo_finetune.yaml", common + [f"train.run_dir={runs / 'finetune'}",
+                                                     f"train.init_from={runs / 'pretrain'}"],
+           out / "finetune.log")
+    print(f"  ({time.time() - t0:.0f}s)")
+
+
+def _sample_stage(out: Path, runs: Path, n_steps: str) -> Path:
+    """-> the fine-tuned checkpoint the samples come from."""
+    from .checkpoint import complete_checkpoints
+    t0 = _stage("4/4 sample 64 images with DDIM from the fine-tuned EMA weights")
+    last = complete_checkpoints(runs / "finetune" / "checkpoints")[-1]
+    cmd = ["sample", "--ckpt", str(runs / "finetune"), "--num-images", "64", "--sampler", "ddim",
+           "--steps", n_steps, "--eta", "1", "--out", str(out / "samples")]
+    print("$ maskdm " + " ".join(cmd), flush=True)
+    r = subprocess.run([sys.executable, "-m", "maskdm", *cmd], cwd=os.getcwd(),
+                       env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
+    if r.returncode != 0:
+        print(r.stdout, file=sys.stderr)
+        raise SystemExit(f"error: sampling failed (exit {r.returncode}); re-run `maskdm demo`")
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip() and not ln.startswith("DeepSpeed ")]
+    if lines:
+        print("  " + lines[-1])
+    _grid(out / "samples", out / "samples.png")
+    print(f"  ({time.time() - t0:.0f}s)")
+    return last
+
+
 def _grid(folder: Path, png: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    from .sampling import grid
+    from .eval.images import grid
     imgs = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))])
     g = grid(imgs)
     Image.fromarray(g).resize((g.shape[1] * 3, g.shape[0] * 3), Image.NEAREST).save(png)

@@ -51,6 +51,20 @@ def setup_env(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def launch_world_size() -> int:
+    """The world size the launcher asked for (before ``init``; 1 for a plain process)."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return int(os.environ.get("SLURM_NTASKS", "1")) if "SLURM_PROCID" in os.environ else 1
+
+
+def launch_rank() -> int:
+    """This process's rank as the launcher set it (before ``init``; 0 for a plain process)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return int(os.environ.get("SLURM_PROCID", "0"))
+
+
 def init(device: torch.device) -> None:
     import deepspeed
     if not torch.distributed.is_initialized():

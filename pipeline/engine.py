@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from model import ModelConfig, build_model
+from maskdm.model import ModelConfig, build_model
 
 from .config import Config
-from .sampling import load_strict
+from .weights import load_strict
 
 
 def param_groups(net, weight_decay: float) -> list[dict]:

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from preprocessing.fsutil import atomic_write_json
+from maskdm.shardformat.fsutil import atomic_write_json
 
 from . import checkpoint as ckpt
 
@@ -25,15 +25,15 @@ def export_weights(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike) -> 
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".model.safetensors.tmp"
     save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp),
-              metadata={"format": "maskdm-ema", "step": str(meta["step"])})
+              metadata={"format": "maskdm-ema", "step": str(meta.step)})
     os.replace(tmp, out / "model.safetensors")
-    cfg = meta["config"]
+    cfg = meta.config
     atomic_write_json(out / "config.json", {
         "format": "maskdm-export", "format_version": 1,
         "weights": "EMA (decay %s)" % cfg["optim"]["ema_decay"],
-        "model": meta["model"], "image_size": meta["image_size"], "space": meta["space"],
-        "diffusion": cfg["diffusion"], "stage": meta["stage"], "step": meta["step"],
-        "source_checkpoint": str(src.resolve()), "mlflow_run_id": meta.get("mlflow_run_id"),
+        "model": meta.model, "image_size": meta.image_size, "space": meta.space,
+        "diffusion": cfg["diffusion"], "stage": meta.stage, "step": meta.step,
+        "source_checkpoint": str(src.resolve()), "mlflow_run_id": meta.mlflow_run_id,
         "data": {"shards": cfg["data"]["shards"]},
     })
     return out

@@ -1,17 +1,23 @@
-"""``maskdm train``: the training loop (pre-training with MSM, fine-tuning with DSM).
+"""``maskdm train``: the training run (pre-training with MSM, fine-tuning with DSM), as phases.
 
-Everything that can be checked is checked before the engine starts (config, shards, shapes,
-labels, batch divisibility, the init checkpoint). The loop trains through the DeepSpeed engine,
-draws each global batch's randomness from (seed, step), updates the EMA after every optimizer
-step, syncs with the host only at log/checkpoint steps, checkpoints every ``ckpt_every`` steps
-and on SIGTERM/SIGINT, and reports to MLflow from rank 0.
+``Trainer(cfg, resume).run()`` goes through:
+
+1. ``__init__`` (no process group yet): everything that can be checked before the engine starts
+   (config against the shards, shapes, labels, batch divisibility, the init checkpoint, the
+   checkpoint to resume and whether its config allows it).
+2. ``_build``: process group, DeepSpeed engine, EMA, objective, loader (and training-time FID).
+3. ``_restore``: engine, EMA, RNG and loader state of the checkpoint to resume, if any.
+4. ``_start_tracking``: the MLflow run (rank 0), the resolved config in the run folder.
+5. ``_loop``: ``_step`` (one optimizer step through the engine, randomness drawn from
+   (seed, step)), then what is due at that step: ``_log`` (the only host syncs), ``_sample_grid``,
+   ``_fid``, ``_save``; SIGTERM/SIGINT stop it after a checkpoint.
+6. ``_finish``: final samples, FID and export, the MLflow status, the summary.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import platform
 import signal
 import sys
@@ -20,15 +26,15 @@ from pathlib import Path
 
 import torch
 
-from model.diffusion import GaussianDiffusion
-from model.objective import DiffusionObjective
-from model.rng import draw_step
-from preprocessing.manifest import DatasetError
+from maskdm.model.diffusion import GaussianDiffusion
+from maskdm.model.objective import DiffusionObjective
+from maskdm.shardformat.manifest import DatasetError
 
 from . import checkpoint as ckpt
 from . import dist
 from .config import Config, ConfigError, check_shapes, deepspeed_config, precision_of, to_yaml
 from .ema import EMA
+from .randomness import draw_step, rank_seed
 
 EXIT_NONFINITE = 3
 FIXED_ON_RESUME = ("model.", "diffusion.", "mask.", "data.space", "train.stage", "train.seed",
@@ -41,24 +47,14 @@ class TrainingStopped(RuntimeError):
         self.code = code
 
 
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("deepspeed", "mlflow", "webdataset", "pywt", "numpy"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # a missing optional package is simply not reported
-            pass
-    try:
-        import nvidia.dali
-        out["nvidia-dali"] = nvidia.dali.__version__
-    except ImportError:
-        pass
-    return out
+def run_training(cfg: Config, *, resume: str | None = None) -> dict:
+    """Train as configured; ``resume`` is None, ``"auto"`` or a checkpoint/run path."""
+    return Trainer(cfg, resume).run()
 
 
 def prepare(cfg: Config):
     """Checks that need the data: -> (reader, model config). Raises ConfigError."""
-    from pipeline.data.shards import ShardReader
+    from maskdm.shardformat.reader import ShardReader
     if not cfg.data.shards:
         raise ConfigError("data.shards is not set: point it at a folder made by `maskdm shard`")
     try:
@@ -70,8 +66,8 @@ def prepare(cfg: Config):
         raise ConfigError(f"data.image_size={cfg.data.image_size} but {cfg.data.shards} holds "
                           f"{m.image_size}px images")
     mcfg = check_shapes(cfg, m.image_size)
-    from .eval import periodic
-    periodic.check(cfg)
+    from .eval import training_fid
+    training_fid.check(cfg)
     if mcfg.num_classes:
         if not m.labels:
             raise ConfigError(f"model.num_classes={mcfg.num_classes} needs labelled shards "
@@ -96,270 +92,341 @@ def _check_resume_config(saved: dict, cfg: Config) -> list[str]:
     return changed
 
 
-def run_training(cfg: Config, *, resume: str | None = None) -> dict:
-    t, o = cfg.train, cfg.optim
-    device = dist.setup_env(t.device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    reader, mcfg = prepare(cfg)
-    ds_config = deepspeed_config(cfg, world)
-    precision = precision_of(ds_config)
-    run_dir = Path(t.run_dir)
-    ckpt_root = run_dir / "checkpoints"
+class Trainer:
+    def __init__(self, cfg: Config, resume: str | None = None):
+        self.cfg, self.t = cfg, cfg.train
+        self.device = dist.setup_env(self.t.device)
+        self.world, self.rank = dist.launch_world_size(), dist.launch_rank()
+        self.reader, self.mcfg = prepare(cfg)
+        self.ds_config = deepspeed_config(cfg, self.world)
+        self.precision = precision_of(self.ds_config)
+        self.micro_global = self.t.global_batch // self.t.grad_accum
+        self.local = self.micro_global // self.world
+        self.run_dir = Path(self.t.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.log = dist.print0
+        self.init_weights, self.parent = self._init_source()
+        self.resume_mode = resume
+        self.resume_from = self._resume_source(resume)
+        self.changed = []
+        if self.resume_from is not None:
+            self.changed = _check_resume_config(ckpt.read_meta(self.resume_from).config, cfg)
+        self.step, self.run_id, self.last_ckpt = 0, None, None
+        self.stop_signal = None
+        self.last_fid = {"step": None, "value": None}
+        self.sampler_net = None
 
-    init_weights, parent = None, None
-    if t.stage == "finetune":
+    # ------------------------------------------------------------------ phase 1: sources
+    def _init_source(self):
+        """Fine-tuning: the pre-trained EMA weights and that checkpoint's meta."""
+        if self.t.stage != "finetune":
+            return None, None
         try:
-            src = ckpt.resolve(t.init_from)
-            init_weights, parent = ckpt.load_ema_weights(src)
+            return ckpt.load_ema_weights(ckpt.resolve(self.t.init_from))
         except ckpt.CheckpointError as e:
             raise ConfigError(f"train.init_from: {e}") from None
-    resume_from = None
-    if resume == "auto":
-        found = ckpt.complete_checkpoints(ckpt_root)
-        resume_from = found[-1] if found else None
-    elif resume:
+
+    def _resume_source(self, resume: str | None) -> Path | None:
+        if resume == "auto":
+            found = ckpt.complete_checkpoints(self.ckpt_root)
+            return found[-1] if found else None
+        if not resume:
+            return None
         try:
-            resume_from = ckpt.resolve(resume)
+            return ckpt.resolve(resume)
         except ckpt.CheckpointError as e:
             raise ConfigError(f"--resume: {e}") from None
-    changed = []
-    if resume_from is not None:
-        changed = _check_resume_config(ckpt.read_meta(resume_from)["config"], cfg)
 
-    dist.init(device)
-    log = dist.print0
-    from pipeline.data.loader import Loader
-    from .engine import build_engine
-    from .tracking import Tracker, ui_command
+    # ------------------------------------------------------------------ phase 2: build
+    def _build(self) -> None:
+        from maskdm.pipeline.data.loader import Loader
 
-    engine, _ = build_engine(cfg, mcfg, device, ds_config, init_weights)
-    diffusion = GaussianDiffusion(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
-    fid_eval = None
-    if cfg.eval.fid_every:
-        from .eval.periodic import TrainingFID, check
-        fid_eval = TrainingFID(cfg, mcfg, diffusion, device, check(cfg), log=dist.print0)
-    torch.manual_seed(t.seed * world + rank)  # anything rank-local from here on
-    ema = EMA(engine.module, o.ema_decay)
-    objective = DiffusionObjective(diffusion, mcfg.patch_size)
-    spec = cfg.mask.spec()
-    micro_global = t.global_batch // t.grad_accum
-    local = micro_global // world
-    loader = Loader(reader, global_batch=micro_global, rank=rank, world_size=world, seed=t.seed,
-                    device=device, backend=cfg.data.backend, workers=cfg.data.workers,
-                    space=cfg.data.space, hflip=cfg.data.hflip, strict=cfg.data.strict,
-                    dali_threads=max(cfg.data.workers, 1))
-    step, run_id = 0, None
-    if resume_from is not None:
-        meta = ckpt.load(engine, ema, resume_from)
-        step, run_id = meta["step"], meta.get("mlflow_run_id")
-        loader.load_state_dict(meta["loader"])
-        log(f"resumed from {resume_from} at step {step} ({meta['loader']['samples_seen']} samples)")
-        for c in changed:
-            log(f"note: config changed since the checkpoint: {c}")
-    elif resume == "auto":
-        log(f"no checkpoint in {ckpt_root}: starting from scratch")
+        from .engine import build_engine
+        cfg, t, mcfg = self.cfg, self.t, self.mcfg
+        dist.init(self.device)
+        self.engine, _ = build_engine(cfg, mcfg, self.device, self.ds_config, self.init_weights)
+        self.diffusion = GaussianDiffusion(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
+        self.fid_eval = None
+        if cfg.eval.fid_every:
+            from .eval.training_fid import TrainingFID, check
+            self.fid_eval = TrainingFID(cfg, mcfg, self.diffusion, self.device, check(cfg),
+                                        log=dist.print0)
+        torch.manual_seed(rank_seed(t.seed, self.world, self.rank))  # anything rank-local
+        self.ema = EMA(self.engine.module, cfg.optim.ema_decay)
+        self.objective = DiffusionObjective(self.diffusion, mcfg.patch_size)
+        self.loader = Loader(self.reader, global_batch=self.micro_global, rank=self.rank,
+                             world_size=self.world, seed=t.seed, device=self.device,
+                             backend=cfg.data.backend, workers=cfg.data.workers,
+                             space=cfg.data.space, hflip=cfg.data.hflip, strict=cfg.data.strict,
+                             dali_threads=max(cfg.data.workers, 1))
+        amp_on = self.precision != "fp32"
+        self.amp = dict(device_type=self.device.type, enabled=amp_on,
+                        dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+        # sampling (grids, FID) autocasts like training on GPUs and runs in fp32 on the CPU
+        self.sample_autocast = self.amp["dtype"] if amp_on and self.device.type == "cuda" else None
 
-    is_main = dist.is_main()
-    tags = {"maskdm.stage": t.stage, "maskdm.run_dir": str(run_dir.resolve())}
-    if parent and parent.get("mlflow_run_id"):
-        tags["maskdm.parent_run_id"] = parent["mlflow_run_id"]
-        tags["mlflow.parentRunId"] = parent["mlflow_run_id"]
-    tracker = Tracker(enabled=cfg.tracking.enabled and is_main, run_dir=run_dir,
-                      experiment=cfg.tracking.experiment, run_name=cfg.tracking.run_name,
-                      uri=cfg.tracking.uri, run_id=run_id, tags=tags, log=log)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
-        if run_id is None:
-            params = {**cfg.flat(), "world_size": world, "precision": precision,
-                      "attention": engine.module.attention_backend,
-                      "model.parameters": sum(p.numel() for p in engine.module.parameters()) if
-                      not ema.zero3 else sum(m["numel"] for m in ema.meta.values()),
-                      **{f"ds.{k}": json.dumps(v) for k, v in ds_config.items()},
-                      **{f"version.{k}": v for k, v in _versions().items()}}
-            if parent:
-                params["init_from.step"] = parent.get("step")
-            tracker.log_params(params)
-            tracker.log_text(to_yaml(cfg), "config.yaml")
-            tracker.log_text(json.dumps(ds_config, indent=2), "deepspeed_config.json")
-    run_id = tracker.wait_started() if is_main else None
-
-    log(f"{t.stage}: {mcfg.preset} ({mcfg.depth}+1 blocks, dim {mcfg.dim}), "
-        f"{sum(m['numel'] for m in ema.meta.values()) / 1e6:.1f}M parameters, attention "
-        f"{engine.module.attention_backend} ({engine.module.attention_reason}); mask {spec} -> "
-        f"{spec.num_visible(mcfg.grid)}/{mcfg.num_tokens} visible tokens; {world} rank(s) x "
-        f"{local} x {t.grad_accum} accumulation = {t.global_batch} per step; ZeRO "
-        f"{ds_config['zero_optimization']['stage']}, {precision}; {reader.num_samples} samples "
-        f"in {cfg.data.shards}")
-
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    amp = dict(device_type=device.type, enabled=precision != "fp32",
-               dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    # sampling (grids, FID) autocasts like training on GPUs and runs in fp32 on the CPU
-    sample_autocast = amp["dtype"] if amp["enabled"] and device.type == "cuda" else None
-    sample_shape = loader.sample_shape
-    loss_sum = torch.zeros((), device=device)
-    nonfinite = torch.zeros((), dtype=torch.int64, device=device)
-    n_logged, data_wait = 0, 0.0
-    t_log = time.perf_counter()
-    last_ckpt = ckpt.tag(step) if resume_from is not None else None
-    sampler_net = None
-    status, code, message = "FINISHED", 0, ""
-
-    def save(step_now: int) -> None:
-        nonlocal last_ckpt
-        bad = dist.any_rank(bool(nonfinite.item()))
-        if bad:
-            raise TrainingStopped(_nonfinite_message(step_now, last_ckpt, ckpt_root), EXIT_NONFINITE)
-        meta = {"step": step_now, "loader": loader.state_dict(), "world_size": world,
-                "zero_stage": ds_config["zero_optimization"]["stage"], "precision": precision,
-                "mlflow_run_id": run_id, "stage": t.stage, "time": time.time(),
-                "config": cfg.to_dict(), "model": dataclasses.asdict(mcfg),
-                "image_size": reader.image_size, "space": cfg.data.space}
-        path = ckpt.save(engine, ema, ckpt_root, step_now, meta, t.keep_last)
-        last_ckpt = path.name
-        log(f"checkpoint {path}")
-
-    def samples(step_now: int) -> None:
-        nonlocal sampler_net
-        weights = ema.full_state_dict()  # collective under ZeRO-3
-        if not is_main:
+    # ------------------------------------------------------------------ phase 3: restore
+    def _restore(self) -> None:
+        if self.resume_from is None:
+            if self.resume_mode == "auto":
+                self.log(f"no checkpoint in {self.ckpt_root}: starting from scratch")
             return
-        from .sampling import grid, model_from_weights, sample_images
-        if sampler_net is None:
-            sampler_net = model_from_weights(mcfg, weights, device)
-        else:
-            sampler_net.load_state_dict(weights)
-        labels = None
-        if mcfg.num_classes:
-            labels = torch.arange(t.sample_n) % mcfg.num_classes
-        e = cfg.eval
-        imgs = sample_images(sampler_net, diffusion, mcfg, list(range(t.sample_n)),
-                             space=cfg.data.space, device=device, sampler=e.sampler,
-                             steps=e.steps, eta=e.eta, labels=labels, batch=max(t.sample_n, 1),
-                             autocast_dtype=sample_autocast)
+        meta = ckpt.load(self.engine, self.ema, self.resume_from)
+        self.step, self.run_id = meta.step, meta.mlflow_run_id
+        self.last_ckpt = ckpt.tag(self.step)
+        self.loader.load_state_dict(meta.loader)
+        self.log(f"resumed from {self.resume_from} at step {self.step} ({meta.samples_seen} "
+                 f"samples)")
+        for c in self.changed:
+            self.log(f"note: config changed since the checkpoint: {c}")
+
+    # ------------------------------------------------------------------ phase 4: tracking
+    def _start_tracking(self) -> None:
+        from .tracking import Tracker
+        cfg, t = self.cfg, self.t
+        is_main = dist.is_main()
+        tags = {"maskdm.stage": t.stage, "maskdm.run_dir": str(self.run_dir.resolve())}
+        if self.parent is not None and self.parent.mlflow_run_id:
+            tags["maskdm.parent_run_id"] = self.parent.mlflow_run_id
+            tags["mlflow.parentRunId"] = self.parent.mlflow_run_id
+        self.tracker = Tracker(enabled=cfg.tracking.enabled and is_main, run_dir=self.run_dir,
+                               experiment=cfg.tracking.experiment, run_name=cfg.tracking.run_name,
+                               uri=cfg.tracking.uri, run_id=self.run_id, tags=tags, log=self.log)
+        if is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            (self.run_dir / "deepspeed_config.json").write_text(json.dumps(self.ds_config,
+                                                                           indent=2))
+            if self.run_id is None:
+                self.tracker.log_params(self._run_params())
+                self.tracker.log_text(to_yaml(cfg), "config.yaml")
+                self.tracker.log_text(json.dumps(self.ds_config, indent=2),
+                                      "deepspeed_config.json")
+        self.run_id = self.tracker.wait_started() if is_main else None
+        self.log(self._banner())
+
+    def _num_parameters(self) -> int:
+        return sum(m["numel"] for m in self.ema.meta.values())
+
+    def _run_params(self) -> dict:
+        params = {**self.cfg.flat(), "world_size": self.world, "precision": self.precision,
+                  "attention": self.engine.module.attention_backend,
+                  "model.parameters": self._num_parameters(),
+                  **{f"ds.{k}": json.dumps(v) for k, v in self.ds_config.items()},
+                  **{f"version.{k}": v for k, v in _versions().items()}}
+        if self.parent is not None:
+            params["init_from.step"] = self.parent.step
+        return params
+
+    def _banner(self) -> str:
+        t, mcfg, spec = self.t, self.mcfg, self.cfg.mask
+        return (f"{t.stage}: {mcfg.preset} ({mcfg.depth}+1 blocks, dim {mcfg.dim}), "
+                f"{self._num_parameters() / 1e6:.1f}M parameters, attention "
+                f"{self.engine.module.attention_backend} ({self.engine.module.attention_reason}); "
+                f"mask {spec} -> {spec.num_visible(mcfg.grid)}/{mcfg.num_tokens} visible tokens; "
+                f"{self.world} rank(s) x {self.local} x {t.grad_accum} accumulation = "
+                f"{t.global_batch} per step; ZeRO {self.ds_config['zero_optimization']['stage']}, "
+                f"{self.precision}; {self.reader.num_samples} samples in {self.cfg.data.shards}")
+
+    # ------------------------------------------------------------------ phase 5: the loop
+    def _step(self) -> None:
+        """One optimizer step (``grad_accum`` micro-batches); no host sync."""
+        t = self.t
+        for a in range(t.grad_accum):
+            w0 = time.perf_counter()
+            batch = next(self.loader)
+            self.data_wait += time.perf_counter() - w0
+            r = draw_step(t.seed, self.step * t.grad_accum + a, self.micro_global,
+                          self.rank * self.local, (self.rank + 1) * self.local,
+                          self.loader.sample_shape, self.diffusion.num_timesteps, self.cfg.mask,
+                          self.mcfg.grid, self.device)
+            with torch.autocast(**self.amp):
+                loss = self.objective(self.engine, batch, r.keep_idx, r.t, r.noise)
+            self.engine.backward(loss)
+            self.engine.step()
+            self.loss_sum += loss.detach().float()
+            self.nonfinite += (~torch.isfinite(loss.detach())).long()
+        self.step += 1
+        self.n_logged += 1
+        self.ema.update(self.engine.module, self.step)
+
+    def _loop(self) -> None:
+        t, cfg = self.t, self.cfg
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.n_logged, self.data_wait, self.t_log = 0, 0.0, time.perf_counter()
+        self.engine.train()
+        while self.step < t.steps:
+            self._step()
+            self.bar.update(1)
+            step = self.step
+            if step % t.log_every == 0 or step == t.steps:
+                self._log()
+            if t.sample_every and step % t.sample_every == 0 and step < t.steps:
+                self._sample_grid()
+            if self.fid_eval is not None and step % cfg.eval.fid_every == 0 and step < t.steps:
+                self._fid()
+            if step % t.ckpt_every == 0 or step == t.steps:
+                self._save()
+            if dist.any_rank(self.stop_signal is not None):
+                if ckpt.tag(step) != self.last_ckpt:
+                    self._save()
+                sig = self.stop_signal
+                name = signal.Signals(sig).name if sig else "a signal"
+                raise TrainingStopped(f"stopped by {name} at step {step}; resume with "
+                                      f"`--resume auto`", 128 + (sig or 15))
+
+    def _log(self) -> None:
+        """Average loss and rates since the last log: the loop's only host syncs."""
+        t, step, engine = self.t, self.step, self.engine
+        loss_avg = dist.all_sum(self.loss_sum.item()) / (self.n_logged * t.grad_accum * self.world)
+        if dist.any_rank(bool(self.nonfinite.item())) and self.precision != "fp16":
+            raise TrainingStopped(self._nonfinite_message(), EXIT_NONFINITE)
+        dt = time.perf_counter() - self.t_log
+        gnorm = engine.get_global_grad_norm()
+        metrics = {
+            "loss": loss_avg,
+            "lr": engine.get_lr()[0],
+            "grad_norm": float(gnorm) if gnorm is not None else float("nan"),
+            "img_per_s": self.n_logged * t.global_batch / dt,
+            "data_wait_frac": self.data_wait / dt,
+            "skipped_samples": dist.all_sum(self.loader.skipped_samples),
+            "epoch": self.loader.epoch,
+        }
+        if self.precision == "fp16":
+            metrics["skipped_steps"] = float(engine.skipped_steps)
+        if self.device.type == "cuda":
+            metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        self.tracker.log_metrics(metrics, step)
+        line = (f"step {step}/{t.steps}  loss {loss_avg:.4f}  lr {metrics['lr']:.2e}  "
+                f"grad {metrics['grad_norm']:.3f}  {metrics['img_per_s']:.1f} img/s  "
+                f"data-wait {metrics['data_wait_frac']:.0%}  epoch {self.loader.epoch:.2f}")
+        self.bar.write(line) if not self.bar.disable else self.log(line)
+        self.loss_sum.zero_()
+        self.n_logged, self.data_wait, self.t_log = 0, 0.0, time.perf_counter()
+
+    def _save(self) -> None:
+        """Collective: a checkpoint of this step (refused if a loss went non-finite)."""
+        if dist.any_rank(bool(self.nonfinite.item())):
+            raise TrainingStopped(self._nonfinite_message(), EXIT_NONFINITE)
+        meta = ckpt.CheckpointMeta(
+            step=self.step, loader=self.loader.state_dict(), world_size=self.world,
+            zero_stage=self.ds_config["zero_optimization"]["stage"], precision=self.precision,
+            stage=self.t.stage, config=self.cfg.to_dict(), model=dataclasses.asdict(self.mcfg),
+            image_size=self.reader.image_size, space=self.cfg.data.space,
+            mlflow_run_id=self.run_id, time=time.time())
+        path = ckpt.save(self.engine, self.ema, self.ckpt_root, meta, self.t.keep_last)
+        self.last_ckpt = path.name
+        self.log(f"checkpoint {path}")
+
+    def _sample_grid(self) -> None:
+        """A grid of ``train.sample_n`` EMA samples, saved and logged by rank 0."""
+        weights = self.ema.full_state_dict()  # collective under ZeRO-3
+        if not dist.is_main():
+            return
         from PIL import Image
-        out = run_dir / "samples" / f"step_{step_now:08d}.png"
+
+        from .eval.images import grid, sample_images
+        from .weights import model_from_weights
+        t, e, mcfg = self.t, self.cfg.eval, self.mcfg
+        if self.sampler_net is None:
+            self.sampler_net = model_from_weights(mcfg, weights, self.device)
+        else:
+            self.sampler_net.load_state_dict(weights)
+        labels = torch.arange(t.sample_n) % mcfg.num_classes if mcfg.num_classes else None
+        imgs = sample_images(self.sampler_net, self.diffusion, mcfg, list(range(t.sample_n)),
+                             space=self.cfg.data.space, device=self.device, sampler=e.sampler,
+                             steps=e.steps, eta=e.eta, labels=labels, batch=max(t.sample_n, 1),
+                             autocast_dtype=self.sample_autocast)
+        out = self.run_dir / "samples" / f"step_{self.step:08d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         g = grid(imgs)
         Image.fromarray(g).save(out)
-        tracker.log_image(g, f"samples/step_{step_now:08d}.png")
+        self.tracker.log_image(g, f"samples/step_{self.step:08d}.png")
 
-    last_fid = {"step": None, "value": None}
-
-    def fid(step_now: int) -> None:
-        weights = ema.full_state_dict()
+    def _fid(self) -> None:
+        weights = self.ema.full_state_dict()
         t0 = time.perf_counter()
-        value = fid_eval(weights, step_now, autocast_dtype=sample_autocast)
-        last_fid.update(step=step_now, value=value)
-        if is_main:
-            tracker.log_metrics({"fid": value}, step_now)
-            log(f"step {step_now}: FID-{cfg.eval.fid_samples} {value:.3f} "
-                f"({cfg.eval.sampler} {cfg.eval.steps} steps, {time.perf_counter() - t0:.0f} s)")
+        value = self.fid_eval(weights, self.step, autocast_dtype=self.sample_autocast)
+        self.last_fid.update(step=self.step, value=value)
+        if dist.is_main():
+            e = self.cfg.eval
+            self.tracker.log_metrics({"fid": value}, self.step)
+            self.log(f"step {self.step}: FID-{e.fid_samples} {value:.3f} ({e.sampler} {e.steps} "
+                     f"steps, {time.perf_counter() - t0:.0f} s)")
 
-    from tqdm import tqdm
-    bar = tqdm(total=t.steps, initial=step, unit="step", desc=t.stage, dynamic_ncols=True,
-               disable=not (is_main and sys.stderr.isatty()), file=sys.stderr)
-    try:
-        engine.train()
-        while step < t.steps:
-            for a in range(t.grad_accum):
-                w0 = time.perf_counter()
-                batch = next(loader)
-                data_wait += time.perf_counter() - w0
-                micro_index = step * t.grad_accum + a
-                r = draw_step(t.seed, micro_index, micro_global, rank * local, (rank + 1) * local,
-                              sample_shape, diffusion.num_timesteps, spec, mcfg.grid, device)
-                with torch.autocast(**amp):
-                    loss = objective(engine, batch, r.keep_idx, r.t, r.noise)
-                engine.backward(loss)
-                engine.step()
-                loss_sum += loss.detach().float()
-                nonfinite += (~torch.isfinite(loss.detach())).long()
-            step += 1
-            n_logged += 1
-            ema.update(engine.module, step)
-            bar.update(1)
+    def _nonfinite_message(self) -> str:
+        where = f"{self.ckpt_root / self.last_ckpt}" if self.last_ckpt else "none was written yet"
+        return (f"non-finite loss (NaN/Inf) detected by step {self.step}; stopped without "
+                f"saving. The last good checkpoint: {where}. Lower optim.lr, raise "
+                f"optim.warmup_steps or use train.precision=fp16 (which skips overflowing "
+                f"steps), then `--resume auto`.")
 
-            if step % t.log_every == 0 or step == t.steps:
-                loss_avg = dist.all_sum(loss_sum.item()) / (n_logged * t.grad_accum * world)
-                if dist.any_rank(bool(nonfinite.item())) and precision != "fp16":
-                    raise TrainingStopped(_nonfinite_message(step, last_ckpt, ckpt_root),
-                                          EXIT_NONFINITE)
-                dt = time.perf_counter() - t_log
-                gnorm = engine.get_global_grad_norm()
-                metrics = {
-                    "loss": loss_avg,
-                    "lr": engine.get_lr()[0],
-                    "grad_norm": float(gnorm) if gnorm is not None else float("nan"),
-                    "img_per_s": n_logged * t.global_batch / dt,
-                    "data_wait_frac": data_wait / dt,
-                    "skipped_samples": dist.all_sum(loader.skipped_samples),
-                    "epoch": loader.epoch,
-                }
-                if precision == "fp16":
-                    metrics["skipped_steps"] = float(engine.skipped_steps)
-                if device.type == "cuda":
-                    metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-                tracker.log_metrics(metrics, step)
-                line = (f"step {step}/{t.steps}  loss {loss_avg:.4f}  lr {metrics['lr']:.2e}  "
-                        f"grad {metrics['grad_norm']:.3f}  {metrics['img_per_s']:.1f} img/s  "
-                        f"data-wait {metrics['data_wait_frac']:.0%}  epoch {loader.epoch:.2f}")
-                bar.write(line) if not bar.disable else log(line)
-                loss_sum.zero_()
-                n_logged, data_wait, t_log = 0, 0.0, time.perf_counter()
-
-            if t.sample_every and step % t.sample_every == 0 and step < t.steps:
-                samples(step)
-            if fid_eval is not None and step % cfg.eval.fid_every == 0 and step < t.steps:
-                fid(step)
-            if step % t.ckpt_every == 0 or step == t.steps:
-                save(step)
-            if dist.any_rank(stop["signal"] is not None):
-                if ckpt.tag(step) != last_ckpt:
-                    save(step)
-                name = signal.Signals(stop["signal"]).name if stop["signal"] else "a signal"
-                raise TrainingStopped(f"stopped by {name} at step {step}; resume with "
-                                      f"`--resume auto`", 128 + (stop["signal"] or 15))
-        samples(step)
-        if fid_eval is not None and last_fid["step"] != step:
-            fid(step)
-        export_dir = None
-        if is_main:
+    # ------------------------------------------------------------------ phase 6: finish
+    def _finish(self) -> None:
+        """After the last step: final samples, FID and the exported EMA weights."""
+        self._sample_grid()
+        if self.fid_eval is not None and self.last_fid["step"] != self.step:
+            self._fid()
+        if dist.is_main():
             from .export import export_weights
-            export_dir = export_weights(run_dir / "checkpoints" / last_ckpt, run_dir / "export")
-            tracker.log_artifact(export_dir, "model")
-    except TrainingStopped as e:
-        status = "KILLED" if e.code != EXIT_NONFINITE else "FAILED"
-        code, message = e.code, str(e)
-    finally:
-        bar.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        loader.close()
-    delivered = tracker.finish(status)
-    if code:
-        log(message, file=sys.stderr)
-        return {"exit_code": code, "step": step, "run_id": run_id}
-    summary = {"exit_code": 0, "step": step, "run_id": run_id, "run_dir": str(run_dir),
-               "checkpoint": str(ckpt_root / last_ckpt),
-               "samples": str(run_dir / "samples" / f"step_{step:08d}.png"),
-               "tracking_uri": tracker.uri, "tracking_ok": delivered,
-               "fid": last_fid["value"]}
-    log(f"done: {t.steps} steps; checkpoint {summary['checkpoint']}; samples {summary['samples']}"
-        + (f"; MLflow run {run_id}: {ui_command(tracker.uri)}" if tracker.enabled else ""))
-    return summary
+            export_dir = export_weights(self.ckpt_root / self.last_ckpt, self.run_dir / "export")
+            self.tracker.log_artifact(export_dir, "model")
+
+    def _summary(self, delivered: bool) -> dict:
+        from .tracking import ui_command
+        summary = {"exit_code": 0, "step": self.step, "run_id": self.run_id,
+                   "run_dir": str(self.run_dir), "checkpoint": str(self.ckpt_root / self.last_ckpt),
+                   "samples": str(self.run_dir / "samples" / f"step_{self.step:08d}.png"),
+                   "tracking_uri": self.tracker.uri, "tracking_ok": delivered,
+                   "fid": self.last_fid["value"]}
+        self.log(f"done: {self.t.steps} steps; checkpoint {summary['checkpoint']}; samples "
+                 f"{summary['samples']}" + (f"; MLflow run {self.run_id}: "
+                                            f"{ui_command(self.tracker.uri)}"
+                                            if self.tracker.enabled else ""))
+        return summary
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signum
+
+    def run(self) -> dict:
+        from tqdm import tqdm
+        self._build()
+        self._restore()
+        self._start_tracking()
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.bar = tqdm(total=self.t.steps, initial=self.step, unit="step", desc=self.t.stage,
+                        dynamic_ncols=True, file=sys.stderr,
+                        disable=not (dist.is_main() and sys.stderr.isatty()))
+        status, code, message = "FINISHED", 0, ""
+        try:
+            self._loop()
+            self._finish()
+        except TrainingStopped as e:
+            status = "KILLED" if e.code != EXIT_NONFINITE else "FAILED"
+            code, message = e.code, str(e)
+        finally:
+            self.bar.close()
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            self.loader.close()
+        delivered = self.tracker.finish(status)
+        if code:
+            self.log(message, file=sys.stderr)
+            return {"exit_code": code, "step": self.step, "run_id": self.run_id}
+        return self._summary(delivered)
 
 
-def _nonfinite_message(step: int, last_ckpt: str | None, root: Path) -> str:
-    where = f"{root / last_ckpt}" if last_ckpt else "none was written yet"
-    return (f"non-finite loss (NaN/Inf) detected by step {step}; stopped without saving. The "
-            f"last good checkpoint: {where}. Lower optim.lr, raise optim.warmup_steps or use "
-            f"train.precision=fp16 (which skips overflowing steps), then `--resume auto`.")
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("deepspeed", "mlflow", "pywt", "numpy"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # a missing optional package is simply not reported
+            pass
+    try:
+        import nvidia.dali
+        out["nvidia-dali"] = nvidia.dali.__version__
+    except ImportError:
+        pass
+    return out

@@ -1,9 +1,6 @@
-"""Offline preprocessing: raw images -> Haar-DWT WebDataset shards (format version 1).
+"""Offline preprocessing: raw images -> Haar-DWT WebDataset shards (the format is ``maskdm.shardformat``).
 
-Modules: ``images`` (decode, validate, crop/resize), ``haar`` (lossless float16 Haar),
-``procedural`` (the built-in face-like image set), ``sources`` (what to read), ``tarfmt``
-(deterministic tar + DALI index), ``manifest`` (the dataset contract), ``shard`` (the resumable job),
-``verify`` and ``preview``.
+Modules: ``images`` (decode, validate, crop/resize), ``procedural`` (the built-in face-like image
+set), ``sources`` (what to read), ``shard_job`` (the resumable ``maskdm shard`` job), ``verify``
+(``--verify``), ``preview`` and ``cli``.
 """
-
-FORMAT_VERSION = 1

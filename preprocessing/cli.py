@@ -103,7 +103,7 @@ def run_shard(args) -> int:
             kind = "folder"
     if kind != "procedural" and not os.path.exists(src):
         raise SystemExit(f"error: source {src} does not exist")
-    from .shard import ShardJobError, ShardOptions, run
+    from .shard_job import ShardJobError, ShardOptions, run
     from .sources import SourceError
     opts = ShardOptions(
         src=src, out=out, source=kind, size=args.size, encoding=args.encoding,
@@ -136,7 +136,8 @@ def add_inspect_parser(sub) -> None:
 
 
 def run_inspect(args) -> int:
-    from .manifest import DatasetError, load_manifest
+    from maskdm.shardformat.manifest import DatasetError, load_manifest
+
     from .preview import summary, write_preview
     try:
         m = load_manifest(args.dir)

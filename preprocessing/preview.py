@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import haar
+from maskdm.shardformat import haar
+from maskdm.shardformat.manifest import ShardManifest, load_manifest
+from maskdm.shardformat.reader import ShardReader
+
 from .images import decode_jpeg
-from .manifest import ShardManifest, load_manifest
-from .tarfmt import parse_index, sample_key
 
 
 def summary(m: ShardManifest, directory: str | Path) -> str:
@@ -50,24 +51,14 @@ def sample_image(data: dict[str, bytes], image_size: int) -> np.ndarray:
 
 def read_samples(directory: str | Path, m: ShardManifest, n: int, seed: int | None = None):
     """Yield (key, uint8 [H, W, 3]) for ``n`` samples: the first ones, or a seeded random pick."""
-    directory = Path(directory)
-    where = [(si, j) for si, s in enumerate(m.shards) for j in range(s.samples)]
+    reader = ShardReader(directory, m)
+    where = [(s, j) for s in range(len(reader.used)) for j in range(reader.order_sizes[s])]
     if seed is not None:
         pick = np.random.default_rng(seed).choice(len(where), size=min(n, len(where)), replace=False)
         where = [where[i] for i in sorted(pick)]
-    where = where[:n]
-    indexes = {}
-    for si, j in where:
-        shard = m.shards[si]
-        if si not in indexes:
-            indexes[si] = parse_index((directory / shard.index).read_text(), shard.index)
-        sample = indexes[si][j]
-        comps = {c.ext: c for c in sample}
-        c = comps["dwt16"] if "dwt16" in comps else comps["jpg"]
-        with open(directory / shard.name, "rb") as f:
-            f.seek(c.offset)
-            data = {c.ext: f.read(c.size)}
-        yield sample_key(sample), sample_image(data, m.image_size)
+    for s, j in where[:n]:
+        key, data = reader.read_at(s, j)
+        yield key, sample_image(data, m.image_size)
 
 
 def grid(images: list[np.ndarray], min_tile: int = 96) -> np.ndarray:

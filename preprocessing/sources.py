@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import Skip, read_file
 from . import procedural
+from .images import Skip, read_file
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif",
               ".ppm", ".pgm", ".pnm"}

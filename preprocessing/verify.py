@@ -17,11 +17,12 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import haar
-from .fsutil import sha256_file
+from maskdm.shardformat import haar
+from maskdm.shardformat.fsutil import sha256_file
+from maskdm.shardformat.manifest import SKIPPED, DatasetError, ShardEntry, load_manifest
+from maskdm.shardformat.tarfmt import BadIndex, parse_index, sample_key, scan_tar
+
 from .images import decode_jpeg
-from .manifest import SKIPPED, DatasetError, ShardEntry, load_manifest
-from .tarfmt import BadIndex, parse_index, sample_key, scan_tar
 
 
 @dataclass

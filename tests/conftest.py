@@ -28,7 +28,7 @@ def noise_image(seed: int, h: int, w: int) -> np.ndarray:
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> Path:
     """A small procedural dwt16 shard set (32 px, 3 shards), shared read-only by many tests."""
-    from preprocessing.shard import ShardOptions, run
+    from maskdm.preprocessing.shard_job import ShardOptions, run
     out = tmp_path_factory.mktemp("shards") / "procedural32"
     run(ShardOptions(src="procedural", out=str(out), source="procedural", size=32, count=150,
                      samples_per_shard=50, workers=1, keep_jpeg=True), progress=False,
@@ -38,7 +38,7 @@ def demo_shards(tmp_path_factory) -> Path:
 
 def shard_set(tmp_path: Path, name: str, **kw) -> Path:
     """Shard the procedural set into ``tmp_path/name`` with options ``kw`` (in-process)."""
-    from preprocessing.shard import ShardOptions, run
+    from maskdm.preprocessing.shard_job import ShardOptions, run
     out = tmp_path / name
     opts = dict(src="procedural", out=str(out), source="procedural", size=32, count=60,
                 samples_per_shard=25, workers=1)
@@ -53,8 +53,9 @@ def standin_inception(tmp_path_factory) -> Path:
     seeded random weights, batch norms calibrated on procedural faces so the features are well
     scaled. Lets every FID code path run without the real (downloaded) weights."""
     import torch
-    from pipeline.eval.inception import FIDInception
-    from preprocessing.procedural import render
+
+    from maskdm.pipeline.eval.inception import FIDInception
+    from maskdm.preprocessing.procedural import render
     torch.manual_seed(1234)
     net = FIDInception()
     for m in net.modules():

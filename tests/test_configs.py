@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from pipeline.cli import main as cli
-from pipeline.config import ConfigError, deepspeed_config, load_config
+from maskdm.pipeline.cli import main as cli
+from maskdm.pipeline.config import ConfigError, deepspeed_config, load_config
 from tests.conftest import ROOT
 
 RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not p.name.startswith("_"))

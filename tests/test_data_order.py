@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.data.order import StreamOrder, rank_positions
+from maskdm.pipeline.data.order import StreamOrder, rank_positions
 
 SHARDINGS = [(10,), (7, 5, 13, 1), (4, 4, 4, 4, 4, 4), (3, 9, 2, 11, 6)]
 
@@ -79,3 +79,18 @@ def test_flips_are_deterministic_and_balanced():
     assert np.array_equal(f, StreamOrder((100,), 0).flips(np.arange(10000)))
     assert 0.45 < f.mean() < 0.55
     assert not np.array_equal(f, StreamOrder((100,), 1).flips(np.arange(10000)))
+
+
+def test_one_hash_for_every_stream():
+    """``mix`` is one function for scalars and arrays; full 64-bit seeds are used (no
+    truncation to 32 bits); flip coins are fair and differ between seeds."""
+    from maskdm.pipeline.randomness import flip_coins, mix
+
+    xs = np.arange(1000, dtype=np.uint64)
+    assert [mix(7, 3, int(x)) for x in xs[:50]] == mix(7, 3, xs)[:50].tolist()
+    assert mix(1, 2) != mix(2, 1)
+    big = 2**32 + 5
+    assert not np.array_equal(StreamOrder([50, 50], 5).epoch(0), StreamOrder([50, 50], big).epoch(0))
+    coins = flip_coins(0, np.arange(20000))
+    assert abs(coins.mean() - 0.5) < 0.02
+    assert 0.45 < (coins == flip_coins(1, np.arange(20000))).mean() < 0.55

@@ -12,7 +12,7 @@ from tests.test_train import _env
 
 def test_quick_demo_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--quick", "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "maskdm", "demo", "--quick", "--out", str(out)],
                        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for stage in ("1/4 shard", "2/4 pre-train", "3/4 fine-tune", "4/4 sample"):
@@ -34,7 +34,7 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert client.get_metric_history(pre.info.run_id, "loss")
 
     # a second run resumes: nothing is retrained
-    r2 = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--quick", "--out", str(out)],
+    r2 = subprocess.run([sys.executable, "-m", "maskdm", "demo", "--quick", "--out", str(out)],
                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     assert "(0 written now, 64 already there)" in r2.stdout

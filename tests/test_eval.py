@@ -19,9 +19,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.cli import main as cli
-from pipeline.eval.fid import Accumulator, FIDStats, frechet_distance
-from pipeline.eval.inception import WEIGHTS_FILE, WEIGHTS_SHA256_PREFIX, MissingWeights, load_inception
+from maskdm.pipeline.cli import main as cli
+from maskdm.pipeline.eval.fid import Accumulator, FIDStats, frechet_distance
+from maskdm.pipeline.eval.inception import (
+    WEIGHTS_FILE,
+    WEIGHTS_SHA256_PREFIX,
+    MissingWeights,
+    load_inception,
+)
 from tests.conftest import ROOT, shard_set
 from tests.test_train import _env, _port, run_train
 
@@ -31,9 +36,9 @@ def pixels(folder: Path) -> dict[str, np.ndarray]:
 
 
 def sample_cmd(src: Path, out: Path, *extra: str, ranks: int = 1) -> list[str]:
-    head = [sys.executable, "-m", "pipeline.cli"] if ranks == 1 else \
+    head = [sys.executable, "-m", "maskdm"] if ranks == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-         "--master_port", _port(), "-m", "pipeline.cli"]
+         "--master_port", _port(), "-m", "maskdm"]
     return head + ["sample", "--ckpt", str(src), "--num-images", "6", "--batch", "4",
                    "--steps", "5", "--out", str(out), *extra]
 
@@ -47,7 +52,7 @@ def export_dir(tmp_path_factory) -> Path:
     """An export folder of a randomly initialised tiny DWT model (32 px images)."""
     from safetensors.torch import save_file
 
-    from model import ModelConfig, build_model
+    from maskdm.model import ModelConfig, build_model
     mcfg = ModelConfig(preset="tiny", in_channels=12, input_size=16, patch_size=2,
                        attention="sdpa").resolved()
     torch.manual_seed(0)
@@ -147,8 +152,8 @@ def test_accumulator_matches_numpy_and_merges_across_pieces():
 
 
 def test_fid_is_zero_for_a_set_against_itself_and_grows_with_noise(standin_inception):
-    from pipeline.eval.fid import features
-    from preprocessing.procedural import render
+    from maskdm.pipeline.eval.fid import features
+    from maskdm.preprocessing.procedural import render
     net, fid_id = load_inception(standin_inception)
     assert fid_id.startswith("inception-custom-")
     clean = [render(7, i, 32) for i in range(40)]
@@ -193,9 +198,9 @@ def test_missing_or_wrong_weights_give_the_documented_error(tmp_path, monkeypatc
 # ----------------------------------------------------------------------------- FID commands
 
 def test_fid_stats_and_fid_commands(standin_inception, tmp_path, capsys):
-    from pipeline.eval.fid import stats_path
-    from preprocessing.manifest import load_manifest
-    from preprocessing.preview import read_samples
+    from maskdm.pipeline.eval.fid import stats_path
+    from maskdm.preprocessing.preview import read_samples
+    from maskdm.shardformat.manifest import load_manifest
     w = ["--inception-weights", str(standin_inception), "--batch", "16"]
     shards = shard_set(tmp_path, "ref", count=40, samples_per_shard=16)
     assert cli(["fid-stats", str(shards), *w]) == 0

@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from model import dwt as tdwt
-from pipeline.data.loader import Loader
-from pipeline.data.shards import SampleError
-from preprocessing import haar
-from preprocessing.manifest import load_manifest
-from preprocessing.tarfmt import format_index, parse_index
+from maskdm.model import dwt as tdwt
+from maskdm.pipeline.data.loader import Loader
+from maskdm.shardformat import haar
+from maskdm.shardformat.manifest import load_manifest
+from maskdm.shardformat.reader import SampleError
+from maskdm.shardformat.tarfmt import format_index, parse_index
 from tests.conftest import shard_set
-
 
 
 def _has_dali() -> bool:
@@ -138,8 +137,9 @@ def test_pixel_space(dwt_set):
 
 def test_labels_flow_through(tmp_path):
     from PIL import Image
-    from preprocessing.procedural import render
-    from preprocessing.shard import ShardOptions, run
+
+    from maskdm.preprocessing.procedural import render
+    from maskdm.preprocessing.shard_job import ShardOptions, run
     for ident in ("a", "b"):
         d = tmp_path / "vgg" / "train" / ident
         d.mkdir(parents=True)
@@ -199,7 +199,7 @@ def test_damaged_dwt_samples_are_replaced_and_counted(dwt_set, tmp_path, backend
         _edit_index(shards, 1, lambda e: [c for c in e if c.ext != "dwt16"])
         expected_bad = 1
     else:
-        from preprocessing.tarfmt import Component
+        from maskdm.shardformat.tarfmt import Component
         _edit_index(shards, 1, lambda e: [Component(c.ext, c.offset, c.size - 2, c.name)
                                           if c.ext == "dwt16" else c for c in e])
         expected_bad = 1

@@ -7,14 +7,13 @@ import pytest
 import pywt
 import torch
 
-from model import ModelConfig, build_model
-from model import dwt as tdwt
-from model.diffusion import GaussianDiffusion
-from model.masks import MaskSpec, MaskSpecError, block, crop, patch, sample_keep_idx
-from model.objective import DiffusionObjective
-from model.rng import draw_step
-from preprocessing import haar
-
+from maskdm.model import ModelConfig, build_model
+from maskdm.model import dwt as tdwt
+from maskdm.model.diffusion import GaussianDiffusion
+from maskdm.model.masks import MaskSpec, MaskSpecError, block, crop, patch, sample_keep_idx
+from maskdm.model.objective import DiffusionObjective
+from maskdm.pipeline.randomness import draw_step
+from maskdm.shardformat import haar
 
 # ----------------------------------------------------------------------------- masks
 
@@ -163,7 +162,8 @@ class _Net(torch.nn.Module):
 
 def _tiny_dwt(size=8):
     torch.manual_seed(0)
-    return build_model(ModelConfig(preset="tiny", input_size=size, patch_size=2, attention="sdpa"))
+    return build_model(ModelConfig(preset="tiny", in_channels=12, input_size=size, patch_size=2,
+                                   attention="sdpa"))
 
 
 def test_ddim_eta0_deterministic_and_seeds_are_per_sample():
@@ -221,7 +221,7 @@ def test_msm_loss_only_sees_visible_patches():
 
 def test_tiny_model_learns_and_samples_move_toward_data():
     """A few hundred CPU steps of DSM on 4 images: loss drops clearly, samples approach the data."""
-    from preprocessing.procedural import render
+    from maskdm.preprocessing.procedural import render
     imgs = torch.stack([torch.from_numpy(render(0, i, 16)).permute(2, 0, 1) for i in range(4)])
     data = tdwt.model_from_image(imgs)  # [4, 12, 8, 8]
     d = GaussianDiffusion("cosine", 1000)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import ModelConfig, build_model
-from model.masks import block, patch, sample_keep_idx
-from model.uvit import gather_tokens, patchify, unpatchify
+from maskdm.model import ModelConfig, build_model
+from maskdm.model.masks import block, patch, sample_keep_idx
+from maskdm.model.uvit import gather_tokens, patchify, unpatchify
 
 
 def _tiny(**kw) -> torch.nn.Module:
@@ -113,14 +113,17 @@ def test_weight_decay_exclusions():
 
 
 def test_bad_model_configs_are_rejected():
+    io = dict(in_channels=12, input_size=8)
     with pytest.raises(ValueError, match="divisible by model.heads"):
-        ModelConfig(preset="tiny", dim=130).resolved()
+        ModelConfig(preset="tiny", dim=130, **io).resolved()
     with pytest.raises(ValueError, match="unknown"):
-        ModelConfig(preset="MaskDM-XXL").resolved()
+        ModelConfig(preset="MaskDM-XXL", **io).resolved()
     with pytest.raises(ValueError, match="model.attention"):
-        ModelConfig(preset="tiny", attention="flash").resolved()
+        ModelConfig(preset="tiny", attention="flash", **io).resolved()
+    with pytest.raises(ValueError, match="input_size must be set"):
+        ModelConfig(preset="tiny").resolved()
     with pytest.raises(RuntimeError, match="xformers"):
-        build_model(ModelConfig(preset="tiny", attention="xformers"), device="cpu")
+        build_model(ModelConfig(preset="tiny", attention="xformers", **io), device="cpu")
 
 
 def test_gather_tokens():
@@ -161,7 +164,7 @@ def test_xformers_and_sdpa_agree_on_gpu():
 @requires_cuda
 def test_bf16_forward_close_to_fp32_on_gpu():
     torch.manual_seed(0)
-    net = build_model(ModelConfig(preset="tiny", input_size=32, attention="sdpa"), device="cuda")
+    net = build_model(ModelConfig(preset="tiny", in_channels=12, input_size=32, attention="sdpa"), device="cuda")
     x = torch.randn(2, 12, 32, 32, device="cuda")
     t = torch.tensor([10, 900], device="cuda")
     with torch.no_grad():

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocessing import haar
-from preprocessing.manifest import load_manifest
-from preprocessing.procedural import render
-from preprocessing.shard import ShardOptions, run
-from preprocessing.verify import verify
+from maskdm.preprocessing.procedural import render
+from maskdm.preprocessing.shard_job import ShardOptions, run
+from maskdm.preprocessing.verify import verify
+from maskdm.shardformat import haar
+from maskdm.shardformat.manifest import load_manifest
 
 SIZE = 32
 
@@ -134,7 +134,7 @@ def test_unreadable_file(messy):
 
 
 def test_good_images_all_present_and_correct(messy):
-    from preprocessing.images import prepare
+    from maskdm.preprocessing.images import prepare
     for name, arr in messy["good"].items():
         assert name in messy["samples"]
         data = (messy["src"] / name).read_bytes()
@@ -213,7 +213,7 @@ def test_vggface2_labels_and_bboxes(tmp_path):
 
 
 def test_bad_bbox_csv_is_a_clear_error(tmp_path):
-    from preprocessing.sources import SourceError
+    from maskdm.preprocessing.sources import SourceError
     root = tmp_path / "vgg" / "train" / "n000001"
     root.mkdir(parents=True)
     Image.fromarray(render(0, 0, 40)).save(root / "0001_01.jpg")

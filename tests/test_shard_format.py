@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocessing import haar
-from preprocessing.manifest import load_manifest
-from preprocessing.shard import ShardJobError, ShardOptions, run
-from preprocessing.tarfmt import parse_index, scan_tar
-from preprocessing.verify import verify
+from maskdm.preprocessing.shard_job import ShardJobError, ShardOptions, run
+from maskdm.preprocessing.verify import verify
+from maskdm.shardformat import haar
+from maskdm.shardformat.manifest import load_manifest
+from maskdm.shardformat.tarfmt import parse_index, scan_tar
 from tests.conftest import noise_image, shard_set
 
 
@@ -165,7 +165,7 @@ def test_verify_catches_damage(tmp_path, damage):
 
 
 def test_verify_cli_exit_code_and_report(tmp_path, capsys):
-    from pipeline.cli import main
+    from maskdm.pipeline.cli import main
     out = shard_set(tmp_path, "s", count=30, samples_per_shard=15)
     assert main(["shard", "--verify", str(out), "--quiet"]) == 0
     tar = out / "shard-000000.tar"

@@ -15,7 +15,7 @@ ARGS = ["--size", "64", "--count", "480", "--samples-per-shard", "40", "--worker
 
 
 def _cmd(out: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "shard", "procedural", str(out), *ARGS]
+    return [sys.executable, "-m", "maskdm", "shard", "procedural", str(out), *ARGS]
 
 
 def _run(out: Path) -> subprocess.CompletedProcess:
@@ -68,6 +68,6 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
     assert _snapshot(victim) == _snapshot(reference)
     leftovers = [p.name for p in victim.iterdir() if ".tmp-" in p.name or p.name == ".progress"]
     assert leftovers == []
-    verify = subprocess.run([sys.executable, "-m", "pipeline.cli", "shard", "--verify",
+    verify = subprocess.run([sys.executable, "-m", "maskdm", "shard", "--verify",
                              str(victim), "--quiet"], cwd=ROOT, capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout

@@ -39,10 +39,10 @@ def _port() -> str:
 def train_cmd(shards: Path, run_dir: Path, *sets: str, ranks: int = 1, resume: str | None = None,
               config: str = CONFIG) -> list[str]:
     if ranks == 1:
-        head = [sys.executable, "-m", "pipeline.cli"]
+        head = [sys.executable, "-m", "maskdm"]
     else:
         head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                "--master_port", _port(), "-m", "pipeline.cli"]
+                "--master_port", _port(), "-m", "maskdm"]
     cmd = head + ["train", "--config", config, "--set", f"data.shards={shards}",
                   "--set", f"train.run_dir={run_dir}"]
     for s in sets:
@@ -172,7 +172,7 @@ def test_pretrain_then_finetune_and_a_mismatched_checkpoint(shards, tmp_path):
     (["train.steps=abc"], {}, "train.steps must be an integer"),
 ])
 def test_bad_configs_fail_before_training(shards, tmp_path, capsys, sets, env, message):
-    from pipeline.cli import main
+    from maskdm.pipeline.cli import main
     args = ["train", "--config", CONFIG, "--set", f"data.shards={shards}",
             "--set", f"train.run_dir={tmp_path / 'r'}"]
     for s in sets:

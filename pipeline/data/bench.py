@@ -32,10 +32,11 @@ def _sync(device) -> None:
 
 def raw_rate(reader, batch: int, n_batches: int) -> tuple[float, float]:
     """One core doing exactly a worker's job (read + decode into a batch), no loader: img/s, MB/s."""
+    from .order import StreamOrder
     from .torch_loader import RankStream
     stream = RankStream(reader, seed=0, start=0, global_batch=batch, rank=0, world_size=1,
                         hflip=True, strict=False)
-    order = reader.order(0)
+    order = StreamOrder(reader.order_sizes, 0)
     stream.load(0, order)
     t0 = time.perf_counter()
     for k in range(1, n_batches + 1):
@@ -55,9 +56,11 @@ def run_one(shards: str, backend: str, workers: int, batch: int, batches: int, d
             step_ms: float, raw_only: bool = False) -> dict:
     """Time ``batches`` batches; ``raw_only``: the backend's batches as they reach the training
     process, before the model-space transform (what the workers alone deliver)."""
-    from .loader import Loader
-    from .shards import ShardReader
     import torch
+
+    from maskdm.shardformat.reader import ShardReader
+
+    from .loader import Loader
     reader = ShardReader(shards)
     threads = torch.get_num_threads()
     if device.type == "cpu" and backend == "torch":
@@ -114,8 +117,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import torch
 
+    from maskdm.shardformat.reader import ShardReader
+
     from .dali_loader import dali_available
-    from .shards import ShardReader
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cores = len(os.sched_getaffinity(0))
     backends = args.backends or (["torch", "dali"] if dali_available() else ["torch"])

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from preprocessing.tarfmt import format_index
+from maskdm.shardformat.haar import tensor_shape
+from maskdm.shardformat.reader import SampleError, ShardReader
+from maskdm.shardformat.tarfmt import format_index
 
 from .order import StreamOrder, rank_positions
-from .shards import SampleError, ShardReader
 from .torch_loader import RankStream, replace_bad
 
 log = logging.getLogger("maskdm.data")
@@ -115,7 +116,6 @@ class DaliStream:
 
         gpu = self.device.type == "cuda"
         enc = self.reader.encoding
-        half = self.reader.image_size // 2
         ext = ["dwt16", "json"] if enc == "dwt16" else ["jpg", "json"]
 
         @pipeline_def(batch_size=self.local, num_threads=self.threads,
@@ -127,7 +127,7 @@ class DaliStream:
                 dtypes=[types.FLOAT16 if enc == "dwt16" else types.UINT8, types.UINT8],
                 random_shuffle=False, missing_component_behavior="error", name="reader")
             if enc == "dwt16":
-                data = fn.reshape(data, shape=[12, half, half])
+                data = fn.reshape(data, shape=list(tensor_shape(self.reader.image_size)))
                 if gpu:
                     data = data.gpu()
             else:

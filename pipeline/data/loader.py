@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Literal, get_args
 
 import torch
 
+from maskdm.shardformat.reader import ShardReader
+
 from .batch import Batch
-from .shards import ShardReader
-from .transform import SPACES, to_model_space
+from .transform import SPACES, model_input_shape, to_model_space
 
 log = logging.getLogger("maskdm.data")
-BACKENDS = ("torch", "dali")
+Backend = Literal["torch", "dali"]
+BACKENDS = get_args(Backend)
 
 
 class Loader:
@@ -116,5 +119,4 @@ class Loader:
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        s = self.reader.image_size
-        return (12, s // 2, s // 2) if self.space == "dwt" else (3, s, s)
+        return model_input_shape(self.reader.image_size, self.space)

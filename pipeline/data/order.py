@@ -17,8 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 
-_ORDER_TAG = 0x0D3E5
-_FLIP_TAG = 0xF11B
+from ..randomness import epoch_rng, flip_coins
 
 
 class StreamOrder:
@@ -54,8 +53,7 @@ class StreamOrder:
 
     def flips(self, positions: np.ndarray) -> np.ndarray:
         """Deterministic coin per stream position (horizontal-flip augmentation)."""
-        return (_mix(np.asarray(positions, dtype=np.uint64), self.seed, _FLIP_TAG) >> np.uint64(7)
-                & np.uint64(1)).astype(bool)
+        return flip_coins(self.seed, positions)
 
 
 def rank_positions(start: int, batch_index: int, global_batch: int, rank: int,
@@ -68,7 +66,7 @@ def rank_positions(start: int, batch_index: int, global_batch: int, rank: int,
 
 @lru_cache(maxsize=4)
 def _epoch_order(sizes: tuple[int, ...], seed: int, epoch: int) -> np.ndarray:
-    rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, _ORDER_TAG]))
+    rng = epoch_rng(seed, epoch)
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     parts = []
     for s in rng.permutation(len(sizes)):
@@ -77,11 +75,3 @@ def _epoch_order(sizes: tuple[int, ...], seed: int, epoch: int) -> np.ndarray:
     order.setflags(write=False)
     return order
 
-
-def _mix(x: np.ndarray, seed: int, tag: int) -> np.ndarray:
-    """splitmix64 of (x, seed, tag), vectorised (uint64 arithmetic wraps, as intended)."""
-    with np.errstate(over="ignore"):
-        h = x * np.uint64(0x9E3779B97F4A7C15) ^ np.uint64((seed * 0x100000001B3 + tag) & (2**64 - 1))
-        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return h ^ (h >> np.uint64(31))

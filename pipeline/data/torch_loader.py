@@ -15,17 +15,18 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .order import rank_positions
-from .shards import SampleError, ShardReader
+from maskdm.shardformat.haar import tensor_shape
+from maskdm.shardformat.reader import SampleError, ShardReader
+
+from .order import StreamOrder, rank_positions
 
 
 def decode_sample(reader: ShardReader, key: str, comps: dict[str, bytes]):
     """(array, label) of one sample; raises SampleError naming the damage."""
     if reader.encoding == "dwt16":
-        half = reader.image_size // 2
         raw = comps["dwt16"]
         arr = raw if isinstance(raw, np.ndarray) else \
-            np.frombuffer(raw, dtype="<f2").reshape(12, half, half)
+            np.frombuffer(raw, dtype="<f2").reshape(tensor_shape(reader.image_size))
         # NaN/Inf have all five float16 exponent bits set; integer test is 10x faster than isfinite
         if (arr.view(np.uint16) & 0x7C00).max() >= 0x7C00:
             raise SampleError(f"{key}: dwt16 holds NaN/Inf")
@@ -72,7 +73,7 @@ class RankStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         w, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        order = self.reader.order(self.seed)
+        order = StreamOrder(self.reader.order_sizes, self.seed)
         k = self.first_batch + w
         while True:
             yield self.load(k, order)
@@ -80,23 +81,23 @@ class RankStream(IterableDataset):
 
     def load(self, k: int, order) -> dict:
         positions = rank_positions(self.start, k, self.global_batch, self.rank, self.world_size)
-        ids = order.ids_at(positions)
-        n = len(ids)
+        shards, js = order.locate(order.ids_at(positions))
+        n = len(shards)
         reader = self.reader
-        shape = ((n, 12, reader.image_size // 2, reader.image_size // 2)
-                 if reader.encoding == "dwt16" else (n, reader.image_size, reader.image_size, 3))
+        shape = ((n, *tensor_shape(reader.image_size)) if reader.encoding == "dwt16"
+                 else (n, reader.image_size, reader.image_size, 3))
         out = torch.empty(shape, dtype=torch.float16 if reader.encoding == "dwt16" else torch.uint8)
         if get_worker_info() is not None:
             out.share_memory_()  # filled in place, then handed to the main process without a copy
         buf = out.numpy()
         labels, keys, bad = [], [], {}
-        for i, sid in enumerate(ids):
+        for i, (s, j) in enumerate(zip(shards.tolist(), js.tolist())):
             try:
                 if reader.encoding == "dwt16":
-                    key, meta = reader.read_dwt_into(int(sid), order, buf[i])
+                    key, meta = reader.read_dwt_into(s, j, buf[i])
                     arr, label = decode_sample(reader, key, {"dwt16": buf[i], "json": meta})
                 else:
-                    key, comps = reader.read(int(sid), order)
+                    key, comps = reader.read_at(s, j)
                     arr, label = decode_sample(reader, key, comps)
                     buf[i] = arr
             except (SampleError, OSError) as e:

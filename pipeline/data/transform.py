@@ -7,11 +7,21 @@ per-sample horizontal flip in the DWT domain, and optionally the switch to pixel
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
-from model import dwt as tdwt
+from maskdm.model import dwt as tdwt
+from maskdm.shardformat.haar import tensor_shape
 
-SPACES = ("dwt", "pixel")
+Space = Literal["dwt", "pixel"]
+SPACES = get_args(Space)
+
+
+def model_input_shape(image_size: int, space: str) -> tuple[int, int, int]:
+    """(C, H, W) of one model-space sample of an ``image_size`` image: the stored Haar subbands
+    (dwt) or the image (pixel)."""
+    return tensor_shape(image_size) if space == "dwt" else (3, image_size, image_size)
 
 
 def to_model_space(data: torch.Tensor, encoding: str, flips: torch.Tensor | None,

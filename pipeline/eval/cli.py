@@ -77,14 +77,15 @@ def _add_common(p) -> None:
 
 
 def run_sample(args) -> int:
-    from pipeline import dist
-    from pipeline.checkpoint import CheckpointError
-    from .sample import SampleError, load_generator, sample_to_dir
+    from maskdm.pipeline import dist
+    from maskdm.pipeline.checkpoint import CheckpointError
+
+    from .sample_folder import SampleError, load_sampling_model, sample_to_dir
     try:
         device = dist.setup_env(args.device)
         if dist_world() > 1:
             dist.init(device)
-        gen = load_generator(args.ckpt, weights=args.weights, device=device)
+        gen = load_sampling_model(args.ckpt, weights=args.weights, device=device)
         dist.print0(f"sampling {args.n} images from {gen.source} (step {gen.step}, "
                     f"{args.weights} weights, {gen.mcfg.preset}) with {args.sampler} "
                     f"{args.steps} steps, eta {args.eta}, seed {args.seed}, on "
@@ -102,8 +103,8 @@ def run_sample(args) -> int:
 
 
 def dist_world() -> int:
-    import os
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    from ..dist import launch_world_size
+    return launch_world_size()
 
 
 def _net(args):
@@ -120,6 +121,7 @@ def _net(args):
 
 def run_fid_stats(args) -> int:
     from pathlib import Path
+
     from .fid import FIDError, shard_stats, stats_path
     from .inception import MissingWeights
     try:
@@ -159,6 +161,6 @@ def run_fid(args) -> int:
     print(f"FID-{gen.n}: {value:.3f}  (samples {gen.source}; reference {ref.source}, "
           f"{ref.n} images; features {feature_id})")
     if args.json:
-        from preprocessing.fsutil import atomic_write_json
+        from maskdm.shardformat.fsutil import atomic_write_json
         atomic_write_json(args.json, result)
     return 0

@@ -22,8 +22,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from pipeline import dist
-from preprocessing.fsutil import atomic_write_bytes
+from maskdm.pipeline import dist
+from maskdm.shardformat.fsutil import atomic_write_bytes
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -216,8 +216,8 @@ def stats_path(shards: str | os.PathLike, feature_id: str) -> Path:
 def shard_batches(reader, batch: int, rank: int = 0, world: int = 1,
                   skipped: list | None = None, limit: int | None = None):
     """Uint8 images of a shard folder in storage order; rank r takes samples r, r+world, ..."""
-    from pipeline.data.shards import SampleError
-    from preprocessing.preview import sample_image
+    from maskdm.preprocessing.preview import sample_image
+    from maskdm.shardformat.reader import SampleError
     buf, pos = [], 0
     for s in range(len(reader.used)):
         for j in range(reader.shard_entry(s).samples):
@@ -244,8 +244,8 @@ def shard_batches(reader, batch: int, rank: int = 0, world: int = 1,
 def shard_stats(net, feature_id: str, shards, *, batch: int, device, rank: int = 0,
                 world: int = 1, limit: int | None = None, progress: bool = True) -> FIDStats:
     """Reference statistics of a shard folder (collective when ``world`` > 1)."""
-    from pipeline.data.shards import SampleError, ShardReader
-    from preprocessing.manifest import DatasetError
+    from maskdm.shardformat.manifest import DatasetError
+    from maskdm.shardformat.reader import SampleError, ShardReader
     try:
         reader = ShardReader(shards)
     except (DatasetError, SampleError) as e:

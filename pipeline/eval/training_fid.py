@@ -11,7 +11,15 @@ from pathlib import Path
 import torch
 
 from .. import dist
-from .fid import Accumulator, FIDError, FIDStats, features, frechet_distance, shard_stats, stats_path
+from .fid import (
+    Accumulator,
+    FIDError,
+    FIDStats,
+    features,
+    frechet_distance,
+    shard_stats,
+    stats_path,
+)
 from .inception import MissingWeights, find_weights, load_inception
 
 
@@ -69,14 +77,14 @@ class TrainingFID:
     @torch.no_grad()
     def __call__(self, weights: dict[str, torch.Tensor], step: int, autocast_dtype=None):
         """Collective: every rank passes the full EMA weights. -> FID on rank 0, else None."""
-        from ..sampling import model_from_weights
-        from .sample import Generator, draw
+        from ..weights import model_from_weights
+        from .sample_folder import SamplingModel, draw
         e = self.cfg.eval
         if self.generator is None:
             net = model_from_weights(self.mcfg, weights, self.device)
             space = self.cfg.data.space
             size = self.mcfg.input_size * (2 if space == "dwt" else 1)
-            self.generator = Generator(net, self.mcfg, self.diffusion, space, size, "training",
+            self.generator = SamplingModel(net, self.mcfg, self.diffusion, space, size, "training",
                                        step, "ema")
         else:
             self.generator.net.load_state_dict(weights)

@@ -1,4 +1,5 @@
-"""Sampling helpers shared by training (sample grids), ``maskdm sample`` and FID."""
+"""Model-space samples -> images: batched seeded sampling, uint8 conversion and grids (used by the
+training-time sample grids, ``maskdm sample`` and FID)."""
 
 from __future__ import annotations
 
@@ -7,37 +8,9 @@ import math
 import numpy as np
 import torch
 
-from model import ModelConfig, build_model
-from model import dwt as tdwt
-from model.diffusion import GaussianDiffusion
-
-
-def model_from_weights(mcfg: ModelConfig, weights: dict[str, torch.Tensor], device) -> torch.nn.Module:
-    """An eval-mode fp32 model holding ``weights`` (strict key and shape match)."""
-    net = build_model(mcfg, device=device)
-    load_strict(net, weights, "weights")
-    return net.eval()
-
-
-def load_strict(net: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that lists every mismatch."""
-    own = net.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    shapes = [f"{k}: {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} ({', '.join(missing[:6])}{'...' if len(missing) > 6 else ''})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} ({', '.join(unexpected[:6])}"
-                         f"{'...' if len(unexpected) > 6 else ''})")
-        if shapes:
-            parts.append(f"shape mismatches: {'; '.join(shapes[:6])}")
-        raise RuntimeError(f"{where} do not fit this model: {'; '.join(parts)}. The checkpoint "
-                           f"was trained with another architecture, image size or data space.")
-    net.load_state_dict(weights, strict=True)
+from maskdm.model import ModelConfig
+from maskdm.model import dwt as tdwt
+from maskdm.model.diffusion import GaussianDiffusion
 
 
 def to_images(x: torch.Tensor, space: str) -> np.ndarray:

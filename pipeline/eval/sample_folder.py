@@ -1,6 +1,6 @@
 """``maskdm sample``: a trained model -> a folder of PNGs, sharded across ranks and resumable.
 
-Image ``i`` is drawn from the seed ``mix_seed(seed, i)`` and always computed in the same batch
+Image ``i`` is drawn from the seed ``image_seed(seed, i)`` and always computed in the same batch
 (batch ``i // batch``), so a given (model, seed, sampler, steps, eta, batch) produces the same
 pixels whatever the number of ranks. Batches go round-robin to ranks; each PNG is written to a
 temporary name and renamed, so an interrupted run leaves only complete images, and a rerun
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import ModelConfig
-from model.diffusion import GaussianDiffusion
-from model.rng import mix_seed
-from preprocessing.fsutil import atomic_write_bytes, atomic_write_json, remove_stale_tmp
+from maskdm.model import ModelConfig
+from maskdm.model.diffusion import GaussianDiffusion
+from maskdm.pipeline.randomness import image_seed
+from maskdm.shardformat.fsutil import atomic_write_bytes, atomic_write_json, remove_stale_tmp
 
 from .. import checkpoint as ckpt
 from .. import dist
@@ -38,7 +38,7 @@ class SampleError(RuntimeError):
 
 
 @dataclass
-class Generator:
+class SamplingModel:
     net: torch.nn.Module
     mcfg: ModelConfig
     diffusion: GaussianDiffusion
@@ -49,9 +49,9 @@ class Generator:
     weights: str  # ema | raw
 
 
-def _raw_weights(src: Path, meta: dict) -> dict[str, torch.Tensor]:
+def _raw_weights(src: Path, meta: ckpt.CheckpointMeta) -> dict[str, torch.Tensor]:
     """The engine's (non-EMA) weights of a DeepSpeed checkpoint, as fp32 on the CPU."""
-    if meta.get("zero_stage", 0) == 0:
+    if meta.zero_stage == 0:
         files = sorted(src.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise SampleError(f"{src} holds no mp_rank_*_model_states.pt")
@@ -62,9 +62,9 @@ def _raw_weights(src: Path, meta: dict) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in state.items()}
 
 
-def load_generator(path: str | os.PathLike, *, weights: str = "ema", device="cpu") -> Generator:
-    """An export folder (``maskdm export``), a checkpoint folder or a run folder -> Generator."""
-    from ..sampling import model_from_weights
+def load_sampling_model(path: str | os.PathLike, *, weights: str = "ema", device="cpu") -> SamplingModel:
+    """An export folder (``maskdm export``), a checkpoint folder or a run folder -> SamplingModel."""
+    from ..weights import model_from_weights
     p = Path(path).expanduser()
     if (p / "config.json").exists() and (p / "model.safetensors").exists():
         if weights != "ema":
@@ -85,24 +85,20 @@ def load_generator(path: str | os.PathLike, *, weights: str = "ema", device="cpu
         else:
             meta = ckpt.read_meta(src)
             state = _raw_weights(src, meta)
-        model_dict, source, step = meta["model"], src.resolve(), meta["step"]
-        space, size, diff = meta["space"], meta["image_size"], meta["config"]["diffusion"]
+        model_dict, source, step = meta.model, src.resolve(), meta.step
+        space, size, diff = meta.space, meta.image_size, meta.diffusion
     mcfg = ModelConfig(**model_dict)
     net = model_from_weights(mcfg, state, device)
-    return Generator(net, mcfg, GaussianDiffusion(diff["schedule"], diff["num_timesteps"]), space,
+    return SamplingModel(net, mcfg, GaussianDiffusion(diff["schedule"], diff["num_timesteps"]), space,
                      size, str(source), int(step), weights)
 
 
-def image_seed(seed: int, index: int) -> int:
-    return mix_seed(seed, index)
-
-
-def draw(gen: Generator, idx: list[int], *, seed: int, sampler: str, steps: int, eta: float,
+def draw(gen: SamplingModel, idx: list[int], *, seed: int, sampler: str, steps: int, eta: float,
          class_label: int | None = None, autocast_dtype=None) -> np.ndarray:
     """Images ``idx`` of the sample set ``seed`` in one batch -> uint8 [len(idx), H, W, 3]. Image
-    i uses the seed ``mix_seed(seed, i)`` and, for conditional models, class ``i % num_classes``
+    i uses the seed ``image_seed(seed, i)`` and, for conditional models, class ``i % num_classes``
     (or ``class_label``)."""
-    from ..sampling import sample_images
+    from .images import sample_images
     nc = gen.mcfg.num_classes
     labels = torch.tensor([class_label if class_label is not None else i % nc for i in idx],
                           dtype=torch.long) if nc else None
@@ -143,14 +139,8 @@ def _prepare_out(out: Path, settings: dict, n: int) -> set[int]:
     return existing(out)
 
 
-def sample_to_dir(gen: Generator, out: str | os.PathLike, n: int, *, seed: int = 0,
-                  sampler: str = "ddim", steps: int = 50, eta: float = 0.0, batch: int = 64,
-                  class_label: int | None = None, precision: str = "auto",
-                  progress: bool = True) -> dict:
-    """Write images ``000000.png .. (n-1).png`` into ``out`` (collective under a launcher)."""
-    out = Path(out)
-    rank, world = dist.rank(), dist.world_size()
-    device = next(gen.net.parameters()).device
+def _check_request(gen: SamplingModel, n: int, steps: int, batch: int,
+                   class_label: int | None) -> None:
     if n < 1 or batch < 1:
         raise SampleError("--n and --batch must be >= 1")
     if not 1 <= steps <= gen.diffusion.num_timesteps:
@@ -159,16 +149,35 @@ def sample_to_dir(gen: Generator, out: str | os.PathLike, n: int, *, seed: int =
     if class_label is not None and not (nc and 0 <= class_label < nc):
         raise SampleError(f"--class {class_label}: the model has "
                           f"{f'{nc} classes (0..{nc - 1})' if nc else 'no class conditioning'}")
+
+
+def _settings(gen: SamplingModel, *, sampler: str, steps: int, eta: float, seed: int, batch: int,
+              precision: str, class_label: int | None) -> dict:
+    """What ``sampling.json`` records: a rerun must match it exactly."""
+    nc = gen.mcfg.num_classes
+    return {"format": "maskdm-samples-v1", "source": gen.source, "step": gen.step,
+            "weights": gen.weights, "sampler": sampler, "steps": steps, "eta": eta,
+            "seed": seed, "batch": batch, "precision": precision,
+            "labels": "none" if not nc else (f"class {class_label}" if class_label is not None
+                                             else "index % num_classes"),
+            "image_size": gen.image_size, "space": gen.space,
+            "seeds": "image i uses image_seed(seed, i)"}
+
+
+def sample_to_dir(gen: SamplingModel, out: str | os.PathLike, n: int, *, seed: int = 0,
+                  sampler: str = "ddim", steps: int = 50, eta: float = 0.0, batch: int = 64,
+                  class_label: int | None = None, precision: str = "auto",
+                  progress: bool = True) -> dict:
+    """Write images ``000000.png .. (n-1).png`` into ``out`` (collective under a launcher)."""
+    out = Path(out)
+    rank, world = dist.rank(), dist.world_size()
+    device = next(gen.net.parameters()).device
+    _check_request(gen, n, steps, batch, class_label)
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-    settings = {"format": "maskdm-samples-v1", "source": gen.source, "step": gen.step,
-                "weights": gen.weights, "sampler": sampler, "steps": steps, "eta": eta,
-                "seed": seed, "batch": batch, "precision": precision,
-                "labels": "none" if not nc else (f"class {class_label}" if class_label is not None
-                                                 else "index % num_classes"),
-                "image_size": gen.image_size, "space": gen.space,
-                "seeds": "image i uses mix_seed(seed, i)"}
+    settings = _settings(gen, sampler=sampler, steps=steps, eta=eta, seed=seed, batch=batch,
+                         precision=precision, class_label=class_label)
     error, done = None, set()
     if rank == 0:
         try:

@@ -29,12 +29,18 @@ from pathlib import Path
 
 import numpy as np
 
-from . import FORMAT_VERSION, haar
-from .fsutil import atomic_write_json, atomic_write_text, remove_stale_tmp, tmp_name
+from maskdm.shardformat import FORMAT_VERSION, haar
+from maskdm.shardformat.fsutil import (
+    atomic_write_json,
+    atomic_write_text,
+    remove_stale_tmp,
+    tmp_name,
+)
+from maskdm.shardformat.manifest import MANIFEST, SKIPPED, ShardEntry, ShardManifest
+from maskdm.shardformat.tarfmt import TarShardWriter, format_index
+
 from .images import DEFAULT_MAX_PIXELS, Skip, decode_jpeg, encode_jpeg, prepare
-from .manifest import MANIFEST, SKIPPED, ShardEntry, ShardManifest
 from .sources import Item, ItemLoader, Source, scan
-from .tarfmt import TarShardWriter, format_index
 
 JOB = ".maskdm-job.json"
 PROGRESS = ".progress"
@@ -284,7 +290,7 @@ def _run_locked(opts: ShardOptions, out: Path, progress: bool, log) -> ShardMani
                 f"{'; the source files changed' if 'inputs_sha256' in diff else ''}). "
                 f"Use a new output folder, or --overwrite to discard it.")
         if (out / MANIFEST).exists():
-            from .manifest import load_manifest
+            from maskdm.shardformat.manifest import load_manifest
             m = load_manifest(out)
             shutil.rmtree(out / PROGRESS, ignore_errors=True)
             log(f"{out}: already complete ({m.num_samples} samples in {len(m.shards)} shards); "

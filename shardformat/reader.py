@@ -14,10 +14,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from preprocessing.manifest import ShardManifest, load_manifest
-from preprocessing.tarfmt import BadIndex, Component, parse_index, sample_key
-
-from .order import StreamOrder
+from .haar import dwt16_nbytes
+from .manifest import ShardManifest, load_manifest
+from .tarfmt import BadIndex, Component, parse_index, sample_key
 
 
 class SampleError(RuntimeError):
@@ -32,7 +31,7 @@ class ShardReader:
         self.encoding = m.encoding
         self.image_size = m.image_size
         self.required = ("dwt16", "json") if m.encoding == "dwt16" else ("jpg", "json")
-        self.dwt_bytes = 12 * (m.image_size // 2) ** 2 * 2
+        self.dwt_bytes = dwt16_nbytes(m.image_size)
         self.excluded: dict[str, str] = {}  # shard name -> why it is left out
         self.used: list[int] = []
         for i, s in enumerate(m.shards):
@@ -71,9 +70,6 @@ class ShardReader:
 
     def shard_entry(self, shard: int):
         return self.manifest.shards[self.used[shard]]
-
-    def order(self, seed: int) -> StreamOrder:
-        return StreamOrder(self.order_sizes, seed)
 
     def tar_path(self, shard: int) -> Path:
         return self.directory / self.shard_entry(shard).name
@@ -123,11 +119,9 @@ class ShardReader:
             self._fds[shard] = os.open(self.tar_path(shard), os.O_RDONLY)
         return self._fds[shard]
 
-    def read_dwt_into(self, sample_id: int, order: StreamOrder, dst) -> tuple[str, bytes]:
-        """Read a sample's dwt16 tensor straight into ``dst`` (a writable buffer of the right
-        size, e.g. a row of a shared-memory batch); returns (key, json bytes)."""
-        shard, j = order.locate(sample_id)
-        shard, j = int(shard), int(j)
+    def read_dwt_into(self, shard: int, j: int, dst) -> tuple[str, bytes]:
+        """Read sample ``j`` of usable shard ``shard``: its dwt16 tensor straight into ``dst`` (a
+        writable buffer of the right size, e.g. a row of a shared-memory batch); -> (key, json)."""
         key, comps = self.entries(shard, j)
         fd = self._fd(shard)
         c = comps["dwt16"]
@@ -136,11 +130,6 @@ class ShardReader:
         if got != c.size or len(meta) != comps["json"].size:
             raise SampleError(f"{self.shard_entry(shard).name}/{key}: short read")
         return key, meta
-
-    def read(self, sample_id: int, order: StreamOrder) -> tuple[str, dict[str, bytes]]:
-        """Sample id -> (key, ext -> bytes of the required components)."""
-        shard, j = order.locate(sample_id)
-        return self.read_at(int(shard), int(j))
 
     def read_at(self, shard: int, j: int) -> tuple[str, dict[str, bytes]]:
         """Sample ``j`` of usable shard ``shard`` (storage order) -> (key, ext -> bytes)."""

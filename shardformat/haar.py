@@ -20,6 +20,17 @@ MODEL_SCALE = 1.0 / 255.0
 MODEL_OFFSET = np.array([-1.0] * 3 + [0.0] * 9, dtype=np.float32)
 
 
+def tensor_shape(image_size: int) -> tuple[int, int, int]:
+    """Shape of the stored ``dwt16`` tensor of an ``image_size`` square image."""
+    return (NUM_CHANNELS, image_size // 2, image_size // 2)
+
+
+def dwt16_nbytes(image_size: int) -> int:
+    """Bytes of one ``dwt16`` component (float16)."""
+    c, h, w = tensor_shape(image_size)
+    return c * h * w * 2
+
+
 class NotLossless(ValueError):
     """Stored coefficients do not invert to uint8 pixels (damaged or not written by maskdm)."""
 

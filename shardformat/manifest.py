@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import FORMAT_VERSION
+from .haar import tensor_shape
 
 MANIFEST = "manifest.json"
 SKIPPED = "skipped.jsonl"
@@ -63,7 +64,7 @@ class ShardManifest:
 
     @property
     def tensor_shape(self) -> tuple[int, int, int]:
-        return (12, self.image_size // 2, self.image_size // 2)
+        return tensor_shape(self.image_size)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
