@@ -104,6 +104,14 @@ def prepare(data: bytes | np.ndarray, size: int, *, bbox=None, small: str = "ups
         img = _open(data, max_pixels)
     src_mode = img.mode
     w0, h0 = img.size
+    if img.format != "JPEG":
+        # Reading EXIF from a PNG/WebP/TIFF decodes the whole image; do it here, where a decode
+        # error skips the file, rather than inside the EXIF lookup, where it would be swallowed
+        # and leave a partly decoded image to be sharded.
+        try:
+            img.load()
+        except Exception as e:
+            raise Skip(f"corrupt or truncated image data ({type(e).__name__}: {e})") from None
     # EXIF orientation swaps width and height for 90-degree rotations.
     orientation = _exif_orientation(img)
     disp_w, disp_h = (h0, w0) if orientation in (5, 6, 7, 8) else (w0, h0)

@@ -127,7 +127,23 @@ def job_record(opts: ShardOptions, source: Source, n_planned: int) -> dict:
 _W: dict = {}
 
 
-def _init_worker(loader: ItemLoader, opts: ShardOptions, out: str, counter) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Make the kernel end this worker when the sharding job dies, even by ``kill -9`` (Linux
+    ``PR_SET_PDEATHSIG``); elsewhere, and if the parent is already gone, exit now."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _init_worker(loader: ItemLoader, opts: ShardOptions, out: str, counter,
+                 parent_pid: int | None = None) -> None:
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     _W.update(loader=loader, opts=opts, out=Path(out), counter=counter)
 
@@ -378,7 +394,7 @@ def _write_chunks(opts, out, source, planned, todo, workers, n_todo, progress, d
             ctx = mp.get_context("spawn")
             counter = ctx.Value("q", 0)
             pool = ctx.Pool(min(workers, len(tasks)), initializer=_init_worker,
-                            initargs=(source.loader(), opts, str(out), counter))
+                            initargs=(source.loader(), opts, str(out), counter, os.getpid()))
             pending = [pool.apply_async(_process_chunk, (t,)) for t in tasks]
             seen = 0
             while pending:

@@ -222,3 +222,35 @@ def test_bad_bbox_csv_is_a_clear_error(tmp_path):
     with pytest.raises(SourceError, match=r"bb.csv:2: X,Y,W,H must be numbers"):
         run(ShardOptions(src=str(tmp_path / "vgg"), out=str(tmp_path / "o"), source="vggface2",
                          size=SIZE, workers=1, bbox_csv=str(bad)), progress=False)
+
+
+def _png_bytes(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_corrupt_png_is_skipped_never_stored(tmp_path):
+    """A PNG with damaged pixel data used to be sharded as a mostly black image: the EXIF lookup
+    decoded it and swallowed the error, and the later load() 'succeeded' on the partial image."""
+    from maskdm.preprocessing.images import Skip, prepare
+    rng = np.random.default_rng(0)
+    ramp = np.tile(np.linspace(0, 255, 64)[None, :, None], (64, 1, 3))
+    good = (ramp + rng.integers(0, 20, (64, 64, 3))).clip(0, 255).astype(np.uint8)
+    data = _png_bytes(good)
+    idat = data.find(b"IDAT")
+    cut = bytearray(data)
+    for k in range(idat + 60, idat + 80):  # flip bytes inside the compressed pixel data
+        cut[k] ^= 0xFF
+    cut = bytes(cut)
+    with pytest.raises(Skip, match="corrupt or truncated"):
+        prepare(cut, 32)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "good.png").write_bytes(data)
+    (src / "cut.png").write_bytes(cut)
+    m = run(ShardOptions(src=str(src), out=str(tmp_path / "out"), size=32, workers=1),
+            progress=False)
+    assert m.num_samples == 1
+    skipped = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").open()]
+    assert [s["src"] for s in skipped] == ["cut.png"] and "corrupt" in skipped[0]["reason"]

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--size", "64", "--count", "480", "--samples-per-shard", "40", "--workers", "2", "--quiet"]
 
@@ -71,3 +73,48 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
     verify = subprocess.run([sys.executable, "-m", "maskdm", "shard", "--verify",
                              str(victim), "--quiet"], cwd=ROOT, capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
+def test_workers_exit_when_the_job_is_killed(tmp_path):
+    """kill -9 of `maskdm shard` must not leave its worker processes running and writing."""
+    proc = subprocess.Popen([sys.executable, "-m", "maskdm", "shard", "procedural",
+                             str(tmp_path / "out"), "--size", "64", "--count", "40000",
+                             "--samples-per-shard", "20000", "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers, deadline = [], time.monotonic() + 120
+    while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        workers = [c for c in _children(proc.pid)
+                   if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(workers) == 2, "the sharding job did not start its 2 workers"
+    time.sleep(1.0)  # let them get to work
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [w for w in workers if _alive(w)]
+    for w in left:  # never leave them behind, even when the test fails
+        os.kill(w, signal.SIGKILL)
+    assert not left, f"worker(s) {left} kept running after the job was killed"
