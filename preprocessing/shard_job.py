@@ -40,7 +40,7 @@ from maskdm.shardformat.manifest import MANIFEST, SKIPPED, ShardEntry, ShardMani
 from maskdm.shardformat.tarfmt import TarShardWriter, format_index
 
 from .images import DEFAULT_MAX_PIXELS, Skip, decode_jpeg, encode_jpeg, prepare
-from .sources import Item, ItemLoader, Source, scan
+from .sources import Item, ItemLoader, Source, name_record, scan
 
 JOB = ".maskdm-job.json"
 PROGRESS = ".progress"
@@ -166,11 +166,11 @@ def _convert(pos: int, item: Item):
     except MemoryError:
         return ("skip", "out of memory while decoding (image too large?)")
     key = f"{pos:09d}"
-    meta = {"key": key, "src": item.ref, "orig_size": list(prep.orig_size),
+    meta = {"key": key, **name_record(item.ref), "orig_size": list(prep.orig_size),
             "crop": [round(c, 3) for c in prep.crop], "upscaled": prep.upscaled}
     if item.label is not None:
         meta["label"] = item.label
-        meta["identity"] = item.identity
+        meta.update(name_record(item.identity, "identity"))
     comps: list[tuple[str, bytes]] = []
     if opts.encoding == "dwt16":
         coeffs = haar.dwt_uint8(prep.image)
@@ -211,7 +211,7 @@ def _process_chunk(task: tuple[int, int, list[Item]]) -> dict:
                 total_sq += sq
                 upscaled += int(meta["upscaled"])
             else:
-                skipped.append({"src": item.ref, "reason": res[1]})
+                skipped.append({**name_record(item.ref), "reason": res[1]})
             _tick()
     except BaseException:
         if writer is not None:
@@ -454,7 +454,8 @@ def _finalize(opts, out: Path, source: Source, planned, n_chunks: int, done) -> 
     components = (["dwt16"] + (["jpg"] if opts.keep_jpeg else []) if opts.encoding == "dwt16"
                   else ["jpg"]) + ["json"]
     manifest = ShardManifest(
-        source={"kind": source.kind, "path": source.root or "procedural",
+        source={"kind": source.kind,
+                **name_record(source.root or "procedural", "path"),
                 "found": len(source.items), "selected": len(planned), "written": written,
                 "skipped": len(skipped), "upscaled": upscaled,
                 "ignored": sum(source.ignored.values()), "ignored_by_extension": source.ignored,
@@ -466,7 +467,8 @@ def _finalize(opts, out: Path, source: Source, planned, n_chunks: int, done) -> 
         shards=shards,
         subset={"fraction": opts.subset, "seed": opts.seed} if opts.subset is not None else None,
         shuffle_seed=opts.seed if opts.shuffle else None,
-        labels=source.labels,
+        labels=({name_record(k, "k")["k"]: v for k, v in source.labels.items()}
+                if source.labels is not None else None),
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         tool=f"maskdm {tool_version()}",
         tensor={"shape": [12, half, half], "dtype": "float16", "byte_order": "little",

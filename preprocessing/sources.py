@@ -28,6 +28,24 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff"
 KINDS = ("celebahq", "vggface2", "folder", "procedural")
 
 
+def name_record(ref: str, key: str = "src") -> dict[str, str]:
+    """How a source name is written to JSON (sample json, ``skipped.jsonl``), losslessly.
+
+    File names are bytes on POSIX; Python hands over undecodable bytes as lone surrogates
+    (``surrogateescape``), which strict JSON readers refuse. ``src`` is always valid UTF-8 (such
+    bytes shown as ``\\xff``); when the name is not valid UTF-8, ``src_hex`` holds its exact bytes.
+    """
+    raw = ref.encode("utf-8", "surrogateescape")
+    try:
+        return {key: raw.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {key: raw.decode("utf-8", "backslashreplace"), f"{key}_hex": raw.hex()}
+
+
+def _fs_bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
 class SourceError(RuntimeError):
     """The source cannot be read at all (as opposed to one bad image, which is skipped)."""
 
@@ -53,9 +71,9 @@ class Source:
 
     def fingerprint(self) -> str:
         """Hash of the enumerated inputs: a resumed job must see the same list."""
-        h = hashlib.sha256(f"{self.kind}|{self.root}|{self.gen_seed}|{self.image_size}".encode())
+        h = hashlib.sha256(_fs_bytes(f"{self.kind}|{self.root}|{self.gen_seed}|{self.image_size}"))
         for it in self.items:
-            h.update(f"{it.ref}|{it.size}|{it.label}|{it.bbox}\n".encode())
+            h.update(_fs_bytes(f"{it.ref}|{it.size}|{it.label}|{it.bbox}\n"))
         return h.hexdigest()
 
     def loader(self) -> "ItemLoader":

@@ -254,3 +254,41 @@ def test_corrupt_png_is_skipped_never_stored(tmp_path):
     assert m.num_samples == 1
     skipped = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").open()]
     assert [s["src"] for s in skipped] == ["cut.png"] and "corrupt" in skipped[0]["reason"]
+
+
+def test_non_utf8_file_names_are_kept_and_recorded_losslessly(tmp_path):
+    """Scraped datasets have file names that are not UTF-8: `fingerprint` used to crash on them
+    (UnicodeEncodeError) before anything was written."""
+    src = os.fsencode(tmp_path / "src\xe9")  # the source folder's own name is valid UTF-8
+    os.mkdir(src)
+    names = {b"ok.png": 1, b"latin1_caf\xe9.png": 2, b"bad\xff\xfe.png": 3}
+    for name, seed in names.items():
+        with open(os.path.join(src, name), "wb") as f:
+            f.write(_png_bytes(render(seed, 0, 40)))
+    with open(os.path.join(src, b"broken_\xff.jpg"), "wb") as f:
+        f.write(b"not a picture")
+    out = tmp_path / "out"
+    m = run(ShardOptions(src=os.fsdecode(src), out=str(out), size=SIZE, workers=1),
+            progress=False, log=lambda *a: None)
+    assert m.num_samples == 3
+    stored = _samples(out)
+    raw = {bytes.fromhex(s["meta"]["src_hex"]) if "src_hex" in s["meta"]
+           else s["meta"]["src"].encode() for s in stored.values()}
+    assert raw == set(names)
+    assert "bad\\xff\\xfe.png" in stored  # readable form, valid UTF-8
+    for line in (out / "skipped.jsonl").read_bytes().splitlines():
+        line.decode("utf-8")  # strict UTF-8, no lone surrogates
+        rec = json.loads(line)
+        assert bytes.fromhex(rec["src_hex"]) == b"broken_\xff.jpg"
+        assert rec["src"] == "broken_\\xff.jpg" and "not an image" in rec["reason"]
+    # each stored image is the one behind its name
+    for name, seed in names.items():
+        key = name.decode("utf-8", "backslashreplace")
+        assert np.abs(stored[key]["img"].astype(int)
+                      - np.asarray(Image.fromarray(render(seed, 0, 40)).resize(
+                          (SIZE, SIZE), Image.BICUBIC)).astype(int)).mean() < 8
+    assert verify(out).ok
+    # resuming the same job enumerates the same names (fingerprint stable)
+    m2 = run(ShardOptions(src=os.fsdecode(src), out=str(out), size=SIZE, workers=1),
+             progress=False, log=lambda *a: None)
+    assert m2.num_samples == 3
