@@ -3,7 +3,8 @@
 Layout under ``RUN_DIR/checkpoints``: ``step_00001000/`` holds DeepSpeed's files (model, optimizer,
 LR schedule, ZeRO partitions), ``ema_rankNNNNN.pt`` (rank 0 only unless ZeRO-3 partitions it),
 ``rng_rankNNNNN.pt`` and ``meta.json`` (step, samples seen, loader state, world size, MLflow run,
-resolved config). Every rank writes into ``.tmp-step_...``; after a barrier rank 0 writes
+resolved config). Every ``.pt`` file, ours and DeepSpeed's, is read with ``torch.load(...,
+weights_only=True)`` (see ``safe_torch_load``): a shared checkpoint cannot run code. Every rank writes into ``.tmp-step_...``; after a barrier rank 0 writes
 ``meta.json`` and renames the folder, so a checkpoint exists only once it is complete: a crash
 while saving leaves the previous one usable. The newest ``keep_last`` are kept.
 """
@@ -13,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,15 +105,69 @@ def resolve(path: str | os.PathLike) -> Path:
                           f"meta.json, or a run folder holding checkpoints/)")
 
 
+def _deepspeed_state_classes() -> list:
+    """The plain-data classes DeepSpeed pickles into its optimizer states (loss scaler, ZeRO stage
+    enum, fragment addresses): allowed for ``weights_only`` loading, nothing else is."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def safe_torch_load():
+    """While active, every ``torch.load`` (also inside DeepSpeed, which passes
+    ``weights_only=False``) unpickles with ``weights_only=True``: tensors, containers, numbers,
+    strings and DeepSpeed's few plain-data classes only. A file that needs anything else (a
+    tampered checkpoint: pickled code) fails with ``CheckpointError``."""
+    original = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()
+            why = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln),
+                       first[0] if first else "")
+            raise CheckpointError(
+                f"refusing to load {f}: it holds pickled objects that are not plain tensors or "
+                f"data ({why.strip()[:200]}). maskdm loads checkpoints with torch.load("
+                f"weights_only=True) so that a checkpoint cannot run code; this file was written "
+                f"by something else or tampered with") from None
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(_deepspeed_state_classes()):
+            yield
+    finally:
+        torch.load = original
+
+
+def load_pt(path: str | os.PathLike):
+    """``torch.load`` of one of our files, on the CPU, with ``weights_only=True``."""
+    with safe_torch_load():
+        return torch.load(path, map_location="cpu")
+
+
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    """This process's RNG states as tensors and plain data (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                      "has_gauss": has_gauss, "cached_gaussian": cached},
             "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
     random.setstate(state["python"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -168,16 +225,24 @@ def load(engine, ema, ckpt: Path) -> CheckpointMeta:
         raise CheckpointError(f"{ckpt} was written by {meta.world_size} ranks with ZeRO "
                               f"stage {meta.zero_stage}; resume it with {meta.world_size} "
                               f"ranks (this run has {world})")
-    path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=True,
-                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+    with safe_torch_load():
+        path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name,
+                                         load_module_strict=True, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt}")
     rank = dist.rank()
     ema_file = ckpt / f"ema_rank{rank if ema.zero3 else 0:05d}.pt"
-    ema.load_state_dict(torch.load(ema_file, map_location="cpu", weights_only=False))
+    ema.load_state_dict(load_pt(ema_file))
     rng_file = ckpt / f"rng_rank{rank:05d}.pt"
     if rng_file.exists():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+        try:
+            set_rng_state(load_pt(rng_file))
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}. Checkpoints of maskdm 0.2.0 and older pickle the numpy "
+                                  f"RNG state: delete {ckpt}/rng_rank*.pt to resume without "
+                                  f"restoring the global RNGs (the training draws come from "
+                                  f"the seed and step, not from them)") from None
     return meta
 
 
@@ -188,7 +253,7 @@ def load_ema_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], CheckpointMet
     files = sorted(ckpt.glob("ema_rank*.pt"))
     if not files:
         raise CheckpointError(f"{ckpt} holds no EMA weights (ema_rank*.pt)")
-    states = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    states = [load_pt(f) for f in files]
     if states[0]["zero3"] and len(states) != meta.world_size:
         raise CheckpointError(f"{ckpt}: ZeRO-3 EMA needs {meta.world_size} partition files, "
                               f"found {len(states)}")

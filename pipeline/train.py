@@ -171,7 +171,10 @@ class Trainer:
             if self.resume_mode == "auto":
                 self.log(f"no checkpoint in {self.ckpt_root}: starting from scratch")
             return
-        meta = ckpt.load(self.engine, self.ema, self.resume_from)
+        try:
+            meta = ckpt.load(self.engine, self.ema, self.resume_from)
+        except ckpt.CheckpointError as e:
+            raise ConfigError(f"--resume: {e}") from None
         self.step, self.run_id = meta.step, meta.mlflow_run_id
         self.last_ckpt = ckpt.tag(self.step)
         self.loader.load_state_dict(meta.loader)

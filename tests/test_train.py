@@ -132,15 +132,12 @@ def test_sigkill_and_resume_gives_the_same_final_state(shards, tmp_path):
     assert "resumed from" in res.stdout
     for k, v in ema(tmp_path / "ref").items():
         assert torch.equal(v, ema(victim)[k]), f"EMA {k} differs after resume"
-    a = torch.load(tmp_path / "ref/checkpoints/step_00000024/mp_rank_00_model_states.pt",
-                   weights_only=False)["module"]
-    b = torch.load(victim / "checkpoints/step_00000024/mp_rank_00_model_states.pt",
-                   weights_only=False)["module"]
+    from maskdm.pipeline.checkpoint import load_pt  # weights_only=True, as the trainer loads
+    a = load_pt(tmp_path / "ref/checkpoints/step_00000024/mp_rank_00_model_states.pt")["module"]
+    b = load_pt(victim / "checkpoints/step_00000024/mp_rank_00_model_states.pt")["module"]
     assert all(torch.equal(a[k], b[k]) for k in a), "model weights differ after resume"
-    oa = torch.load(next((tmp_path / "ref/checkpoints/step_00000024").glob("*optim_states.pt")),
-                    weights_only=False)
-    ob = torch.load(next((victim / "checkpoints/step_00000024").glob("*optim_states.pt")),
-                    weights_only=False)
+    oa = load_pt(next((tmp_path / "ref/checkpoints/step_00000024").glob("*optim_states.pt")))
+    ob = load_pt(next((victim / "checkpoints/step_00000024").glob("*optim_states.pt")))
     sa = oa["optimizer_state_dict"]["base_optimizer_state"]["state"]
     sb = ob["optimizer_state_dict"]["base_optimizer_state"]["state"]
     for i in sa:
@@ -200,3 +197,53 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_pat
     assert ckpts, "the checkpoints before the blow-up are kept"
     last = torch.load(ckpts[-1] / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     assert all(torch.isfinite(v).all() for v in last.values())
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a tampered checkpoint would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_tampered_checkpoint_cannot_run_code(shards, tmp_path):
+    """Every .pt file (ours and DeepSpeed's) is loaded with weights_only=True: resume, export,
+    init_from and raw-weight sampling refuse a pickle that would execute code."""
+    import shutil
+
+    from maskdm.pipeline.cli import main
+    good = tmp_path / "good"
+    r = run_train(shards, good, "train.steps=3", "train.zero_stage=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    step = good / "checkpoints" / "step_00000003"
+    marker = tmp_path / "pwned"
+    cases = {"ema_rank00000.pt": "ema", "mp_rank_00_model_states.pt": "model",
+             "zero_pp_rank_0_mp_rank_00_optim_states.pt": "optim", "rng_rank00000.pt": "rng"}
+    for fname, what in cases.items():
+        run_dir = tmp_path / what
+        shutil.copytree(good, run_dir)
+        ck = run_dir / "checkpoints" / "step_00000003"
+        original = torch.load(ck / fname, weights_only=False)
+        torch.save({"evil": _Payload(marker), **(original if isinstance(original, dict) else {})},
+                   ck / fname)
+        res = run_train(shards, run_dir, "train.steps=6", "train.zero_stage=2", resume="auto")
+        assert res.returncode == 2 and "refusing to load" in res.stderr, res.stderr[-2000:]
+        assert "Traceback" not in res.stderr
+        if what == "ema":
+            assert main(["export", str(ck), str(tmp_path / "export")]) == 2
+            init = run_train(shards, tmp_path / "ft", "train.stage=finetune", "mask.kind=none",
+                             f"train.init_from={ck}", "train.steps=1")
+            assert init.returncode == 2 and "refusing to load" in init.stderr
+        if what in ("model", "optim"):
+            smp = subprocess.run([sys.executable, "-m", "maskdm", "sample", "--ckpt", str(ck),
+                                  "--weights", "raw", "--n", "2", "--steps", "2",
+                                  "--out", str(tmp_path / f"samples-{what}")],
+                                 cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+            assert smp.returncode == 2 and "refusing to load" in smp.stderr, smp.stderr[-2000:]
+        assert not marker.exists(), f"loading a tampered {fname} ran code"
+    assert list(step.glob("*.pt"))  # the untouched original still resumes
+    ok = run_train(shards, good, "train.steps=6", "train.zero_stage=2", resume="auto")
+    assert ok.returncode == 0 and "resumed from" in ok.stdout, ok.stderr[-3000:]

@@ -55,10 +55,11 @@ def _raw_weights(src: Path, meta: ckpt.CheckpointMeta) -> dict[str, torch.Tensor
         files = sorted(src.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise SampleError(f"{src} holds no mp_rank_*_model_states.pt")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        state = ckpt.load_pt(files[0])["module"]
         return {k: v.float() for k, v in state.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    state = get_fp32_state_dict_from_zero_checkpoint(str(src.parent), tag=src.name)
+    with ckpt.safe_torch_load():
+        state = get_fp32_state_dict_from_zero_checkpoint(str(src.parent), tag=src.name)
     return {k: v.float() for k, v in state.items()}
 
 
