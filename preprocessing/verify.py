@@ -20,7 +20,7 @@ from pathlib import Path
 from maskdm.shardformat import haar
 from maskdm.shardformat.fsutil import sha256_file
 from maskdm.shardformat.manifest import SKIPPED, DatasetError, ShardEntry, load_manifest
-from maskdm.shardformat.tarfmt import BadIndex, parse_index, sample_key, scan_tar
+from maskdm.shardformat.tarfmt import BadIndex, read_index, sample_key, scan_tar
 
 from .images import decode_jpeg
 
@@ -65,9 +65,9 @@ def _check_shard(args) -> tuple[str, int, list[str]]:
                         f"folder, or regenerate it with `wds2idx {entry.name} {entry.index}`)")
     else:
         try:
-            index = parse_index(idx.read_text(), entry.index)
-        except (BadIndex, UnicodeDecodeError) as e:
-            problems.append(f"{entry.index}: {e}")
+            index = read_index(idx)
+        except BadIndex as e:
+            problems.append(str(e))
     if index is not None and on_disk is not None and index != on_disk:
         problems.append(f"{entry.index}: does not match the tar's contents")
     if problems or quick:

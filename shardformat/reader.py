@@ -1,11 +1,12 @@
 """Random-access reads of samples from a shard directory, with damage detection.
 
 Samples are read by offset (from the DALI index) with ``os.pread``, so each rank and worker reads
-only its own samples. A shard whose tar or index is missing is left out of the order when the
-reader opens (every rank sees the same files, so all agree), with a warning. Problems found per
-sample (an index that does not parse, an entry without the required components or with a
-wrong-sized tensor, a truncated tar, a short read) raise ``SampleError``; the loaders decide
-whether to replace the sample or stop (``strict``). Shard arguments below are positions in
+only its own samples. When the reader opens it checks every shard cheaply (tar and index present,
+tar size as in the manifest, index header, line count and last entry within the tar): a shard that
+fails is left out of the order (``excluded``, with one line saying why). Every rank sees the same
+files, so all agree on the order. Problems found per sample (an index line that does not parse, an
+entry without the required components or with a wrong-sized tensor, a short read) raise
+``SampleError``; the loaders decide whether to replace the sample or stop (``strict``). Shard arguments below are positions in
 ``used`` (the shards in the order), not manifest positions.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from .haar import dwt16_nbytes
 from .manifest import ShardManifest, load_manifest
-from .tarfmt import BadIndex, Component, parse_index, sample_key
+from .tarfmt import BadIndex, Component, check_index, read_index, sample_key
 
 
 class SampleError(RuntimeError):
@@ -35,13 +36,11 @@ class ShardReader:
         self.excluded: dict[str, str] = {}  # shard name -> why it is left out
         self.used: list[int] = []
         for i, s in enumerate(m.shards):
-            tar, idx = self.directory / s.name, self.directory / s.index
-            if not tar.exists():
-                self.excluded[s.name] = f"{s.name} is missing"
-            elif not idx.exists():
-                self.excluded[s.name] = f"{s.index} is missing"
-            else:
+            why = self._shard_problem(s)
+            if why is None:
                 self.used.append(i)
+            else:
+                self.excluded[s.name] = why
         if not self.used:
             raise SampleError(f"{self.directory}: no usable shard ({next(iter(self.excluded.values()))}"
                               f"); run `maskdm shard --verify {self.directory}`")
@@ -50,6 +49,25 @@ class ShardReader:
         self._index: dict[int, list[list[Component]]] = {}
         self._fds: dict[int, int] = {}
         self._sizes: dict[int, int] = {}
+
+    def _shard_problem(self, s) -> str | None:
+        tar, idx = self.directory / s.name, self.directory / s.index
+        try:
+            size = os.stat(tar).st_size
+        except FileNotFoundError:
+            return f"{s.name} is missing"
+        except OSError as e:
+            return f"{s.name} is unreadable ({e.strerror or e})"
+        if size != s.bytes:
+            return (f"{s.name} has {size} bytes, the manifest {s.bytes} "
+                    f"({'truncated' if size < s.bytes else 'overwritten'})")
+        if not idx.exists():
+            return f"{s.index} is missing"
+        try:
+            check_index(idx, s.samples, size)
+        except BadIndex as e:
+            return str(e)
+        return None
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -80,9 +98,9 @@ class ShardReader:
                 raise SampleError(self.shard_problems[shard])
             entry = self.shard_entry(shard)
             try:
-                parsed = parse_index((self.directory / entry.index).read_text(), entry.index)
-            except (OSError, BadIndex, UnicodeDecodeError) as e:
-                self.shard_problems[shard] = f"{entry.index}: {e}"
+                parsed = read_index(self.directory / entry.index)
+            except BadIndex as e:
+                self.shard_problems[shard] = str(e)
                 raise SampleError(self.shard_problems[shard]) from None
             if len(parsed) != entry.samples:
                 self.shard_problems[shard] = (f"{entry.index} lists {len(parsed)} samples, the "

@@ -94,6 +94,49 @@ class BadIndex(ValueError):
     """An index file that does not parse; the message names the file and line."""
 
 
+def _index_text(path: str | os.PathLike) -> str:
+    name = os.path.basename(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise BadIndex(f"{name}: unreadable ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadIndex(f"{name}: not a DALI index: binary data at byte {e.start} (the file is "
+                       f"corrupted or was overwritten)") from None
+
+
+def read_index(path: str | os.PathLike) -> list[list[Component]]:
+    """Read and parse an index file; every problem is a ``BadIndex`` that says what, in words."""
+    return parse_index(_index_text(path), os.path.basename(path))
+
+
+def check_index(path: str | os.PathLike, samples: int, tar_bytes: int) -> None:
+    """Cheap whole-file check of an index (header, line count, the last sample's extent) without
+    parsing every line: what a loader can afford on every shard at start-up. Raises BadIndex."""
+    name = os.path.basename(path)
+    text = _index_text(path)
+    lines = text.splitlines()
+    if not lines:
+        raise BadIndex(f"{name}: empty index file")
+    head = lines[0].split()
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
+        raise BadIndex(f"{name}: not a DALI index: line 1 should be '{INDEX_VERSION} "
+                       f"<num_samples>', got {lines[0][:60]!r}")
+    if int(head[1]) != samples:
+        raise BadIndex(f"{name}: lists {head[1]} samples, the manifest {samples}")
+    body = [ln for ln in lines[1:] if ln.strip()]
+    if len(body) != samples:
+        raise BadIndex(f"{name}: header says {samples} samples but {len(body)} lines follow")
+    last = parse_index(f"{INDEX_VERSION} 1\n{body[-1]}\n", name)[0]
+    end = max(c.offset + c.size for c in last)
+    if end > tar_bytes:
+        raise BadIndex(f"{name}: its last sample ends at byte {end}, past the end of the tar "
+                       f"({tar_bytes} bytes)")
+
+
 def parse_index(text: str, where: str = "index") -> list[list[Component]]:
     """Parse a ``v1.2`` DALI index into per-sample component lists."""
     lines = text.splitlines()
@@ -101,7 +144,8 @@ def parse_index(text: str, where: str = "index") -> list[list[Component]]:
         raise BadIndex(f"{where}: empty index file")
     head = lines[0].split()
     if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
-        raise BadIndex(f"{where}: line 1 should be '{INDEX_VERSION} <num_samples>', got {lines[0]!r}")
+        raise BadIndex(f"{where}: not a DALI index: line 1 should be '{INDEX_VERSION} "
+                       f"<num_samples>', got {lines[0][:60]!r}")
     n = int(head[1])
     body = [ln for ln in lines[1:] if ln.strip()]
     if len(body) != n:

@@ -47,6 +47,60 @@ def raw_rate(reader, batch: int, n_batches: int) -> tuple[float, float]:
     return n / dt, n * per_sample / dt / 1e6
 
 
+def integrity_cost(reader, batch: int, n_batches: int) -> dict[str, float] | None:
+    """Cost of the per-sample value check of ``dwt16`` tensors (``haar.check_bounds``), in
+    microseconds per image on one core: as the torch workers run it (numpy), and as DALI runs it
+    (two reductions on its CPU threads, timed in a pipeline with and without them)."""
+    if reader.encoding != "dwt16":
+        return None
+    import numpy as np
+
+    from maskdm.shardformat.haar import check_bounds, tensor_shape
+    n = min(batch * n_batches, reader.num_samples)
+    shards = [s for s, size in enumerate(reader.order_sizes) for _ in range(size)][:n]
+    js = [j for size in reader.order_sizes for j in range(size)][:n]
+    arrs = [np.empty(tensor_shape(reader.image_size), np.float16) for _ in range(n)]
+    for a, s, j in zip(arrs, shards, js):
+        reader.read_dwt_into(s, j, a)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        for a in arrs:
+            check_bounds(a)
+    out = {"torch": (time.perf_counter() - t0) / (3 * n) * 1e6}
+    from .dali_loader import dali_available
+    if dali_available():
+        out["dali"] = _dali_check_cost(arrs)
+    return out
+
+
+def _dali_check_cost(arrs, repeats: int = 8) -> float:
+    """The check's ops added ``repeats`` times to a pipeline, against none: the difference per
+    repeat (a single copy is below the run-to-run noise of the pipeline itself)."""
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def, types
+
+    def timed(k: int) -> float:
+        @pipeline_def(batch_size=len(arrs), num_threads=1, device_id=None)
+        def pipe():
+            d = fn.external_source(source=lambda: arrs, batch=True, dtype=types.FLOAT16)
+            outs = [d]
+            for _ in range(k):
+                bits = fn.reinterpret(d, dtype=types.UINT16)
+                outs += [fn.reductions.max(bits, axes=[1, 2]),
+                         fn.reductions.max(bits & np.uint16(0x7FFF), axes=[1, 2])]
+            return tuple(outs)
+        p = pipe()
+        p.build()
+        p.run()
+        best = float("inf")
+        for _ in range(7):
+            t0 = time.perf_counter()
+            p.run()
+            best = min(best, time.perf_counter() - t0)
+        return best
+    return max(0.0, timed(repeats) - timed(0)) / repeats / len(arrs) * 1e6
+
+
 def _progress(row) -> None:
     print(f"  measured {row[0]} {row[2]} x{row[3]}: {row[4]} img/s delivered", file=sys.stderr,
           flush=True)
@@ -124,11 +178,17 @@ def run(args) -> int:
     cores = len(os.sched_getaffinity(0))
     backends = args.backends or (["torch", "dali"] if dali_available() else ["torch"])
     workers = args.workers or sorted({1, cores})
-    rows = []
+    rows, checks = [], []
     for shards in args.shards:
         reader = ShardReader(shards)
         enc = reader.encoding
         r_img, r_mb = raw_rate(reader, args.batch, max(3, min(20, reader.num_samples // args.batch)))
+        cost = integrity_cost(reader, args.batch, 4)
+        if cost:
+            checks.append(f"{shards}: torch workers {cost['torch']:.1f} us/img ("
+                          f"{cost['torch'] * r_img / 1e6:.1%} of the raw read+decode time)"
+                          + (f", DALI {cost['dali']:.1f} us/img of one CPU thread"
+                             if "dali" in cost else ""))
         rows.append((shards, enc, "raw (1 core)", "-", f"{r_img:.0f}", "100%", "-",
                      f"{r_mb:.0f}", "1.00", "-", "-"))
         _progress(rows[-1])
@@ -158,6 +218,8 @@ def run(args) -> int:
           "model-space transform); per-worker: that per worker, relative to the raw single-core "
           "rate; ready: img/s of model-space batches on the device; cores: CPU time / wall time; "
           "data wait: share of wall time a consumer taking 'step ms' per batch waited for data")
+    for line in checks:
+        print(f"value check of dwt16 samples (included in the rates above), {line}")
     return 0
 
 

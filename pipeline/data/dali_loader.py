@@ -6,7 +6,9 @@ exactly), each *segment* of the rank's stream (about one epoch of its batches) b
 them, in stream order, and the reader runs with ``random_shuffle=False``. Damaged samples are
 found from the index before the segment is built and replaced like the torch backend does; a
 sample DALI cannot decode (corrupt JPEG) makes that batch fall back to the CPU path, after which
-the pipeline is rebuilt from the next batch. With ``device=cpu`` the same pipeline runs on DALI's
+the pipeline is rebuilt from the next batch. ``dwt16`` values are checked against the bounds of a
+Haar DWT of uint8 pixels (two per-channel reductions on DALI's CPU threads, before the copy to the
+device); a batch with damaged values is also taken through the CPU path. With ``device=cpu`` the same pipeline runs on DALI's
 CPU operators (how CI tests it).
 """
 
@@ -18,14 +20,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from maskdm.shardformat.haar import tensor_shape
-from maskdm.shardformat.reader import SampleError, ShardReader
+from maskdm.shardformat.haar import out_of_bounds, tensor_shape
+from maskdm.shardformat.reader import ShardReader
 from maskdm.shardformat.tarfmt import format_index
 
 from .order import StreamOrder, rank_positions
-from .torch_loader import RankStream, replace_bad
+from .torch_loader import RankStream, resolve
 
 log = logging.getLogger("maskdm.data")
 
@@ -69,23 +72,15 @@ class DaliStream:
 
     # ------------------------------------------------------------------ segments
     def _plan(self, first: int, n: int):
-        """Per batch: (positions, chosen (shard, j) per slot, keys, bad reasons)."""
+        """Per batch: (positions, chosen (shard, j) per slot, keys, damaged samples)."""
         plan = []
         for k in range(first, first + n):
             positions = rank_positions(self.start, k, self.global_batch, self.rank, self.world_size)
-            shards, js = self.order.locate(self.order.ids_at(positions))
-            keys, bad = [], {}
-            for i, (s, j) in enumerate(zip(shards.tolist(), js.tolist())):
-                try:
-                    key, _ = self.reader.entries(s, j)
-                except (SampleError, OSError) as e:
-                    if self.strict:
-                        raise SampleError(f"{e} (strict mode)") from None
-                    bad[i], key = str(e), None
-                keys.append(key)
-            src = replace_bad(len(positions), bad) if bad else list(range(len(positions)))
+            shards, js, src, keys, damaged = resolve(
+                self.reader, positions, self.order,
+                lambda i, s, j: self.reader.entries(s, j)[0], self.strict)
             slots = [(shards[j], js[j]) for j in src]
-            plan.append((positions, slots, [keys[j] for j in src], list(bad.values())))
+            plan.append((positions, slots, [keys[j] for j in src], damaged))
         return plan
 
     def _build(self, first: int, n: int):
@@ -128,16 +123,22 @@ class DaliStream:
                 random_shuffle=False, missing_component_behavior="error", name="reader")
             if enc == "dwt16":
                 data = fn.reshape(data, shape=list(tensor_shape(self.reader.image_size)))
+                # value bounds (haar.bounds_problem) on the CPU, before the copy to the device
+                bits = fn.reinterpret(data, dtype=types.UINT16)
+                max_bits = fn.cast(fn.reductions.max(bits, axes=[1, 2]), dtype=types.INT32)
+                max_mag = fn.cast(fn.reductions.max(bits & np.uint16(0x7FFF), axes=[1, 2]),
+                                  dtype=types.INT32)
                 if gpu:
                     data = data.gpu()
-            else:
-                data = fn.decoders.image(data, device="mixed" if gpu else "cpu",
-                                         output_type=types.RGB)
+                return data, fn.pad(meta, fill_value=0), max_bits, max_mag
+            data = fn.decoders.image(data, device="mixed" if gpu else "cpu",
+                                     output_type=types.RGB)
             return data, fn.pad(meta, fill_value=0)
 
         p = pipe()
         p.build()
-        it = DALIGenericIterator([p], ["data", "meta"], reader_name="reader", auto_reset=False)
+        names = ["data", "meta"] + (["max_bits", "max_mag"] if enc == "dwt16" else [])
+        it = DALIGenericIterator([p], names, reader_name="reader", auto_reset=False)
         return it, plan, seg
 
     # ------------------------------------------------------------------ iteration
@@ -160,11 +161,20 @@ class DaliStream:
                         yield self._fallback.load(k, self.order)
                         k += 1
                         break
-                    yield self._raw(k, positions, keys, bad, out)
+                    if "max_bits" in out and self._out_of_bounds(out):
+                        # damaged values: the CPU path finds, reports and replaces them exactly as
+                        # the torch backend does (rare, so its cost does not matter)
+                        yield self._fallback.load(k, self.order)
+                    else:
+                        yield self._raw(k, positions, keys, bad, out)
                     k += 1
             finally:
                 del it
                 shutil.rmtree(seg, ignore_errors=True)
+
+    @staticmethod
+    def _out_of_bounds(out) -> bool:
+        return bool(out_of_bounds(out["max_bits"].numpy(), out["max_mag"].numpy()).any())
 
     def _raw(self, k, positions, keys, bad, out) -> dict:
         labels = None

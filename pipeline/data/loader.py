@@ -13,7 +13,7 @@ from typing import Literal, get_args
 
 import torch
 
-from maskdm.shardformat.reader import ShardReader
+from maskdm.shardformat.reader import SampleError, ShardReader
 
 from .batch import Batch
 from .transform import SPACES, model_input_shape, to_model_space
@@ -39,8 +39,17 @@ class Loader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.reader = shards if isinstance(shards, ShardReader) else ShardReader(shards)
-        for name, why in self.reader.excluded.items():
-            log.warning("%s is left out of the order: %s (run `maskdm shard --verify`)", name, why)
+        excluded = self.reader.excluded
+        if excluded and strict:
+            raise SampleError(f"{len(excluded)} damaged shard(s) in {self.reader.directory}: "
+                              f"{'; '.join(excluded.values())} (data.strict: fix the shards, or "
+                              f"set data.strict: false to train without them)")
+        if excluded:
+            lost = self.reader.manifest.num_samples - self.reader.num_samples
+            log.warning("%d damaged shard(s) left out of the order (%d of %d samples): %s; run "
+                        "`maskdm shard --verify %s`", len(excluded), lost,
+                        self.reader.manifest.num_samples, "; ".join(excluded.values()),
+                        self.reader.directory)
         if self.reader.manifest.shuffle_seed is None:
             log.warning("%s was sharded with --no-shuffle: each shard holds neighbouring source "
                         "files, so batches are correlated; re-shard without --no-shuffle",
@@ -55,6 +64,7 @@ class Loader:
         self.start = int(samples_seen)
         self.batches_done = 0
         self.skipped_samples = 0
+        self.damaged_shards: dict[str, int] = {}  # shard -> samples replaced (this rank)
         self._it = None
         self._dali = None
 
@@ -98,13 +108,22 @@ class Loader:
     def __next__(self) -> Batch:
         if self._it is None:
             self._it = self._raw_iter()
-        raw = next(self._it)
+        try:
+            raw = next(self._it)
+        except SampleError as e:  # from a DataLoader worker: keep the message, drop the wrapping
+            text = str(e)
+            if "Traceback" in text:
+                text = text.strip().splitlines()[-1].split("SampleError: ", 1)[-1]
+            raise SampleError(text) from None
         if raw["batch_index"] != self.batches_done:  # the round-robin contract, checked
             raise RuntimeError(f"loader produced batch {raw['batch_index']}, expected "
                                f"{self.batches_done}")
         self.batches_done += 1
-        for why in raw["bad"]:
-            log.warning("skipped a damaged sample (replaced by another of its batch): %s", why)
+        for shard, why in raw["bad"]:
+            if shard not in self.damaged_shards:  # one line per damaged shard, not per sample
+                log.warning("damaged data in %s: %s; its unreadable samples are replaced by "
+                            "other samples and counted (skipped_samples)", shard, why)
+            self.damaged_shards[shard] = self.damaged_shards.get(shard, 0) + 1
         self.skipped_samples += len(raw["bad"])
         x0 = to_model_space(raw["data"], self.reader.encoding, raw["flips"], self.space,
                             self.device)

@@ -51,6 +51,12 @@ class StreamOrder:
         shard = np.searchsorted(self.offsets, ids, side="right") - 1
         return shard, ids - self.offsets[shard]
 
+    def detour(self, positions: np.ndarray, m: int) -> np.ndarray:
+        """Where to take a batch from when every sample at ``positions`` is damaged: ``m`` times the
+        largest shard further along the stream, which lies in another shard (a shard's samples
+        are consecutive within an epoch). ``m = 0`` gives ``positions`` themselves."""
+        return np.asarray(positions, dtype=np.int64) + m * max(self.sizes)
+
     def flips(self, positions: np.ndarray) -> np.ndarray:
         """Deterministic coin per stream position (horizontal-flip augmentation)."""
         return flip_coins(self.seed, positions)

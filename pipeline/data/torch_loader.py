@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from maskdm.shardformat.haar import tensor_shape
+from maskdm.shardformat.haar import check_bounds, tensor_shape
 from maskdm.shardformat.reader import SampleError, ShardReader
 
 from .order import StreamOrder, rank_positions
@@ -27,9 +27,9 @@ def decode_sample(reader: ShardReader, key: str, comps: dict[str, bytes]):
         raw = comps["dwt16"]
         arr = raw if isinstance(raw, np.ndarray) else \
             np.frombuffer(raw, dtype="<f2").reshape(tensor_shape(reader.image_size))
-        # NaN/Inf have all five float16 exponent bits set; integer test is 10x faster than isfinite
-        if (arr.view(np.uint16) & 0x7C00).max() >= 0x7C00:
-            raise SampleError(f"{key}: dwt16 holds NaN/Inf")
+        problem = check_bounds(arr)  # NaN/Inf and values no Haar DWT of uint8 pixels can have
+        if problem:
+            raise SampleError(f"{key}: {problem}")
     else:
         try:
             img = Image.open(io.BytesIO(comps["jpg"]))
@@ -47,7 +47,7 @@ def decode_sample(reader: ShardReader, key: str, comps: dict[str, bytes]):
     return arr, meta.get("label")
 
 
-def replace_bad(n: int, bad: dict[int, str]) -> list[int]:
+def replace_bad(n: int, bad: dict) -> list[int]:
     """Source slot for each slot: a bad sample takes the next good one in the batch (cyclic)."""
     if len(bad) == n:
         raise SampleError(f"all {n} samples of a batch are unreadable; the shards are badly "
@@ -61,6 +61,50 @@ def replace_bad(n: int, bad: dict[int, str]) -> list[int]:
     return src
 
 
+def damage(reader: ShardReader, shard: int, err: Exception) -> tuple[str, str]:
+    """(shard file name, reason) of a damaged sample, as the loaders report it."""
+    name = reader.shard_entry(shard).name
+    why = str(err)
+    return name, why if why.startswith(name) else f"{name}/{why}"
+
+
+def resolve(reader: ShardReader, positions: np.ndarray, order: StreamOrder, probe, strict: bool):
+    """Which samples fill a rank's batch at stream ``positions``; shared by both backends.
+
+    ``probe(i, shard, j)`` reads (or checks) sample ``j`` of ``shard`` for slot ``i`` and returns
+    its key, raising ``SampleError``/``OSError`` if it is damaged. A damaged sample is replaced by
+    the next good one of the batch. When the whole batch is damaged (consecutive stream positions
+    mostly lie in one shard, so a badly damaged shard damages whole batches), the batch is taken
+    from the positions ``order.detour(positions, m)`` for m = 1, 2, ... (another part of the
+    stream, so other shards) before giving up. Returns (shards, js, source slot per slot, keys,
+    damaged) with ``damaged`` the (shard name, reason) of the samples at ``positions`` that could
+    not be used, for counting and reporting.
+    """
+    damaged: list[tuple[str, str]] = []
+    for m in range(DETOURS + 1):
+        shards, js = order.locate(order.ids_at(order.detour(positions, m)))
+        keys, bad = [], {}
+        for i, (s, j) in enumerate(zip(shards.tolist(), js.tolist())):
+            try:
+                keys.append(probe(i, s, j))
+            except (SampleError, OSError) as e:
+                bad[i] = damage(reader, s, e)
+                if strict:
+                    raise SampleError(f"{bad[i][1]} (data.strict: fix the shards, or set "
+                                      f"data.strict: false to replace damaged samples)") from None
+                keys.append(None)
+        if m == 0:
+            damaged = list(bad.values())
+        if len(bad) < len(positions):
+            return shards, js, replace_bad(len(positions), bad), keys, damaged
+    raise SampleError(f"all {len(positions)} samples of a batch and of {DETOURS} other batches "
+                      f"are unreadable: the shards are badly damaged ({damaged[0][1]}); run "
+                      f"`maskdm shard --verify {reader.directory}`")
+
+
+DETOURS = 8
+
+
 class RankStream(IterableDataset):
     """Infinite stream of this rank's raw batches (dicts), starting at batch ``first_batch``."""
 
@@ -70,19 +114,21 @@ class RankStream(IterableDataset):
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
         self.hflip, self.strict, self.first_batch = hflip, strict, first_batch
 
+    def order(self) -> StreamOrder:
+        return StreamOrder(self.reader.order_sizes, self.seed)
+
     def __iter__(self):
         info = get_worker_info()
         w, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        order = StreamOrder(self.reader.order_sizes, self.seed)
+        order = self.order()
         k = self.first_batch + w
         while True:
             yield self.load(k, order)
             k += n
 
-    def load(self, k: int, order) -> dict:
+    def load(self, k: int, order: StreamOrder) -> dict:
         positions = rank_positions(self.start, k, self.global_batch, self.rank, self.world_size)
-        shards, js = order.locate(order.ids_at(positions))
-        n = len(shards)
+        n = len(positions)
         reader = self.reader
         shape = ((n, *tensor_shape(reader.image_size)) if reader.encoding == "dwt16"
                  else (n, reader.image_size, reader.image_size, 3))
@@ -90,28 +136,21 @@ class RankStream(IterableDataset):
         if get_worker_info() is not None:
             out.share_memory_()  # filled in place, then handed to the main process without a copy
         buf = out.numpy()
-        labels, keys, bad = [], [], {}
-        for i, (s, j) in enumerate(zip(shards.tolist(), js.tolist())):
-            try:
-                if reader.encoding == "dwt16":
-                    key, meta = reader.read_dwt_into(s, j, buf[i])
-                    arr, label = decode_sample(reader, key, {"dwt16": buf[i], "json": meta})
-                else:
-                    key, comps = reader.read_at(s, j)
-                    arr, label = decode_sample(reader, key, comps)
-                    buf[i] = arr
-            except (SampleError, OSError) as e:
-                if self.strict:
-                    raise SampleError(f"{e} (strict mode: fix the shards or drop --strict)") from None
-                bad[i] = str(e)
-                label, key = None, None
-            labels.append(label)
-            keys.append(key)
-        src = list(range(n))
-        if bad:
-            src = replace_bad(n, bad)
-            for i in bad:
-                buf[i] = buf[src[i]]
+        labels = [None] * n
+
+        def probe(i: int, s: int, j: int) -> str:
+            if reader.encoding == "dwt16":
+                key, meta = reader.read_dwt_into(s, j, buf[i])
+                _, labels[i] = decode_sample(reader, key, {"dwt16": buf[i], "json": meta})
+            else:
+                key, comps = reader.read_at(s, j)
+                buf[i], labels[i] = decode_sample(reader, key, comps)
+            return key
+
+        _, _, src, keys, damaged = resolve(reader, positions, order, probe, self.strict)
+        for i, j in enumerate(src):
+            if j != i:
+                buf[i] = buf[j]
         has_labels = reader.manifest.labels is not None
         flips = torch.from_numpy(order.flips(positions)) if self.hflip else None
         return {
@@ -120,7 +159,7 @@ class RankStream(IterableDataset):
             "labels": torch.tensor([labels[j] for j in src], dtype=torch.long) if has_labels else None,
             "keys": [keys[j] for j in src],
             "flips": flips,
-            "bad": list(bad.values()),
+            "bad": damaged,
         }
 
 
