@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect_parser(sub)
     _add_train(sub)
     _add_export(sub)
+    _add_sync(sub)
     from maskdm.pipeline.eval.cli import add_parsers as add_eval_parsers
     add_eval_parsers(sub)
     _add_bench(sub)
@@ -125,6 +126,33 @@ def _run_export(args) -> int:
         return 2
     print(f"exported EMA weights to {out / 'model.safetensors'} (+ config.json)")
     return 0
+
+
+def _add_sync(sub) -> None:
+    p = sub.add_parser("sync", help="send to MLflow what a run could not deliver during an outage",
+                       description="Send the metrics a training run could not deliver to MLflow "
+                       "(from RUN_DIR/metrics.jsonl, after the last line MLflow received) and "
+                       "its final status, e.g. after the tracking server was down at the end of "
+                       "the run. Safe to repeat: a metric point sent twice is stored once.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (train.run_dir)")
+    p.add_argument("--uri", default=None,
+                   help="tracking URI, if the server moved (default: the run's, from "
+                   "RUN_DIR/mlflow.json)")
+    p.set_defaults(func=_run_sync)
+
+
+def _run_sync(args) -> int:
+    from maskdm.pipeline.tracking import TrackingError, sync
+    try:
+        return sync(args.run_dir, args.uri)
+    except TrackingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # the server is still down: say so, no traceback
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        print(f"error: MLflow could not be reached ({first}); try again when it is back",
+              file=sys.stderr)
+        return 1
 
 
 def _add_bench(sub) -> None:

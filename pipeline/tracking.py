@@ -1,10 +1,16 @@
 """MLflow tracking from rank 0, off the training thread, and never fatal.
 
 Every call is queued and executed by a background thread, so a slow or dead tracking server never
-stalls a step. If a call fails, the tracker says so once, keeps going (later calls are tried
-again: a server that comes back gets the rest), and every metric is also appended to
-``RUN_DIR/metrics.jsonl``. Default store (no ``tracking.uri`` and no ``MLFLOW_TRACKING_URI``):
-``sqlite:///RUNS_ROOT/mlflow.db`` with artifacts in ``RUNS_ROOT/mlartifacts``, no server needed.
+stalls a step. Every metric is first appended to ``RUN_DIR/metrics.jsonl`` (its timestamp is the
+one sent to MLflow, so sending a point twice stores it once). When the server cannot be reached,
+the tracker says so once and keeps going: metrics wait in a backlog and other calls (params,
+images, artifacts, tags, the final status) in a retry list. The first call that reaches the server
+again sends the backlog and the retries, and only then says that tracking resumed. What is still
+undelivered when the run ends is recorded in ``RUN_DIR/mlflow.json`` (run id, metrics sent, final
+status) and sent later by ``maskdm sync RUN_DIR``. A resumed run continues the same MLflow run; a
+run started from scratch in a folder whose previous run died marks that run FAILED.
+Default store (no ``tracking.uri`` and no ``MLFLOW_TRACKING_URI``): ``sqlite:///RUNS_ROOT/mlflow.db``
+with artifacts in ``RUNS_ROOT/mlartifacts``, no server needed.
 """
 
 from __future__ import annotations
@@ -38,6 +44,48 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}{art} --host 127.0.0.1 --port 5000"
 
 
+RECORD = "mlflow.json"
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+
+
+def read_record(run_dir: str | os.PathLike) -> dict | None:
+    """``RUN_DIR/mlflow.json``: where this run folder's MLflow run is and what reached it."""
+    try:
+        return json.loads((Path(run_dir) / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _metrics_of(record: dict):
+    from mlflow.entities import Metric
+    ts = int(record["time"] * 1000)
+    return [Metric(k, float(v), ts, int(record["step"])) for k, v in record.items()
+            if k not in ("step", "time")]
+
+
+def read_jsonl(path: Path, start: int = 0) -> list[dict]:
+    """Metric records from line ``start`` on (a torn last line from a crash is ignored)."""
+    out = []
+    try:
+        with open(path) as f:
+            for i, line in enumerate(f):
+                if i >= start:
+                    try:
+                        out.append(json.loads(line))
+                    except ValueError:
+                        pass
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def send_metrics(client, run_id: str, records: list[dict], chunk: int = 900) -> None:
+    """Send metric records in batches (MLflow takes at most 1000 metrics per call)."""
+    metrics = [m for r in records for m in _metrics_of(r)]
+    for i in range(0, len(metrics), chunk):
+        client.log_batch(run_id, metrics=metrics[i:i + chunk])
+
+
 class Tracker:
     """No-op on ranks other than 0 and when disabled."""
 
@@ -47,71 +95,143 @@ class Tracker:
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.log = log
-        self.run_id = run_id
         self.failed = False
         self.uri = None
+        self.run_id = run_id
         self._jsonl = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        jsonl = self.run_dir / "metrics.jsonl"
+        self._lines = sum(1 for _ in open(jsonl)) if jsonl.exists() else 0
+        previous = read_record(self.run_dir) or {}
+        # a previous run of this folder whose process died before its first checkpoint
+        self._stale = (previous["run_id"] if run_id is None and previous.get("run_id")
+                       and previous.get("status") not in TERMINAL else None)
+        self._resumed = run_id is not None
+        same = self._resumed and previous.get("run_id") == run_id
+        # metrics.jsonl lines already in MLflow; when resuming, the rest is sent first
+        self._sent = min(int(previous.get("metrics_sent", self._lines)), self._lines) if same \
+            else self._lines
+        self._backlog: list[dict] = read_jsonl(jsonl, self._sent)
+        self._retry: list = []  # failed calls other than metrics, in order
+        self._status, self._status_sent = "RUNNING", False
+        self._jsonl = open(jsonl, "a", buffering=1)
         env_uri = os.environ.get("MLFLOW_TRACKING_URI") or None
-        artifacts = None
+        self._artifacts = None
         if uri or env_uri:
             self.uri = uri or env_uri
         else:
             self.uri, art = default_uri(self.run_dir)
             art.mkdir(parents=True, exist_ok=True)
-            artifacts = art.as_uri()
+            self._artifacts = art.as_uri()
+        self._experiment, self._run_name, self._tags = experiment, run_name, tags or {}
+        self._client = None
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._worker, daemon=True, name="mlflow")
         self._started = threading.Event()
         self._thread.start()
-        self._call(self._start, experiment, run_name, artifacts, tags or {})
+        self._call(self._start)
 
     # ------------------------------------------------------------------ worker thread
     def _worker(self) -> None:
         while True:
             item = self._queue.get()
-            if item is None:
-                self._queue.task_done()
-                return
-            fn, args = item
             try:
-                fn(*args)
-                if self.failed:
-                    self.log("MLflow is reachable again; tracking resumed")
-                    self.failed = False
-            except Exception as e:  # tracking must never stop training
-                if not self.failed:
-                    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                    self.log(f"warning: MLflow call failed ({first}); training continues, metrics "
-                             f"are kept in {self.run_dir / 'metrics.jsonl'}", file=sys.stderr)
-                self.failed = True
+                if item is None:
+                    return
+                fn, args = item
+                if fn == self._send_backlog:  # a metric record: it waits in the backlog
+                    self._backlog.append(args[0])
+                    args = ()
+                if not self._attempt(fn, args) and fn != self._send_backlog:
+                    self._retry.append((fn, args))
             finally:
                 self._queue.task_done()
+
+    def _attempt(self, fn, args) -> bool:
+        try:
+            self._ensure_run()
+            fn(*args)
+            if self._retry or self._backlog or self.failed:
+                self._catch_up()
+        except Exception as e:  # tracking must never stop training
+            if not self.failed:
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                self.log(f"warning: MLflow call failed ({first}); training continues, metrics "
+                         f"are kept in {self.run_dir / 'metrics.jsonl'} and sent when MLflow "
+                         f"answers again", file=sys.stderr)
+            self.failed = True
+            return False
+        finally:
+            self._started.set()
+        return True
+
+    def _ensure_run(self) -> None:
+        """The client and the run exist (created on the first call that reaches the server)."""
+        import mlflow
+        if self._client is None:
+            self._client = mlflow.MlflowClient(self.uri)
+        if self.run_id is not None:
+            return
+        if self._stale is not None:
+            try:
+                if self._client.get_run(self._stale).info.status == "RUNNING":
+                    self._client.set_tag(self._stale, "maskdm.ended", "its training process died "
+                                         "before the first checkpoint; restarted as a new run")
+                    self._client.set_terminated(self._stale, status="FAILED")
+            except mlflow.exceptions.MlflowException:
+                pass  # deleted, or kept on another server: nothing to correct
+            self._stale = None
+        exp = self._client.get_experiment_by_name(self._experiment)
+        exp_id = exp.experiment_id if exp else self._client.create_experiment(
+            self._experiment, artifact_location=self._artifacts)
+        self.run_id = self._client.create_run(exp_id, run_name=self._run_name,
+                                              tags=self._tags).info.run_id
+        self._write_record()
+
+    def _start(self) -> None:
+        if self._resumed:  # the same run goes on
+            self._client.update_run(self.run_id, status="RUNNING")
+        self._write_record()
+
+    def _send_backlog(self) -> None:
+        if self._backlog:
+            send_metrics(self._client, self.run_id, self._backlog)
+            self._sent += len(self._backlog)
+            self._backlog = []
+            self._write_record()
+
+    def _catch_up(self) -> None:
+        """The server answered: send the metrics backlog and the failed calls, in order; only
+        then say that tracking resumed."""
+        n_values = sum(len(r) - 2 for r in self._backlog)
+        n_calls = len(self._retry)
+        self._send_backlog()
+        while self._retry:
+            fn, args = self._retry[0]
+            fn(*args)
+            self._retry.pop(0)
+        if self.failed:
+            self.failed = False
+            self.log(f"MLflow answers again: tracking resumed ({n_values} metric value(s) and "
+                     f"{n_calls} other call(s) from the outage sent)")
+
+    def _write_record(self) -> None:
+        if self.run_id is None:
+            return
+        from maskdm.shardformat.fsutil import atomic_write_json
+        atomic_write_json(self.run_dir / RECORD, {
+            "uri": self.uri, "run_id": self.run_id, "experiment": self._experiment,
+            "metrics_sent": self._sent, "status": self._status, "status_sent": self._status_sent})
 
     def _call(self, fn, *args) -> None:
         if self.enabled:
             self._queue.put((fn, args))
 
-    def _start(self, experiment, run_name, artifacts, tags) -> None:
-        try:
-            import mlflow
-            self._client = mlflow.MlflowClient(self.uri)
-            if self.run_id is not None:  # resumed: keep logging into the same run
-                self._client.update_run(self.run_id, status="RUNNING")
-                return
-            exp = self._client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self._client.create_experiment(
-                experiment, artifact_location=artifacts)
-            run = self._client.create_run(exp_id, run_name=run_name, tags=tags)
-            self.run_id = run.info.run_id
-        finally:
-            self._started.set()
-
     def wait_started(self, timeout: float = 60.0) -> str | None:
-        """The MLflow run id, once the run exists (None if tracking is off or failed)."""
+        """The MLflow run id, once the first call returned (None if tracking is off, or the
+        server could not be reached yet: the run is then created when it can be)."""
         if not self.enabled:
             return None
         self._started.wait(timeout)
@@ -130,13 +250,10 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
-        from mlflow.entities import Metric
-        ts = int(time.time() * 1000)
-
-        def do(ms):
-            self._client.log_batch(self.run_id, metrics=ms)
-        self._call(do, [Metric(k, float(v), ts, step) for k, v in metrics.items()])
+        record = {"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._lines += 1
+        self._call(self._send_backlog, record)
 
     def log_image(self, image, artifact_file: str) -> None:
         self._call(lambda: self._client.log_image(self.run_id, image, artifact_file=artifact_file))
@@ -158,16 +275,81 @@ class Tracker:
         self._call(do)
 
     def finish(self, status: str = "FINISHED", timeout: float = 120.0) -> bool:
-        """Flush the queue (bounded wait) and close the run; True if everything was delivered."""
-        if not self.enabled:
-            return True
-        self._call(lambda: self._client.set_terminated(self.run_id, status=status))
+        """Deliver what is queued (bounded wait) and end the run with ``status``; True if
+        everything reached MLflow. Otherwise says, truthfully, what did not and how to send it."""
+        if not self.enabled or self._status in TERMINAL:  # disabled, or already finished
+            return not self.enabled or not self.failed
+        self._status = status
+
+        def terminate():
+            self._client.set_terminated(self.run_id, status=status)
+            self._status_sent = True
+        self._call(terminate)
         self._queue.put(None)
         self._thread.join(timeout)
         if self._jsonl:
             self._jsonl.close()
-        if self._thread.is_alive():
-            self.log(f"warning: MLflow did not answer within {timeout:.0f}s; the rest of the "
-                     f"tracking data is only in {self.run_dir / 'metrics.jsonl'}", file=sys.stderr)
+        stuck = self._thread.is_alive()
+        try:
+            self._write_record()
+        except OSError:
+            pass
+        if not stuck and self._status_sent and not self._backlog and not self._retry:
+            return True
+        why = f"did not answer within {timeout:.0f}s" if stuck else "could not be reached"
+        if self.run_id is None:
+            self.log(f"warning: MLflow {why} during the whole run, so no MLflow run exists for it; "
+                     f"the metrics are in {self.run_dir / 'metrics.jsonl'}", file=sys.stderr)
             return False
-        return not self.failed
+        left = [f"{self._lines - self._sent} metric record(s)"] if self._lines > self._sent else []
+        if not self._status_sent:
+            left.append(f"the final status {status}")
+        others = len(self._retry) - (0 if self._status_sent else 1)
+        lost = (f"; {others} other call(s) (params, images or artifacts; their files are in "
+                f"{self.run_dir}) are not re-sent" if others > 0 and not stuck else "")
+        self.log(f"warning: MLflow {why} at the end of the run; not delivered: "
+                 f"{', '.join(left) or 'the calls still queued'}. Send them with `maskdm sync "
+                 f"{self.run_dir}` once MLflow is back{lost}", file=sys.stderr)
+        return False
+
+
+def sync(run_dir: str | os.PathLike, uri: str | None = None, log=print) -> int:
+    """``maskdm sync RUN_DIR``: send what a run could not deliver to MLflow (metrics from
+    ``metrics.jsonl`` after the last delivered line, and its final status). Safe to repeat: a
+    metric point sent twice is stored once."""
+    import mlflow
+    run_dir = Path(run_dir)
+    record = read_record(run_dir)
+    if record is None or not record.get("run_id"):
+        raise TrackingError(f"{run_dir} has no {RECORD}: it was not tracked with MLflow, or the "
+                            f"server was never reachable during the run (its metrics are in "
+                            f"{run_dir / 'metrics.jsonl'})")
+    client = mlflow.MlflowClient(uri or record["uri"])
+    run_id = record["run_id"]
+    try:
+        status = client.get_run(run_id).info.status
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise  # unreachable: the caller says so
+        raise TrackingError(f"run {run_id} is not on {uri or record['uri']}; pass --uri if the "
+                            f"server moved") from None
+    records = read_jsonl(run_dir / "metrics.jsonl", int(record.get("metrics_sent", 0)))
+    send_metrics(client, run_id, records)
+    record["metrics_sent"] = int(record.get("metrics_sent", 0)) + len(records)
+    final = record.get("status")
+    set_status = final in TERMINAL and status != final
+    if set_status:
+        client.set_terminated(run_id, status=final)
+        record["status_sent"] = True
+    from maskdm.shardformat.fsutil import atomic_write_json
+    atomic_write_json(run_dir / RECORD, record)
+    log(f"run {run_id}: sent {len(records)} metric record(s)"
+        + (f"; status {status} -> {final}" if set_status else f"; status {status}"))
+    if final not in TERMINAL:
+        log(f"note: {run_dir} has no final status (still running, or its process died: resume it "
+            f"with `maskdm train --resume auto` to continue the same MLflow run)")
+    return 0
+
+
+class TrackingError(RuntimeError):
+    pass

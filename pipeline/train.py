@@ -29,6 +29,7 @@ import torch
 from maskdm.model.diffusion import GaussianDiffusion
 from maskdm.model.objective import DiffusionObjective
 from maskdm.shardformat.manifest import DatasetError
+from maskdm.shardformat.reader import SampleError
 
 from . import checkpoint as ckpt
 from . import dist
@@ -37,6 +38,7 @@ from .ema import EMA
 from .randomness import draw_step, rank_seed
 
 EXIT_NONFINITE = 3
+EXIT_DATA = 4
 FIXED_ON_RESUME = ("model.", "diffusion.", "mask.", "data.space", "train.stage", "train.seed",
                    "train.global_batch", "train.grad_accum")
 
@@ -154,11 +156,14 @@ class Trainer:
         torch.manual_seed(rank_seed(t.seed, self.world, self.rank))  # anything rank-local
         self.ema = EMA(self.engine.module, cfg.optim.ema_decay)
         self.objective = DiffusionObjective(self.diffusion, mcfg.patch_size)
-        self.loader = Loader(self.reader, global_batch=self.micro_global, rank=self.rank,
-                             world_size=self.world, seed=t.seed, device=self.device,
-                             backend=cfg.data.backend, workers=cfg.data.workers,
-                             space=cfg.data.space, hflip=cfg.data.hflip, strict=cfg.data.strict,
-                             dali_threads=max(cfg.data.workers, 1))
+        try:
+            self.loader = Loader(self.reader, global_batch=self.micro_global, rank=self.rank,
+                                 world_size=self.world, seed=t.seed, device=self.device,
+                                 backend=cfg.data.backend, workers=cfg.data.workers,
+                                 space=cfg.data.space, hflip=cfg.data.hflip,
+                                 strict=cfg.data.strict, dali_threads=max(cfg.data.workers, 1))
+        except SampleError as e:
+            raise ConfigError(f"data.shards: {e}") from None
         amp_on = self.precision != "fp32"
         self.amp = dict(device_type=self.device.type, enabled=amp_on,
                         dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
@@ -185,13 +190,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ phase 4: tracking
     def _start_tracking(self) -> None:
-        from .tracking import Tracker
+        from .tracking import Tracker, read_record
         cfg, t = self.cfg, self.t
         is_main = dist.is_main()
         tags = {"maskdm.stage": t.stage, "maskdm.run_dir": str(self.run_dir.resolve())}
         if self.parent is not None and self.parent.mlflow_run_id:
             tags["maskdm.parent_run_id"] = self.parent.mlflow_run_id
             tags["mlflow.parentRunId"] = self.parent.mlflow_run_id
+        if self.run_id is None and self.resume_from is not None and is_main:
+            # resumed from a checkpoint saved before the MLflow run existed (server down then)
+            self.run_id = (read_record(self.run_dir) or {}).get("run_id")
         self.tracker = Tracker(enabled=cfg.tracking.enabled and is_main, run_dir=self.run_dir,
                                experiment=cfg.tracking.experiment, run_name=cfg.tracking.run_name,
                                uri=cfg.tracking.uri, run_id=self.run_id, tags=tags, log=self.log)
@@ -237,7 +245,13 @@ class Trainer:
         t = self.t
         for a in range(t.grad_accum):
             w0 = time.perf_counter()
-            batch = next(self.loader)
+            try:
+                batch = next(self.loader)
+            except SampleError as e:
+                where = (f"{self.ckpt_root / self.last_ckpt}" if self.last_ckpt
+                         else "none was written yet")
+                raise TrainingStopped(f"data: {e}. Stopped at step {self.step} without saving; "
+                                      f"the last good checkpoint: {where}", EXIT_DATA) from None
             self.data_wait += time.perf_counter() - w0
             r = draw_step(t.seed, self.step * t.grad_accum + a, self.micro_global,
                           self.rank * self.local, (self.rank + 1) * self.local,
@@ -317,7 +331,7 @@ class Trainer:
             zero_stage=self.ds_config["zero_optimization"]["stage"], precision=self.precision,
             stage=self.t.stage, config=self.cfg.to_dict(), model=dataclasses.asdict(self.mcfg),
             image_size=self.reader.image_size, space=self.cfg.data.space,
-            mlflow_run_id=self.run_id, time=time.time())
+            mlflow_run_id=self.tracker.run_id or self.run_id, time=time.time())
         path = ckpt.save(self.engine, self.ema, self.ckpt_root, meta, self.t.keep_last)
         self.last_ckpt = path.name
         self.log(f"checkpoint {path}")
@@ -383,6 +397,12 @@ class Trainer:
                    "samples": str(self.run_dir / "samples" / f"step_{self.step:08d}.png"),
                    "tracking_uri": self.tracker.uri, "tracking_ok": delivered,
                    "fid": self.last_fid["value"]}
+        replaced, left_out = int(dist.all_sum(self.loader.skipped_samples)), self.reader.excluded
+        if replaced or left_out:
+            seen = ", ".join(self.loader.damaged_shards)
+            self.log(f"data: {len(left_out)} damaged shard(s) left out of the order, {replaced} "
+                     f"damaged sample(s) replaced" + (f" (found in {seen})" if seen else "")
+                     + f"; run `maskdm shard --verify {self.reader.directory}`")
         self.log(f"done: {self.t.steps} steps; checkpoint {summary['checkpoint']}; samples "
                  f"{summary['samples']}" + (f"; MLflow run {self.run_id}: "
                                             f"{ui_command(self.tracker.uri)}"
@@ -406,14 +426,19 @@ class Trainer:
             self._loop()
             self._finish()
         except TrainingStopped as e:
-            status = "KILLED" if e.code != EXIT_NONFINITE else "FAILED"
+            status = "FAILED" if e.code in (EXIT_NONFINITE, EXIT_DATA) else "KILLED"
             code, message = e.code, str(e)
+        except BaseException as e:  # a crash: the MLflow run must not stay RUNNING
+            self.tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED",
+                                timeout=30)
+            raise
         finally:
             self.bar.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
             self.loader.close()
         delivered = self.tracker.finish(status)
+        self.run_id = self.tracker.run_id or self.run_id
         if code:
             self.log(message, file=sys.stderr)
             return {"exit_code": code, "step": self.step, "run_id": self.run_id}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -29,12 +30,12 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, root: Path):
-        self.port = _free_port()
+    def __init__(self, root: Path, port: int | None = None):
+        self.port = port or _free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         mlflow = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
         env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-        self.log = open(root / "server.log", "w")
+        self.log = open(root / "server.log", "a")
         self.proc = subprocess.Popen(
             [mlflow, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
@@ -130,3 +131,139 @@ def test_training_finishes_when_the_server_dies(shards, tmp_path):
     assert "MLflow call failed" in err and "training continues" in err
     assert "done: 60 steps" in out
     assert len(jsonl.read_text().splitlines()) == 30  # every metric kept locally
+
+
+def _wait_lines(path: Path, n: int, proc, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+
+
+def _loss_steps(client, run_id: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+
+
+def test_an_outage_mid_run_is_caught_up_when_the_server_returns(shards, tmp_path):
+    """The server dies mid-run and comes back: the metrics logged meanwhile are sent, the run
+    ends FINISHED, and "tracking resumed" is printed only once it is true."""
+    server = Server(tmp_path)
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(shards, run_dir, "tracking.enabled=true", "train.steps=300",
+                    "train.log_every=2", "train.ckpt_every=300", "tracking.experiment=outage")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env_with(server.uri), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        jsonl = run_dir / "metrics.jsonl"
+        _wait_lines(jsonl, 3, proc)
+        server.stop()
+        _wait_lines(jsonl, 8, proc)  # a few metrics are logged while it is down
+        down = len(jsonl.read_text().splitlines())
+        server = Server(tmp_path, port=server.port)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+    assert proc.returncode == 0, err[-3000:]
+    assert down < 150, "the run ended before the server came back; make it longer"
+    assert err.count("MLflow call failed") == 1
+    assert out.count("MLflow answers again: tracking resumed") == 1
+    assert "not delivered" not in err
+    server = Server(tmp_path, port=server.port)
+    try:
+        from mlflow import MlflowClient
+        client = MlflowClient(server.uri)
+        run_id = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert _loss_steps(client, run_id) == list(range(2, 301, 2))
+    finally:
+        server.stop()
+
+
+def test_a_server_down_at_the_end_is_synced_later(shards, tmp_path):
+    """The server is down when training ends: the run says exactly what was not delivered, and
+    `maskdm sync` sends it (metrics and the FINISHED status) once the server is back."""
+    server = Server(tmp_path)
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(shards, run_dir, "tracking.enabled=true", "train.steps=30",
+                    "train.log_every=2", "train.ckpt_every=30", "tracking.experiment=late")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env_with(server.uri), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_lines(run_dir / "metrics.jsonl", 2, proc)
+        server.stop()
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+    assert proc.returncode == 0, err[-3000:]
+    assert "not delivered:" in err and "the final status FINISHED" in err
+    assert f"maskdm sync {run_dir}" in err
+    assert "tracking resumed" not in out + err
+    sync = [sys.executable, "-m", "maskdm", "sync", str(run_dir)]
+    down = subprocess.run(sync, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert down.returncode == 1 and "could not be reached" in down.stderr
+    assert "Traceback" not in down.stderr
+    server = Server(tmp_path, port=server.port)
+    try:
+        r = subprocess.run(sync, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "status RUNNING -> FINISHED" in r.stdout
+        from mlflow import MlflowClient
+        client = MlflowClient(server.uri)
+        run_id = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert _loss_steps(client, run_id) == list(range(2, 31, 2))
+        again = subprocess.run(sync, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                               timeout=300)
+        assert "sent 0 metric record(s); status FINISHED" in again.stdout
+        assert _loss_steps(client, run_id) == list(range(2, 31, 2))
+    finally:
+        server.stop()
+
+
+def test_runs_killed_and_restarted_end_with_a_true_status(shards, tmp_path):
+    """kill -9 after a checkpoint + `--resume auto`: the same MLflow run goes on and ends FINISHED.
+    kill -9 before any checkpoint + a restart: that run is marked FAILED, a new one FINISHED."""
+    from mlflow import MlflowClient
+    server = Server(tmp_path)
+    try:
+        client = MlflowClient(server.uri)
+        env = _env_with(server.uri)
+        for case, ckpt_every in (("resumed", 10), ("restarted", 1000)):
+            run_dir = tmp_path / case
+            sets = ("tracking.enabled=true", "train.steps=40", "train.log_every=2",
+                    f"train.ckpt_every={ckpt_every}", f"tracking.experiment={case}")
+            proc = subprocess.Popen(train_cmd(shards, run_dir, *sets), cwd=ROOT, env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
+            target = run_dir / "checkpoints" / "step_00000010"
+            deadline = time.time() + 300
+            while time.time() < deadline and proc.poll() is None:
+                if (case == "resumed" and target.exists()) or (
+                        case == "restarted" and (run_dir / "metrics.jsonl").exists()
+                        and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 3):
+                    break
+                time.sleep(0.05)
+            assert proc.poll() is None, "training ended before it could be killed"
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+            first = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
+            assert client.get_run(first).info.status == "RUNNING"
+            r = subprocess.run(train_cmd(shards, run_dir, *sets, resume="auto"), cwd=ROOT,
+                               env=env, capture_output=True, text=True, timeout=600)
+            assert r.returncode == 0, r.stderr[-3000:]
+            second = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
+            assert client.get_run(second).info.status == "FINISHED"
+            if case == "resumed":
+                assert second == first
+                assert set(_loss_steps(client, first)) == set(range(2, 41, 2))
+            else:
+                assert second != first
+                old = client.get_run(first)
+                assert old.info.status == "FAILED" and "died" in old.data.tags["maskdm.ended"]
+    finally:
+        server.stop()

@@ -247,3 +247,39 @@ def test_a_tampered_checkpoint_cannot_run_code(shards, tmp_path):
     assert list(step.glob("*.pt"))  # the untouched original still resumes
     ok = run_train(shards, good, "train.steps=6", "train.zero_stage=2", resume="auto")
     assert ok.returncode == 0 and "resumed from" in ok.stdout, ok.stderr[-3000:]
+
+
+def test_damaged_shards_do_not_stop_training(shards, tmp_path):
+    """A garbage index and a NaN inside a tensor used to stop the run (all samples of a batch
+    unreadable; a non-finite loss blamed on the learning rate). With data.strict: false training
+    goes on and says what it lost; with data.strict: true it stops with a clear message."""
+    import shutil
+
+    import numpy as np
+
+    from maskdm.shardformat.manifest import load_manifest
+    from maskdm.shardformat.tarfmt import read_index
+    bad = tmp_path / "shards"
+    shutil.copytree(shards, bad)
+    m = load_manifest(bad)
+    (bad / m.shards[0].index).write_bytes(b"\x00\xff" * 500)
+    entry = read_index(bad / m.shards[1].index)[5]
+    c = next(c for c in entry if c.ext == "dwt16")
+    with open(bad / m.shards[1].name, "r+b") as f:
+        f.seek(c.offset + 100)
+        f.write(np.array([np.nan], "<f2").tobytes())
+    sets = ("train.steps=8", "train.ckpt_every=8", "train.log_every=4")
+    r = run_train(bad, tmp_path / "lenient", *sets)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert out.count("damaged shard(s) left out of the order (32 of 96 samples)") == 1
+    assert "shard-000000.idx: not a DALI index" in out
+    assert "data: 1 damaged shard(s) left out of the order, 1 damaged sample(s) replaced " \
+           "(found in shard-000001.tar)" in out
+    strict = run_train(bad, tmp_path / "strict", *sets, "data.strict=true")
+    assert strict.returncode == 2 and "data.strict" in strict.stderr, strict.stderr[-2000:]
+    shutil.copy(shards / m.shards[0].index, bad / m.shards[0].index)  # only the NaN is left
+    strict = run_train(bad, tmp_path / "strict2", *sets, "data.strict=true")
+    assert strict.returncode == 4, strict.stderr[-2000:]
+    assert "data: shard-000001.tar/" in strict.stderr and "dwt16 holds NaN/Inf" in strict.stderr
+    assert "Traceback" not in strict.stderr
