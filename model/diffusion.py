@@ -68,9 +68,12 @@ class GaussianDiffusion:
     def timesteps(self, steps: int) -> list[int]:
         """``steps`` timesteps, evenly spaced from 0 ("leading" spacing), largest first.
 
-        With fewer steps than T the chain starts at ``T - T/steps`` rather than ``T - 1``: near
-        ``T - 1`` the cosine schedule's alpha-bar is ~1e-6, and the x0 estimate there divides by
-        its square root, which makes deterministic (DDIM) sampling blow up.
+        With fewer steps than T the chain starts at ``T - T/steps`` rather than ``T - 1``. Under
+        the cosine schedule alpha-bar is 2.4e-9 at ``t = T - 1`` (its last beta is clipped to
+        0.999) and 2.4e-6 at ``T - 2``; the x0 estimate divides by sqrt(alpha-bar), so there any
+        error in the predicted eps is multiplied by ~2e4. With x0 clipping (``clip=True``, the
+        default) that is contained; without it, deterministic DDIM started at ``T - 1`` blows up.
+        (The paper's authors' sampler starts at ``T - 1``, with clipping.)
         """
         if not 1 <= steps <= self.num_timesteps:
             raise ValueError(f"sampling steps must be in 1..{self.num_timesteps}, got {steps}")

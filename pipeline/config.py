@@ -29,6 +29,8 @@ from .data.transform import Space, model_input_shape
 
 DS_CONFIG_DIR = DEEPSPEED_CONFIGS
 Precision = Literal["bf16", "fp16", "fp32"]
+DecayOn = Literal["matrices", "all"]
+EmaWarmup = Literal["ratio", "power"]
 Stage = Literal["pretrain", "finetune"]  # pretrain: MSM (or DSM from scratch with mask.kind none)
 Device = Literal["auto", "cuda", "cpu"]
 
@@ -58,11 +60,18 @@ class DiffusionConfig:
 class OptimConfig:
     lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.99, 0.99])
-    weight_decay: float = 0.03  # not on biases, norms, embeddings
+    weight_decay: float = 0.03
+    # which parameters decay: "matrices" (biases, norms and embeddings excluded, the usual ViT
+    # practice) or "all" (what the paper's authors' code does: AdamW over every parameter)
+    weight_decay_on: DecayOn = "matrices"
     eps: float = 1e-8
     warmup_steps: int = 5000
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0: off
     ema_decay: float = 0.999
+    ema_every: int = 1  # update the EMA every k optimizer steps
+    ema_warmup: EmaWarmup = "ratio"  # ratio: (1+s)/(10+s); power: the authors' ema_pytorch schedule
+    ema_power: float = 2 / 3  # power warm-up: decay = 1 - (1 + steps since start) ** -power
+    ema_start: int = 100  # power warm-up: the EMA copies the weights for the first steps
 
 
 @dataclass
@@ -310,6 +319,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.lr must be > 0; weight_decay, warmup_steps, grad_clip >= 0")
     if not 0 <= o.ema_decay < 1:
         raise ConfigError(f"optim.ema_decay must be in [0, 1), got {o.ema_decay}")
+    if o.ema_every < 1 or o.ema_power <= 0 or o.ema_start < 0:
+        raise ConfigError("optim.ema_every must be >= 1, optim.ema_power > 0 and "
+                          "optim.ema_start >= 0")
     if not 1 <= cfg.eval.steps <= cfg.diffusion.num_timesteps:
         raise ConfigError(f"eval.steps must be in 1..{cfg.diffusion.num_timesteps}")
     if cfg.eval.fid_every < 0 or cfg.eval.fid_samples < 2 or cfg.eval.batch < 1:

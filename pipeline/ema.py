@@ -4,8 +4,16 @@ ZeRO 0-2 keep full parameters on every rank: the EMA is a full fp32 copy (identi
 ranks). Under ZeRO-3 a rank holds only its partition of each parameter (``param.ds_tensor``): the
 EMA then averages that partition, with no communication; ``full_state_dict`` all-gathers the
 partitions (every rank must call it) and ``merge_partitions`` does the same offline from the
-per-rank checkpoint files. Decay warms up as ``min(decay, (1 + step) / (10 + step))``, so short
-runs are not dominated by the initial weights.
+per-rank checkpoint files.
+
+The decay warms up so that early weights do not dominate, in one of two ways (``optim.ema_warmup``):
+- ``ratio``: ``min(decay, (1 + step) / (10 + step))`` at every ``every``-th step (maskdm's default);
+- ``power``: the schedule of the ``ema_pytorch`` package the paper's authors used: counting optimizer
+  steps from 0 as ``c``, the EMA is updated when ``c % every == 0``; it copies the weights while
+  ``c <= start + 1`` and then uses ``min(decay, 1 - (c - start) ** -power)``. With ``every = 10``,
+  ``power = 2/3``, ``start = 100`` and decay 0.999 (the authors' settings) the averaging horizon is
+  ~1000 updates = ~10k steps, against ~1k steps for ``ratio`` at every step.
+The decay is a function of the step alone, so a resumed run averages exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -19,8 +27,12 @@ def _is_zero3_param(p: torch.nn.Parameter) -> bool:
 
 
 class EMA:
-    def __init__(self, module: torch.nn.Module, decay: float):
-        self.decay = decay
+    def __init__(self, module: torch.nn.Module, decay: float, *, every: int = 1,
+                 warmup: str = "ratio", power: float = 2 / 3, start: int = 100):
+        if warmup not in ("ratio", "power"):
+            raise ValueError(f"EMA warmup must be 'ratio' or 'power', got {warmup!r}")
+        self.decay, self.every, self.warmup, self.power, self.start = \
+            decay, int(every), warmup, float(power), int(start)
         params = list(module.named_parameters())
         self.zero3 = any(_is_zero3_param(p) for _, p in params)
         self.names = [n for n, _ in params]
@@ -32,12 +44,24 @@ class EMA:
     def _local(self, p: torch.nn.Parameter) -> torch.Tensor:
         return p.ds_tensor if self.zero3 else p.data
 
-    def current_decay(self, step: int) -> float:
+    def current_decay(self, step: int) -> float | None:
+        """Decay applied after optimizer step ``step`` (1-based); None: no update at this step,
+        0.0: copy the weights."""
+        if self.warmup == "power":
+            c = step - 1
+            if c % self.every:
+                return None
+            epoch = c - self.start - 1
+            return 0.0 if epoch <= 0 else min(self.decay, 1.0 - (1.0 + epoch) ** -self.power)
+        if step % self.every:
+            return None
         return min(self.decay, (1.0 + step) / (10.0 + step))
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module, step: int) -> None:
         d = self.current_decay(step)
+        if d is None:
+            return
         shadows, currents = [], []
         for n, p in module.named_parameters():
             shadows.append(self.shadow[n])

@@ -10,8 +10,11 @@ from .config import Config
 from .weights import load_strict
 
 
-def param_groups(net, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: biases, norms and embeddings are excluded."""
+def param_groups(net, weight_decay: float, on: str = "matrices") -> list[dict]:
+    """AdamW groups. ``on="matrices"``: biases, norms and embeddings get no weight decay;
+    ``on="all"``: every parameter decays (as in the paper's authors' code)."""
+    if on == "all":
+        return [{"params": list(net.parameters()), "weight_decay": weight_decay}]
     skip = net.no_weight_decay()
     decay = [p for n, p in net.named_parameters() if n not in skip]
     no_decay = [p for n, p in net.named_parameters() if n in skip]
@@ -35,7 +38,7 @@ def build_engine(cfg: Config, mcfg: ModelConfig, device: torch.device, ds_config
     if init_weights is not None:
         load_strict(net, init_weights, f"the weights of train.init_from={cfg.train.init_from}")
     o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(net, o.weight_decay), lr=o.lr,
+    optimizer = torch.optim.AdamW(param_groups(net, o.weight_decay, o.weight_decay_on), lr=o.lr,
                                   betas=tuple(o.betas), eps=o.eps,
                                   fused=device.type == "cuda" or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(o.warmup_steps))

@@ -35,6 +35,9 @@ def export_weights(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike) -> 
         "diffusion": cfg["diffusion"], "stage": meta.stage, "step": meta.step,
         "source_checkpoint": str(src.resolve()), "mlflow_run_id": meta.mlflow_run_id,
         "data": {"shards": cfg["data"]["shards"]},
+        # the recipe's evaluation protocol: `maskdm sample` uses it unless told otherwise
+        "evaluation": {k: cfg["eval"][k] for k in ("sampler", "steps", "eta", "fid_samples",
+                                                    "fid_ref") if k in cfg.get("eval", {})},
     })
     return out
 

@@ -154,7 +154,9 @@ class Trainer:
             self.fid_eval = TrainingFID(cfg, mcfg, self.diffusion, self.device, check(cfg),
                                         log=dist.print0)
         torch.manual_seed(rank_seed(t.seed, self.world, self.rank))  # anything rank-local
-        self.ema = EMA(self.engine.module, cfg.optim.ema_decay)
+        o = cfg.optim
+        self.ema = EMA(self.engine.module, o.ema_decay, every=o.ema_every, warmup=o.ema_warmup,
+                       power=o.ema_power, start=o.ema_start)
         self.objective = DiffusionObjective(self.diffusion, mcfg.patch_size)
         try:
             self.loader = Loader(self.reader, global_batch=self.micro_global, rank=self.rank,

@@ -18,12 +18,14 @@ def test_the_recipe_set_covers_the_paper():
     names = {p.stem for p in RECIPES}
     for table2 in ("celebahq256_maskdm_b_pretrain", "celebahq256_maskdm_b_finetune",
                    "celebahq256_maskdm_l_pretrain", "celebahq256_maskdm_l_finetune",
-                   "celebahq256_ddpm", "vggface2_256_pretrain", "transfer_celebahq10pct_finetune",
-                   "transfer_celebahq1pct_finetune"):
+                   "celebahq256_ddpm", "vggface2_256_pretrain", "celebahq256_s_pretrain_r90",
+                   "transfer_celebahq10pct_finetune", "transfer_celebahq1pct_finetune",
+                   "transfer_celebahq10pct_scratch", "transfer_celebahq1pct_scratch"):
         assert table2 in names
-    for kind in ("patch", "block2", "block4", "block8", "crop"):
+    for kind in ("patch", "block2", "block4", "crop"):
         for r in (10, 50, 90):
             assert f"celeba64_{kind}_r{r}" in names
+    assert "celeba64_block8_r50" in names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
@@ -36,19 +38,78 @@ def test_every_recipe_passes_dry_run(path, capsys, monkeypatch):
         assert path.read_text().startswith("#"), "each recipe says what it reproduces"
 
 
-def test_paper_recipe_values():
-    b = load_config([str(ROOT / "configs/paper/celebahq256_maskdm_b_pretrain.yaml")])
-    assert (b.model.preset, b.mask.kind, b.mask.block_size, b.mask.ratio) == ("MaskDM-B", "block", 4, 0.7)
-    assert (b.train.steps, b.train.global_batch, b.optim.betas, b.optim.weight_decay) == \
-        (200000, 128, [0.99, 0.99], 0.03)
-    ft = load_config([str(ROOT / "configs/paper/celebahq256_maskdm_b_finetune.yaml")])
-    assert (ft.train.stage, ft.train.steps, ft.train.global_batch, ft.mask.kind) == \
-        ("finetune", 550000, 16, "none")
-    v = load_config([str(ROOT / "configs/paper/vggface2_256_pretrain.yaml")])
-    assert (v.mask.ratio, v.train.global_batch) == (0.9, 256)
-    t = load_config([str(ROOT / "configs/paper/transfer_celebahq1pct_scratch.yaml")])
-    assert (t.train.stage, t.train.init_from, t.train.steps) == ("pretrain", None, 50000)
-    assert t.data.shards == "data/celebahq256_1pct" and t.eval.fid_ref == "data/celebahq256"
+# The paper's values (P: paper text, A: the authors' configs at github.com/jiachenlei/maskdm
+# commit 40907a6) that each recipe must carry. A recipe that drifts from them fails here.
+_T2 = {"data.space": "dwt", "data.image_size": 256, "diffusion.schedule": "cosine",  # P
+       "optim.betas": [0.99, 0.99], "optim.weight_decay": 0.03, "optim.ema_decay": 0.999,  # P
+       "optim.weight_decay_on": "all", "optim.warmup_steps": 0, "optim.grad_clip": 0,  # A
+       "optim.ema_every": 10, "optim.ema_warmup": "power", "model.qkv_bias": True,  # A
+       "eval.fid_samples": 30000, "eval.steps": 500, "eval.sampler": "ddim",  # P
+       "eval.eta": 1.0}  # A (evaluation default)
+_T3 = {"data.space": "pixel", "model.preset": "MaskDM-S", "model.patch_size": 4,  # P, A
+       "diffusion.schedule": "cosine", "optim.weight_decay_on": "all",  # P, A
+       "optim.ema_every": 1, "optim.ema_warmup": "power", "optim.warmup_steps": 0,  # A
+       "eval.fid_samples": 10000, "eval.steps": 250, "eval.eta": 1.0,  # P, A
+       "eval.fid_ref": "data/celebahq256"}  # P: the whole CelebA-HQ as reference
+_C64 = {"data.space": "pixel", "data.image_size": 64, "model.preset": "MaskDM-S",  # P
+        "model.patch_size": 4, "diffusion.schedule": "linear", "data.hflip": False,  # P, A
+        "optim.lr": 2e-4, "optim.grad_clip": 0, "optim.warmup_steps": 0}  # A
+_MSM = {"train.stage": "pretrain", "train.global_batch": 256}  # A
+PAPER = {
+    "celebahq256_maskdm_l_pretrain": {**_T2, "model.preset": "MaskDM-L", "mask.kind": "block",
+                                      "mask.block_size": 4, "mask.ratio": 0.7,
+                                      "train.steps": 200000, "train.global_batch": 128,
+                                      "optim.lr": 1e-4},
+    "celebahq256_maskdm_l_finetune": {**_T2, "model.preset": "MaskDM-L", "mask.kind": "none",
+                                      "train.stage": "finetune", "train.steps": 550000,
+                                      "train.global_batch": 16, "optim.lr": 5e-5},
+    "celebahq256_maskdm_b_pretrain": {**_T2, "model.preset": "MaskDM-B", "mask.kind": "block",
+                                      "mask.block_size": 4, "mask.ratio": 0.7,
+                                      "train.steps": 200000},
+    "celebahq256_maskdm_b_finetune": {**_T2, "model.preset": "MaskDM-B", "mask.kind": "none",
+                                      "train.stage": "finetune", "train.steps": 550000,
+                                      "train.global_batch": 16, "optim.lr": 5e-5},
+    "celebahq256_ddpm": {**_T2, "model.preset": "MaskDM-L", "mask.kind": "none",  # 233M (P)
+                         "train.stage": "pretrain", "train.init_from": None,
+                         "train.steps": 900000, "train.global_batch": 16, "optim.lr": 5e-5},
+    "vggface2_256_pretrain": {**_T3, "data.shards": "data/vggface2_256", "mask.kind": "block",
+                              "mask.block_size": 4, "mask.ratio": 0.9, "train.steps": 200000,
+                              "train.global_batch": 256, "optim.lr": 2e-4,
+                              "optim.grad_clip": 1.0, "data.hflip": False},
+    "celebahq256_s_pretrain_r90": {**_T3, "data.shards": "data/celebahq256", "mask.ratio": 0.9,
+                                   "mask.kind": "block", "mask.block_size": 4,
+                                   "train.steps": 200000, "train.global_batch": 256},
+    **{f"transfer_celebahq{p}pct_finetune": {
+        **_T3, "data.shards": f"data/celebahq256_{p}pct", "mask.kind": "none",
+        "train.stage": "finetune", "train.init_from": "runs/vggface2_256_pretrain",
+        "train.steps": 50000, "optim.lr": 5e-5, "train.global_batch": 64} for p in (1, 10)},
+    **{f"transfer_celebahq{p}pct_scratch": {
+        **_T3, "data.shards": f"data/celebahq256_{p}pct", "mask.kind": "none",
+        "train.stage": "pretrain", "train.init_from": None, "train.steps": 200000,
+        "train.global_batch": 64, "optim.lr": 5e-5} for p in (1, 10)},
+    **{f"celeba64_{k}_r{r}": {**_C64, **_MSM, "mask.kind": k, "mask.ratio": r / 100}
+       for k in ("patch",) for r in (10, 50, 90)},
+    **{f"celeba64_block{b}_r{r}": {**_C64, **_MSM, "mask.kind": "block", "mask.block_size": b,
+                                   "mask.ratio": r / 100}
+       for b, rs in ((2, (10, 50, 90)), (4, (10, 50, 90)), (8, (50,))) for r in rs},
+    **{f"celeba64_crop_r{r}": {**_C64, **_MSM, "mask.kind": "crop", "mask.crop_size": c}
+       for r, c in ((10, 15), (50, 11), (90, 5))},  # A: visible window side
+    "celeba64_ddpm": {**_C64, "mask.kind": "none", "train.global_batch": 128},  # A
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_recipes_carry_the_papers_settings(name):
+    cfg = load_config([str(ROOT / "configs" / "paper" / f"{name}.yaml")])
+    flat = {f"{section}.{key}": value for section, values in cfg.to_dict().items()
+            for key, value in values.items()}
+    wrong = {k: (flat.get(k), v) for k, v in PAPER[name].items() if flat.get(k) != v}
+    assert not wrong, f"{name}: (recipe, paper) differ for {wrong}"
+
+
+def test_every_paper_recipe_is_in_the_table():
+    recipes = {p.stem for p in RECIPES if p.parent.name == "paper"}
+    assert recipes - set(PAPER) <= {"celeba64_finetune"}, "add the new recipe's paper values"
 
 
 def test_base_inheritance_overrides_and_yaml_numbers(tmp_path):

@@ -284,6 +284,16 @@ def test_training_fid_export_and_sampling_from_checkpoints(standin_inception, tm
     r = run(sample_cmd(tmp_path / "export", tmp_path / "x", "--weights", "raw"))
     assert r.returncode == 2 and "EMA weights only" in r.stderr
 
+    # without --n/--steps/--eta, sampling follows the recipe's FID protocol (eval.*), recorded in
+    # the checkpoint and in the export: here FID-8 with 4 DDIM steps (configs/test_tiny.yaml)
+    for src in (run_dir, tmp_path / "export"):
+        out = tmp_path / f"protocol-{src.name}"
+        r = run([sys.executable, "-m", "maskdm", "sample", "--ckpt", str(src), "--out", str(out),
+                 "--batch", "4"])
+        assert r.returncode == 0, r.stderr
+        assert "recipe's evaluation protocol for sampler, steps, eta, n" in r.stdout
+        assert "with ddim 4 steps, eta 0.0" in r.stdout and len(list(out.glob("*.png"))) == 8
+
     r = run_train(shards, tmp_path / "run2", "eval.fid_every=3",
                   f"eval.inception_weights={tmp_path / 'missing.pth'}")
     assert r.returncode == 2

@@ -139,6 +139,85 @@ def test_schedules():
         GaussianDiffusion("quadratic")
 
 
+def _cosine_alpha_bar(t: np.ndarray, T: int = 1000, s: float = 0.008) -> np.ndarray:
+    """Nichol & Dhariwal, eq. 17: alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s)/(1 + s) pi/2),
+    for the t-th noising step (t = 0 is one step of noise)."""
+    f = lambda u: np.cos((u / T + s) / (1 + s) * np.pi / 2) ** 2  # noqa: E731
+    return f(t + 1.0) / f(0.0)
+
+
+def test_schedule_values_are_pinned_to_their_closed_forms():
+    """End points alone let a wrong offset (s = 0) or a wrong beta range through."""
+    t = np.array([0, 1, 10, 100, 250, 500, 750, 900, 980])
+    cos = GaussianDiffusion("cosine", 1000).alphas_cumprod
+    np.testing.assert_allclose(cos[t], _cosine_alpha_bar(t), rtol=1e-9)
+    assert cos[0] == pytest.approx(0.99996, abs=1e-5)  # s = 0 would give 0.9999975
+    assert cos[500] == pytest.approx(0.492285, abs=1e-6)  # s = 0: 0.498429
+    lin = GaussianDiffusion("linear", 1000).alphas_cumprod
+    betas = np.linspace(1e-4, 0.02, 1000)
+    np.testing.assert_allclose(lin[t], np.cumprod(1 - betas)[t], rtol=1e-12)
+    assert lin[0] == pytest.approx(0.9999) and lin[999] == pytest.approx(4.036e-5, rel=1e-3)
+
+
+def _gaussian_oracle(d: GaussianDiffusion, mu: float, sigma: float):
+    """The exact eps-prediction E[eps | x_t] for data x0 ~ N(mu, sigma^2) (every coordinate)."""
+    ab_table = torch.tensor(d.alphas_cumprod, dtype=torch.float64)
+
+    def oracle(x, t, keep_idx=None, labels=None):
+        ab = ab_table[t].view(-1, *([1] * (x.ndim - 1)))
+        x = x.double()
+        return ((1 - ab).sqrt() * (x - ab.sqrt() * mu) / (ab * sigma ** 2 + 1 - ab)).float()
+    return oracle
+
+
+@pytest.mark.parametrize("sampler,eta,steps", [("ddpm", 0.0, 1000), ("ddpm", 0.0, 250),
+                                               ("ddim", 0.0, 250), ("ddim", 1.0, 1000)])
+def test_samplers_draw_gaussian_data_with_the_right_mean_and_spread(sampler, eta, steps):
+    """With the exact eps of Gaussian data, DDPM and DDIM must reproduce its mean and standard
+    deviation (a one-point data set cannot tell a sampler that ignores x_t from a correct one)."""
+    d = GaussianDiffusion("cosine", 1000)
+    mu, sigma = 0.3, 0.2
+    gen = torch.Generator().manual_seed(0)
+    out = d.sample(_gaussian_oracle(d, mu, sigma), (40000, 1, 1, 1), sampler=sampler,
+                   steps=steps, eta=eta, generator=gen, clip=False).flatten()
+    assert out.mean().item() == pytest.approx(mu, abs=0.01)
+    assert out.std().item() == pytest.approx(sigma, rel=0.04)
+
+
+def test_msm_loss_is_the_noise_error_on_the_visible_patches_exactly():
+    """Hand-computed MSM loss on a tiny input: the target is the noise (not x0) at exactly the
+    visible token positions, and an oracle that predicts that noise has loss 0."""
+    d = GaussianDiffusion("linear", 1000)
+    obj = DiffusionObjective(d, patch_size=2)
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.rand(2, 1, 4, 4, generator=gen) * 2 - 1
+    noise = torch.randn(2, 1, 4, 4, generator=gen)
+    t = torch.tensor([3, 600])
+    keep = torch.tensor([[0, 3], [1, 2]])  # 2 of the 4 tokens (2x2 grid of 2x2 patches)
+
+    class B:
+        labels = None
+    B.x0 = x0
+
+    def tok(x, b, k):  # token k of image b: its 2x2 patch, row-major
+        r, c = divmod(k, 2)
+        return x[b, 0, 2 * r:2 * r + 2, 2 * c:2 * c + 2].flatten()
+
+    pred = torch.arange(16, dtype=torch.float32).view(2, 2, 4) / 10
+    want = sum(((pred[b, i] - tok(noise, b, keep[b, i].item())) ** 2).sum()
+               for b in range(2) for i in range(2)) / 16
+    got = obj(lambda x_t, tt, keep_idx, labels: pred, B, keep, t, noise)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+
+    ab = torch.tensor(d.alphas_cumprod, dtype=torch.float32)[t].view(-1, 1, 1, 1)
+
+    def oracle(x_t, tt, keep_idx, labels):  # recovers the noise from x_t, then keeps the visible
+        eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return torch.stack([torch.stack([tok(eps, b, k) for k in keep_idx[b].tolist()])
+                            for b in range(2)])
+    assert obj(oracle, B, keep, t, noise).item() < 1e-10
+
+
 def test_q_sample_statistics():
     d = GaussianDiffusion("cosine", 1000)
     x0 = torch.full((20000, 1), 0.5)

@@ -3,6 +3,13 @@
 Everything after the read happens here, on the device: float16 DWT coefficients (or decoded uint8
 images, whose Haar DWT is computed here) -> model space (``LL/255 - 1``, ``detail/255``), the
 per-sample horizontal flip in the DWT domain, and optionally the switch to pixel space.
+
+The LL scaling is a choice with an effect: ours is ``LL/255 - 1`` = the 2x2 block mean mapped to
+[-1, 1], the same range as the image in pixel space and as every detail band. The paper's authors
+use ``2 * cA - 1`` (cA the Haar approximation of [0, 1] pixels), which spans [-1, 3]: twice our
+amplitude, so at every t their LL band has 4x our signal-to-noise ratio (a log-SNR shift of
+log 4 for that band). Ours spends relatively more of the schedule on the coarse structure; the
+detail bands are scaled identically in both.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import sys
 SAMPLE_EPILOG = """\
 examples:
   maskdm sample --ckpt runs/demo/finetune --n 64 --out samples/demo
+  maskdm sample --ckpt runs/celebahq256_maskdm_b_finetune --out samples/b  # the recipe's FID protocol
   maskdm sample --ckpt runs/x/export --n 10000 --steps 100 --out samples/x   # rerun to resume
   deepspeed --num_gpus 8 $(which maskdm) sample --ckpt runs/x --num-images 50000 --out samples/x
 """
@@ -23,13 +24,18 @@ def add_parsers(sub) -> None:
     p.add_argument("--ckpt", required=True, metavar="PATH",
                    help="a run folder (newest checkpoint), a checkpoint folder or an export "
                    "folder from `maskdm export`")
-    p.add_argument("--n", "--num-images", type=int, required=True, dest="n",
-                   help="number of images (spell it --num-images under torchrun/deepspeed, "
-                   "whose own argument parsers would take --n for one of theirs)")
+    p.add_argument("--n", "--num-images", type=int, default=None, dest="n",
+                   help="number of images (default: the recipe's eval.fid_samples, i.e. its "
+                   "FID-N); spell it --num-images under torchrun/deepspeed, whose own argument "
+                   "parsers would take --n for one of theirs")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None,
+                   help="default: the recipe's eval.sampler (ddim if unknown)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the recipe's eval.steps, 50 if unknown)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM eta, 0 = deterministic (default: the recipe's eval.eta, 0 if "
+                   "unknown)")
     p.add_argument("--seed", type=int, default=0, help="base seed (image i: mix(seed, i))")
     p.add_argument("--batch", type=int, default=64, help="images per forward pass per rank")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema",
@@ -86,6 +92,7 @@ def run_sample(args) -> int:
         if dist_world() > 1:
             dist.init(device)
         gen = load_sampling_model(args.ckpt, weights=args.weights, device=device)
+        _fill_from_protocol(args, gen.protocol)
         dist.print0(f"sampling {args.n} images from {gen.source} (step {gen.step}, "
                     f"{args.weights} weights, {gen.mcfg.preset}) with {args.sampler} "
                     f"{args.steps} steps, eta {args.eta}, seed {args.seed}, on "
@@ -100,6 +107,32 @@ def run_sample(args) -> int:
                 f"{res['skipped_existing']} already there) in {res['seconds']:.0f} s")
     dist.destroy()
     return 0
+
+
+FALLBACK = {"sampler": "ddim", "steps": 50, "eta": 0.0}
+
+
+def _fill_from_protocol(args, protocol: dict | None) -> None:
+    """Unset sampler settings come from the run's recipe (its FID protocol), else FALLBACK."""
+    from .sample_folder import SampleError
+    from_recipe = []
+    for key in ("sampler", "steps", "eta"):
+        if getattr(args, key) is None:
+            if protocol and key in protocol:
+                setattr(args, key, protocol[key])
+                from_recipe.append(key)
+            else:
+                setattr(args, key, FALLBACK[key])
+    if args.n is None:
+        if not protocol or "fid_samples" not in protocol:
+            raise SampleError("--n is needed: this model does not record its recipe's "
+                              "eval.fid_samples")
+        args.n = int(protocol["fid_samples"])
+        from_recipe.append("n")
+    if from_recipe:
+        from maskdm.pipeline import dist
+        dist.print0(f"using the recipe's evaluation protocol for {', '.join(from_recipe)} "
+                    f"(override with --{' / --'.join(from_recipe)})")
 
 
 def dist_world() -> int:

@@ -47,6 +47,14 @@ class SamplingModel:
     source: str  # resolved checkpoint or export folder
     step: int
     weights: str  # ema | raw
+    # the evaluation protocol of the run's recipe (eval.sampler/steps/eta/fid_samples), if known
+    protocol: dict | None = None
+
+
+def protocol_of(eval_cfg: dict | None) -> dict | None:
+    if not eval_cfg:
+        return None
+    return {k: eval_cfg[k] for k in ("sampler", "steps", "eta", "fid_samples") if k in eval_cfg}
 
 
 def _raw_weights(src: Path, meta: ckpt.CheckpointMeta) -> dict[str, torch.Tensor]:
@@ -74,7 +82,7 @@ def load_sampling_model(path: str | os.PathLike, *, weights: str = "ema", device
         from ..export import load_export
         state, model_dict, conf = load_export(p)
         source, step, space, size = p.resolve(), conf["step"], conf["space"], conf["image_size"]
-        diff = conf["diffusion"]
+        diff, protocol = conf["diffusion"], protocol_of(conf.get("evaluation"))
     else:
         try:
             src = ckpt.resolve(p)
@@ -88,10 +96,11 @@ def load_sampling_model(path: str | os.PathLike, *, weights: str = "ema", device
             state = _raw_weights(src, meta)
         model_dict, source, step = meta.model, src.resolve(), meta.step
         space, size, diff = meta.space, meta.image_size, meta.diffusion
+        protocol = protocol_of(meta.config.get("eval"))
     mcfg = ModelConfig(**model_dict)
     net = model_from_weights(mcfg, state, device)
-    return SamplingModel(net, mcfg, GaussianDiffusion(diff["schedule"], diff["num_timesteps"]), space,
-                     size, str(source), int(step), weights)
+    return SamplingModel(net, mcfg, GaussianDiffusion(diff["schedule"], diff["num_timesteps"]),
+                         space, size, str(source), int(step), weights, protocol)
 
 
 def draw(gen: SamplingModel, idx: list[int], *, seed: int, sampler: str, steps: int, eta: float,
