@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.mutants", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--only", type=int, nargs="+", default=None, metavar="I",
+                    help="run only these mutants (numbers from --list)")
     args = ap.parse_args(argv)
     if args.list:
         for i, (path, _, _, what) in enumerate(MUTANTS):
@@ -92,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for i, (path, old, new, what) in enumerate(MUTANTS):
+        if args.only is not None and i not in args.only:
+            continue
         verdict, dt = run_mutant(path, old, new)
         rows.append((i, path, what, verdict, dt))
         print(f"{i:2d}  {verdict:9s} {dt:5.0f}s  {path}: {what}", flush=True)

@@ -184,6 +184,36 @@ def test_samplers_draw_gaussian_data_with_the_right_mean_and_spread(sampler, eta
     assert out.std().item() == pytest.approx(sigma, rel=0.04)
 
 
+def test_ddpm_with_few_steps_has_the_chains_exact_spread():
+    """With few steps the ancestral chain's output spread is not the data's, but it is known in
+    closed form (everything is linear-Gaussian): x_T ~ N(0, 1); each step is
+    x_prev = c0 * x0_hat(x) + c1 * x + sqrt(var) z with the posterior q(x_prev | x_t, x0) of the
+    respaced chain (var = beta_tilde, not beta). Pins the sampler's update, variance included."""
+    d = GaussianDiffusion("cosine", 1000)
+    mu, sigma, steps = 0.3, 0.2, 8
+    gen = torch.Generator().manual_seed(1)
+    out = d.sample(_gaussian_oracle(d, mu, sigma), (200000, 1, 1, 1), sampler="ddpm",
+                   steps=steps, generator=gen, clip=False).double().flatten()
+    ts = d.timesteps(steps)
+    m, v = 0.0, 1.0  # mean and variance of x, starting from x_T ~ N(0, 1)
+    for i, t in enumerate(ts):
+        ab = d.alphas_cumprod[t]
+        ab_prev = d.alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else 1.0
+        # x0_hat = E[x0 | x_t] = a * x + b for Gaussian data
+        a = np.sqrt(ab) * sigma ** 2 / (ab * sigma ** 2 + 1 - ab)
+        b = mu * (1 - ab) / (ab * sigma ** 2 + 1 - ab)
+        if i + 1 == len(ts):
+            m, v = a * m + b, a * a * v
+            break
+        beta = 1 - ab / ab_prev
+        c0 = np.sqrt(ab_prev) * beta / (1 - ab)
+        c1 = np.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)
+        var = beta * (1 - ab_prev) / (1 - ab)
+        m, v = (c0 * a + c1) * m + c0 * b, (c0 * a + c1) ** 2 * v + var
+    assert out.mean().item() == pytest.approx(m, abs=2e-3)
+    assert out.std().item() == pytest.approx(np.sqrt(v), rel=0.01)
+
+
 def test_msm_loss_is_the_noise_error_on_the_visible_patches_exactly():
     """Hand-computed MSM loss on a tiny input: the target is the noise (not x0) at exactly the
     visible token positions, and an oracle that predicts that noise has loss 0."""

@@ -172,3 +172,32 @@ def test_bf16_forward_close_to_fp32_on_gpu():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             low = net(x, t).float()
     assert (low - ref).norm() / ref.norm() < 2e-2
+
+
+def test_long_skips_connect_mirrored_blocks():
+    """U-ViT: out-block i merges the output of in-block depth/2 - 1 - i (the innermost first)."""
+    net = _tiny(preset="MaskDM-S", depth=6, dim=32, heads=2)
+    outs, skips = [], []
+    hooks = [b.register_forward_hook(lambda m, a, o: outs.append(o)) for b in net.in_blocks]
+    hooks += [b.register_forward_pre_hook(lambda m, a: skips.append(a[1]))
+              for b in net.out_blocks]
+    with torch.no_grad():
+        net(torch.randn(2, 12, 8, 8), torch.tensor([3, 700]))
+    for h in hooks:
+        h.remove()
+    assert len(outs) == len(skips) == 3
+    for i, s in enumerate(skips):
+        assert s is outs[len(outs) - 1 - i]
+
+
+def test_timestep_embedding_values():
+    """[cos(t f_j), sin(t f_j)] with f_j = 10000^(-j/half): pinned, so a lost half shows."""
+    import math
+
+    from maskdm.model.uvit import timestep_embedding
+    t = torch.tensor([0.0, 3.0, 250.0])
+    emb = timestep_embedding(t, 8)
+    f = torch.tensor([math.exp(-math.log(10000.0) * j / 4) for j in range(4)])
+    want = torch.cat([torch.cos(t[:, None] * f), torch.sin(t[:, None] * f)], dim=1)
+    assert torch.allclose(emb, want, atol=1e-6)
+    assert torch.equal(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4))
