@@ -4,9 +4,10 @@ Layout under ``RUN_DIR/checkpoints``: ``step_00001000/`` holds DeepSpeed's files
 LR schedule, ZeRO partitions), ``ema_rankNNNNN.pt`` (rank 0 only unless ZeRO-3 partitions it),
 ``rng_rankNNNNN.pt`` and ``meta.json`` (step, samples seen, loader state, world size, MLflow run,
 resolved config). Every ``.pt`` file, ours and DeepSpeed's, is read with ``torch.load(...,
-weights_only=True)`` (see ``safe_torch_load``): a shared checkpoint cannot run code. Every rank writes into ``.tmp-step_...``; after a barrier rank 0 writes
-``meta.json`` and renames the folder, so a checkpoint exists only once it is complete: a crash
-while saving leaves the previous one usable. The newest ``keep_last`` are kept.
+weights_only=True)`` (see ``safe_torch_load``): a shared checkpoint cannot run code. Every rank
+writes into ``.tmp-step_...``; after a barrier rank 0 writes ``meta.json`` and renames the folder,
+so a checkpoint exists only once it is complete: a crash while saving leaves the previous one
+usable. The newest ``keep_last`` are kept.
 """
 
 from __future__ import annotations

@@ -116,6 +116,13 @@ class EvalConfig:
     fid_ref: str | None = None  # shard folder, stats .npz or image folder; default data.shards
     fid_seed: int = 0  # image i of every evaluation uses the same seed
     inception_weights: str | None = None  # default: $MASKDM_INCEPTION_WEIGHTS, torch hub cache
+    # Weight-free metrics during training (no downloads): SWD of EMA samples against score_ref and
+    # the held-out denoising loss on `heldout`, logged as swd_patch, swd_image, heldout_loss.
+    score_every: int = 0  # steps between evaluations (0: never); also run at the last step
+    score_samples: int = 256  # images drawn for the SWD (the reference is cut to match)
+    score_ref: str | None = None  # shard folder or image folder; default data.shards
+    heldout: str | None = None  # shard folder of held-out images (none: no held-out loss)
+    heldout_n: int = 256
 
 
 @dataclass

@@ -1,16 +1,16 @@
 """MLflow tracking from rank 0, off the training thread, and never fatal.
 
 Every call is queued and executed by a background thread, so a slow or dead tracking server never
-stalls a step. Every metric is first appended to ``RUN_DIR/metrics.jsonl`` (its timestamp is the
-one sent to MLflow, so sending a point twice stores it once). When the server cannot be reached,
-the tracker says so once and keeps going: metrics wait in a backlog and other calls (params,
-images, artifacts, tags, the final status) in a retry list. The first call that reaches the server
-again sends the backlog and the retries, and only then says that tracking resumed. What is still
+stalls a step. Every metric is first appended to ``RUN_DIR/metrics.jsonl`` (its timestamp is the one
+sent to MLflow, so sending a point twice stores it once). When the server cannot be reached, the
+tracker says so once and keeps going: metrics wait in a backlog and other calls (params, images,
+artifacts, tags, the final status) in a retry list. The first call that reaches the server again
+sends the backlog and the retries, and only then says that tracking resumed. What is still
 undelivered when the run ends is recorded in ``RUN_DIR/mlflow.json`` (run id, metrics sent, final
 status) and sent later by ``maskdm sync RUN_DIR``. A resumed run continues the same MLflow run; a
-run started from scratch in a folder whose previous run died marks that run FAILED.
-Default store (no ``tracking.uri`` and no ``MLFLOW_TRACKING_URI``): ``sqlite:///RUNS_ROOT/mlflow.db``
-with artifacts in ``RUNS_ROOT/mlartifacts``, no server needed.
+run started from scratch in a folder whose previous run died marks that run FAILED. Default store
+(no ``tracking.uri`` and no ``MLFLOW_TRACKING_URI``): ``sqlite:///RUNS_ROOT/mlflow.db`` with
+artifacts in ``RUNS_ROOT/mlartifacts``, no server needed.
 """
 
 from __future__ import annotations

@@ -68,8 +68,9 @@ def prepare(cfg: Config):
         raise ConfigError(f"data.image_size={cfg.data.image_size} but {cfg.data.shards} holds "
                           f"{m.image_size}px images")
     mcfg = check_shapes(cfg, m.image_size)
-    from .eval import training_fid
+    from .eval import training_fid, training_score
     training_fid.check(cfg)
+    training_score.check(cfg)
     if mcfg.num_classes:
         if not m.labels:
             raise ConfigError(f"model.num_classes={mcfg.num_classes} needs labelled shards "
@@ -116,6 +117,7 @@ class Trainer:
         self.step, self.run_id, self.last_ckpt = 0, None, None
         self.stop_signal = None
         self.last_fid = {"step": None, "value": None}
+        self.last_score = None
         self.sampler_net = None
 
     # ------------------------------------------------------------------ phase 1: sources
@@ -153,6 +155,11 @@ class Trainer:
             from .eval.training_fid import TrainingFID, check
             self.fid_eval = TrainingFID(cfg, mcfg, self.diffusion, self.device, check(cfg),
                                         log=dist.print0)
+        self.score_eval = None
+        if cfg.eval.score_every:
+            from .eval.training_score import TrainingScore
+            self.score_eval = TrainingScore(cfg, mcfg, self.diffusion, self.device,
+                                            log=dist.print0)
         torch.manual_seed(rank_seed(t.seed, self.world, self.rank))  # anything rank-local
         o = cfg.optim
         self.ema = EMA(self.engine.module, o.ema_decay, every=o.ema_every, warmup=o.ema_warmup,
@@ -285,6 +292,9 @@ class Trainer:
                 self._sample_grid()
             if self.fid_eval is not None and step % cfg.eval.fid_every == 0 and step < t.steps:
                 self._fid()
+            if self.score_eval is not None and step % cfg.eval.score_every == 0 and \
+                    step < t.steps:
+                self._score()
             if step % t.ckpt_every == 0 or step == t.steps:
                 self._save()
             if dist.any_rank(self.stop_signal is not None):
@@ -374,6 +384,17 @@ class Trainer:
             self.log(f"step {self.step}: FID-{e.fid_samples} {value:.3f} ({e.sampler} {e.steps} "
                      f"steps, {time.perf_counter() - t0:.0f} s)")
 
+    def _score(self) -> None:
+        weights = self.ema.full_state_dict()
+        metrics = self.score_eval(weights, self.step, autocast_dtype=self.sample_autocast)
+        self.last_score = self.step
+        if dist.is_main():
+            self.tracker.log_metrics(metrics, self.step)
+            held = (f", held-out loss {metrics['heldout_loss']:.4f}"
+                    if "heldout_loss" in metrics else "")
+            self.log(f"step {self.step}: SWD x1e3 patches {metrics['swd_patch']:.2f}, images "
+                     f"{metrics['swd_image']:.2f}{held} ({metrics['score_seconds']:.0f} s)")
+
     def _nonfinite_message(self) -> str:
         where = f"{self.ckpt_root / self.last_ckpt}" if self.last_ckpt else "none was written yet"
         return (f"non-finite loss (NaN/Inf) detected by step {self.step}; stopped without "
@@ -385,6 +406,8 @@ class Trainer:
     def _finish(self) -> None:
         """After the last step: final samples, FID and the exported EMA weights."""
         self._sample_grid()
+        if self.score_eval is not None and self.last_score != self.step:
+            self._score()
         if self.fid_eval is not None and self.last_fid["step"] != self.step:
             self._fid()
         if dist.is_main():

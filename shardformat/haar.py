@@ -91,7 +91,8 @@ def idwt_uint8(coeffs: np.ndarray) -> np.ndarray:
 # LL = (a+b+c+d)/2 lies in [0, 510]: its raw bits are at most those of 510.0 (a set sign bit, i.e.
 # a negative value, is larger). H, V, D lie in [-255, 255]: magnitude bits at most those of 255.0.
 # NaN and Inf (all exponent bits set) exceed both. Cheap enough for every sample on every backend:
-# a loader computes per channel ``max(bits)`` and ``max(bits & 0x7FFF)`` and calls ``bounds_problem``.
+# a loader computes per channel ``max(bits)`` and ``max(bits & 0x7FFF)`` and calls
+# ``bounds_problem``.
 LL_MAX_BITS = 0x5FF8  # float16 510.0
 DETAIL_MAX_MAG_BITS = 0x5BF8  # float16 255.0
 

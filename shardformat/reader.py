@@ -6,8 +6,8 @@ tar size as in the manifest, index header, line count and last entry within the 
 fails is left out of the order (``excluded``, with one line saying why). Every rank sees the same
 files, so all agree on the order. Problems found per sample (an index line that does not parse, an
 entry without the required components or with a wrong-sized tensor, a short read) raise
-``SampleError``; the loaders decide whether to replace the sample or stop (``strict``). Shard arguments below are positions in
-``used`` (the shards in the order), not manifest positions.
+``SampleError``; the loaders decide whether to replace the sample or stop (``strict``). Shard
+arguments below are positions in ``used`` (the shards in the order), not manifest positions.
 """
 
 from __future__ import annotations

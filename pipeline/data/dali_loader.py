@@ -3,13 +3,13 @@
 To give exactly the order of ``order.StreamOrder`` (so that DALI and torch agree and resume
 exactly), each *segment* of the rank's stream (about one epoch of its batches) becomes a list of
 ``(tar, index)`` pairs: consecutive samples from the same shard share one index file listing just
-them, in stream order, and the reader runs with ``random_shuffle=False``. Damaged samples are
-found from the index before the segment is built and replaced like the torch backend does; a
-sample DALI cannot decode (corrupt JPEG) makes that batch fall back to the CPU path, after which
-the pipeline is rebuilt from the next batch. ``dwt16`` values are checked against the bounds of a
-Haar DWT of uint8 pixels (two per-channel reductions on DALI's CPU threads, before the copy to the
-device); a batch with damaged values is also taken through the CPU path. With ``device=cpu`` the same pipeline runs on DALI's
-CPU operators (how CI tests it).
+them, in stream order, and the reader runs with ``random_shuffle=False``. Damaged samples are found
+from the index before the segment is built and replaced like the torch backend does; a sample DALI
+cannot decode (corrupt JPEG) makes that batch fall back to the CPU path, after which the pipeline is
+rebuilt from the next batch. ``dwt16`` values are checked against the bounds of a Haar DWT of uint8
+pixels (two per-channel reductions on DALI's CPU threads, before the copy to the device); a batch
+with damaged values is also taken through the CPU path. With ``device=cpu`` the same pipeline runs
+on DALI's CPU operators (how CI tests it).
 """
 
 from __future__ import annotations

@@ -49,6 +49,37 @@ def add_parsers(sub) -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run_sample)
 
+    c = sub.add_parser(
+        "score", help="weight-free metrics: SWD of samples, held-out denoising loss of a model",
+        description="Quality metrics that need no downloaded weights. SWD: sliced Wasserstein "
+        "distance of a folder of samples to a reference (Laplacian-pyramid 7x7 patches per level "
+        "as in Karras et al. 2018, and whole images), x 1e3. Held-out loss: the eps-MSE of a "
+        "model on held-out images at fixed timesteps with fixed noise. Both are relative "
+        "measures, for comparing runs scored against the same reference with the same N; only "
+        "FID (`maskdm fid`) is comparable with published numbers.",
+        epilog="examples:\n  maskdm score --samples samples/run_a --ref data/celeba64\n"
+        "  maskdm score --ckpt runs/run_a --heldout data/celeba64_heldout --json a.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("--samples", metavar="DIR", default=None, help="folder of generated images")
+    c.add_argument("--ref", metavar="REF", default=None,
+                   help="reference: a shard folder or a folder of images (same resolution)")
+    c.add_argument("--n", type=int, default=None,
+                   help="use the first N samples (default: all); the reference is cut to match")
+    c.add_argument("--patches", type=int, default=64,
+                   help="random 7x7 patches per image and pyramid level (default 64)")
+    c.add_argument("--ckpt", metavar="PATH", default=None,
+                   help="a run, checkpoint or export folder, for the held-out loss")
+    c.add_argument("--heldout", metavar="SHARDS", default=None,
+                   help="shard folder of images the model did not train on")
+    c.add_argument("--heldout-n", type=int, default=512,
+                   help="held-out images to use, first in storage order (default 512)")
+    c.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    c.add_argument("--batch", type=int, default=64, help="images per forward pass")
+    c.add_argument("--seed", type=int, default=0, help="seed of the directions, patches, noise")
+    c.add_argument("--json", metavar="FILE", default=None, help="also write the results here")
+    c.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    c.set_defaults(func=_run_score)
+
     s = sub.add_parser("fid-stats", help="compute FID reference statistics of a shard folder",
                        description="Compute Inception statistics (mean, covariance) of every "
                        "image in a shard folder (inverse DWT, or the stored JPEGs) and store them "
@@ -133,6 +164,11 @@ def _fill_from_protocol(args, protocol: dict | None) -> None:
         from maskdm.pipeline import dist
         dist.print0(f"using the recipe's evaluation protocol for {', '.join(from_recipe)} "
                     f"(override with --{' / --'.join(from_recipe)})")
+
+
+def _run_score(args) -> int:
+    from .score import run
+    return run(args)
 
 
 def dist_world() -> int:
