@@ -319,6 +319,8 @@ def sync(run_dir: str | os.PathLike, uri: str | None = None, log=print) -> int:
     metric point sent twice is stored once."""
     import mlflow
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise TrackingError(f"{run_dir} does not exist (give the run folder, train.run_dir)")
     record = read_record(run_dir)
     if record is None or not record.get("run_id"):
         raise TrackingError(f"{run_dir} has no {RECORD}: it was not tracked with MLflow, or the "
