@@ -61,12 +61,12 @@ def bench_one(preset: str, ratio: float, attention: str, batch: int, args,
     ckpt = True if args.checkpointing == -1 else args.checkpointing
     cfg = ModelConfig(preset=preset, in_channels=args.channels, input_size=args.input,
                       patch_size=args.patch, attention=attention, sdpa_kernel=args.sdpa_kernel,
-                      checkpointing=ckpt).resolved()
+                      checkpointing=ckpt, dwt_tokens=args.dwt_tokens).resolved()
     row = {"preset": preset, "ratio": ratio, "attention": attention, "batch": batch,
            "compile": "off"}
     spec = patch(ratio)
     spec.validate(cfg.grid)
-    S = spec.num_visible(cfg.grid)
+    S = spec.num_visible(cfg.grid) * cfg.token_groups
     row["tokens"] = S
     try:
         torch.manual_seed(0)
@@ -83,13 +83,15 @@ def bench_one(preset: str, ratio: float, attention: str, batch: int, args,
                 row["compile"] = "on"
             except Exception as e:  # compile is an optimisation: report and carry on eagerly
                 print(f"  torch.compile unavailable ({type(e).__name__}: {e}); eager")
-        obj = DiffusionObjective(GaussianDiffusion("cosine", 1000), cfg.patch_size)
+        obj = DiffusionObjective(GaussianDiffusion("cosine", 1000), cfg.patch_size,
+                                 cfg.group_channels)
         x0 = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size,
                          device=device).clamp(-1, 1)
         amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
         def step(i: int) -> torch.Tensor:
-            r = draw_step(0, i, batch, 0, batch, x0.shape[1:], 1000, spec, cfg.grid, device)
+            r = draw_step(0, i, batch, 0, batch, x0.shape[1:], 1000, spec, cfg.grid, device,
+                          groups=cfg.token_groups)
             with torch.autocast(**amp):
                 loss = obj(fn, _Batch(x0), r.keep_idx, r.t, r.noise)
             loss.backward()
@@ -139,6 +141,9 @@ def main(argv=None) -> None:
     ap.add_argument("--channels", type=int, default=12)
     ap.add_argument("--input", type=int, default=None, help="model input side (default 128 GPU, 16 CPU)")
     ap.add_argument("--patch", type=int, default=2)
+    ap.add_argument("--dwt-tokens", choices=["joint", "split"], default="joint",
+                    help="split: LL and detail bands as separate tokens (the authors' layout; "
+                    "use --patch 4 for their 2048 tokens at 256 px)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10 GPU, 3 CPU)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -177,7 +182,7 @@ def main(argv=None) -> None:
                 print(_fmt(row, peak), flush=True)
     print(f"\ntraining step, {name}, torch {torch.__version__}, "
           f"{'bf16 autocast' if gpu else 'fp32'}, input {args.channels}x{args.input}x{args.input} "
-          f"patch {args.patch}, checkpointing {args.checkpointing}, sdpa kernel "
+          f"patch {args.patch} ({args.dwt_tokens} tokens), checkpointing {args.checkpointing}, sdpa kernel "
           f"{args.sdpa_kernel}, {datetime.date.today().isoformat()}")
     print(f"matmul peak measured: {peak / 1e12:.1f} TFLOP/s")
     print(_header())

@@ -16,6 +16,7 @@ PRESETS: dict[str, tuple[int, int, int]] = {
     "small-demo": (6, 192, 6),
 }
 Attention = Literal["auto", "sdpa", "xformers"]
+DwtTokens = Literal["joint", "split"]
 ATTENTION_BACKENDS = get_args(Attention)
 
 
@@ -33,6 +34,13 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = False
     num_classes: int = 0  # > 0 adds a label token (conditional model)
+    # Haar-DWT input (12 channels) only: "joint" embeds all 12 channels of a patch as one token;
+    # "split" (the paper's authors' tokenisation) embeds the LL band (3 channels) and the detail
+    # bands (9 channels) of a patch as two tokens with their own embeddings and heads: twice the
+    # tokens of "joint" at the same patch size, so the authors' 2048 tokens at 256 px are
+    # patch_size 4 with "split" (and 4096 tokens are patch_size 2 with "joint"). With a mask, the
+    # two groups are masked independently with the same spec, as the authors do.
+    dwt_tokens: DwtTokens = "joint"
     attention: Attention = "auto"
     sdpa_kernel: SdpaKernel = "auto"  # with sdpa: auto lets PyTorch pick the kernel
     # Activation checkpointing: False, True (every block) or an int k (the first k blocks run
@@ -80,6 +88,9 @@ class ModelConfig:
         if cfg.input_size % cfg.patch_size:
             raise ValueError(f"model.input_size ({cfg.input_size}) must be divisible by "
                              f"model.patch_size ({cfg.patch_size})")
+        if cfg.dwt_tokens == "split" and cfg.in_channels != 12:
+            raise ValueError(f"model.dwt_tokens: split needs the 12-channel Haar-DWT input "
+                             f"(data.space: dwt), got {cfg.in_channels} channels")
         return cfg
 
     @property
@@ -88,12 +99,28 @@ class ModelConfig:
         return (g, g)
 
     @property
+    def token_groups(self) -> int:
+        """Tokens per grid cell: 2 with dwt_tokens split (LL, details), else 1."""
+        return 2 if self.dwt_tokens == "split" else 1
+
+    @property
     def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return self.token_groups * self.grid[0] * self.grid[1]
 
     @property
     def patch_dim(self) -> int:
+        """Input values of one patch over all channels (all token groups together)."""
         return self.in_channels * self.patch_size ** 2
+
+    @property
+    def group_channels(self) -> tuple[int, ...]:
+        """Channels of each token group: (C,) joint, (3, 9) split."""
+        return (3, 9) if self.dwt_tokens == "split" else (self.in_channels,)
+
+    @property
+    def token_dim(self) -> int:
+        """Values per token in the masked output (the largest group; smaller ones zero-padded)."""
+        return max(self.group_channels) * self.patch_size ** 2
 
     @property
     def extras(self) -> int:

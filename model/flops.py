@@ -18,7 +18,8 @@ def forward_flops(cfg: ModelConfig, visible_tokens: int | None = None) -> int:
                  + 2 * L * D * D        # output projection
                  + 2 * L * D * hidden * 2)  # MLP
     skips = (cfg.depth // 2) * 2 * L * (2 * D) * D
-    embed = 2 * S * cfg.patch_dim * D + 2 * S * D * cfg.patch_dim  # patch embed + head
+    per_token = cfg.patch_dim // cfg.token_groups  # input values per token (average over groups)
+    embed = 2 * S * per_token * D + 2 * S * D * per_token  # patch embed + head
     return blocks * per_block + skips + embed
 
 

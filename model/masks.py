@@ -113,10 +113,16 @@ def _random_subset(batch: int, n: int, k: int, gen: torch.Generator) -> torch.Te
 
 
 def sample_keep_idx(spec: MaskSpec, batch: int, grid: tuple[int, int],
-                    gen: torch.Generator) -> torch.Tensor | None:
-    """Visible token indices, LongTensor [batch, S] sorted per row, or None for no mask."""
+                    gen: torch.Generator, groups: int = 1) -> torch.Tensor | None:
+    """Visible token indices, LongTensor [batch, S] sorted per row, or None for no mask. With
+    ``groups`` > 1 (token groups stacked after one another, e.g. the LL and detail tokens of
+    ``dwt_tokens: split``) each group gets its own independent mask of the same spec."""
     if not spec.is_masked:
         return None
+    if groups > 1:
+        n = grid[0] * grid[1]
+        return torch.cat([sample_keep_idx(spec, batch, grid, gen) + k * n for k in range(groups)],
+                         dim=1)
     gh, gw = grid
     dev = gen.device
     if spec.kind == "patch":

@@ -35,6 +35,27 @@ def unpatchify(tokens: torch.Tensor, p: int, channels: int, grid: tuple[int, int
     return x.reshape(B, channels, gh * p, gw * p)
 
 
+def group_tokens(x: torch.Tensor, p: int, group_channels: tuple[int, ...]) -> torch.Tensor:
+    """[B, C, H, W] -> [B, G*N, P]: the tokens of each channel group (consecutive channels), one
+    group after the other, each zero-padded to the largest group's ``c*p*p`` values."""
+    width = max(group_channels) * p * p
+    parts, lo = [], 0
+    for c in group_channels:
+        t = patchify(x[:, lo:lo + c], p)
+        parts.append(F.pad(t, (0, width - t.shape[-1])))
+        lo += c
+    return torch.cat(parts, dim=1)
+
+
+def token_valid(grid_side: int, p: int, group_channels: tuple[int, ...],
+                device=None) -> torch.Tensor:
+    """[1, G*N, P] float mask of the real (not padding) values of ``group_tokens``."""
+    width = max(group_channels) * p * p
+    n = grid_side * grid_side
+    rows = [torch.arange(width, device=device) < c * p * p for c in group_channels]
+    return torch.cat([r.expand(n, width) for r in rows]).float().unsqueeze(0)
+
+
 def gather_tokens(tokens: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
     """[B, N, K] gathered at keep_idx [B, S] -> [B, S, K]."""
     return torch.gather(tokens, 1, keep_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
@@ -102,7 +123,12 @@ class UViT(nn.Module):
         self._ckpt = cfg.checkpoint_blocks
         self.attention_backend, self.attention_reason = resolve_backend(cfg.attention, device)
         D = cfg.dim
-        self.patch_embed = nn.Linear(cfg.patch_dim, D)
+        p2 = cfg.patch_size ** 2
+        first = cfg.group_channels[0] * p2  # all channels (joint) or the LL band (split)
+        self.patch_embed = nn.Linear(first, D)
+        self.split = cfg.token_groups > 1
+        if self.split:  # dwt_tokens split: the 9 detail channels get their own embedding and head
+            self.detail_embed = nn.Linear(cfg.group_channels[1] * p2, D)
         self.label_embed = nn.Embedding(cfg.num_classes, D) if cfg.num_classes > 0 else None
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.extras + cfg.num_tokens, D))
         half = cfg.depth // 2
@@ -110,13 +136,15 @@ class UViT(nn.Module):
         self.mid_block = Block(cfg, self.attention_backend, False)
         self.out_blocks = nn.ModuleList(Block(cfg, self.attention_backend, True) for _ in range(half))
         self.norm = nn.LayerNorm(D)
-        self.head = nn.Linear(D, cfg.patch_dim)
+        self.head = nn.Linear(D, first)
+        if self.split:
+            self.detail_head = nn.Linear(D, cfg.group_channels[1] * p2)
         self.apply(self._init)
         # Learned, but started from 2-D sine-cosine codes: tokens know where they are from step
         # one, which a 0.02-std random start takes many thousands of steps to learn.
         with torch.no_grad():
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-            self.pos_embed[0, cfg.extras:] = sincos_2d(D, cfg.grid)
+            self.pos_embed[0, cfg.extras:] = sincos_2d(D, cfg.grid).repeat(cfg.token_groups, 1)
         if device is not None:
             self.to(device)
 
@@ -160,12 +188,20 @@ class UViT(nn.Module):
         [B, C, H, W]."""
         cfg = self.cfg
         p = cfg.patch_size
-        patches = patchify(x_t, p)  # [B, N, C*p*p]
         pos = self.pos_embed[:, cfg.extras:].expand(x_t.shape[0], -1, -1)
-        if keep_idx is not None:
-            patches = gather_tokens(patches, keep_idx)
-            pos = gather_tokens(pos, keep_idx)
-        tokens = self.patch_embed(patches) + pos
+        if self.split:  # embed both groups, then keep the visible tokens (embedding is cheap)
+            c = cfg.group_channels[0]
+            emb = torch.cat([self.patch_embed(patchify(x_t[:, :c], p)),
+                             self.detail_embed(patchify(x_t[:, c:], p))], dim=1)
+            if keep_idx is not None:
+                emb, pos = gather_tokens(emb, keep_idx), gather_tokens(pos, keep_idx)
+            tokens = emb + pos
+        else:
+            patches = patchify(x_t, p)  # [B, N, C*p*p]
+            if keep_idx is not None:
+                patches = gather_tokens(patches, keep_idx)
+                pos = gather_tokens(pos, keep_idx)
+            tokens = self.patch_embed(patches) + pos
         extra = [timestep_embedding(t, cfg.dim).to(tokens.dtype).unsqueeze(1)]
         if self.label_embed is not None:
             if labels is None:
@@ -182,7 +218,23 @@ class UViT(nn.Module):
         x = self._run(half, self.mid_block, x)
         for i, blk in enumerate(self.out_blocks):
             x = self._run(half + 1 + i, blk, x, skips.pop())
-        out = self.head(self.norm(x[:, cfg.extras:]))
+        x = self.norm(x[:, cfg.extras:])
+        if self.split:
+            return self._split_head(x, keep_idx)
+        out = self.head(x)
         if keep_idx is not None:
             return out
         return unpatchify(out, p, cfg.in_channels, cfg.grid)
+
+    def _split_head(self, x: torch.Tensor, keep_idx: torch.Tensor | None) -> torch.Tensor:
+        """LL tokens through ``head``, detail tokens through ``detail_head``: [B, C, H, W], or
+        with ``keep_idx`` [B, S, 9*p*p] with the LL tokens zero-padded (``group_tokens``)."""
+        cfg, p = self.cfg, self.cfg.patch_size
+        n = cfg.grid[0] * cfg.grid[1]
+        c_ll, c_det = cfg.group_channels
+        if keep_idx is None:
+            ll = unpatchify(self.head(x[:, :n]), p, c_ll, cfg.grid)
+            det = unpatchify(self.detail_head(x[:, n:]), p, c_det, cfg.grid)
+            return torch.cat([ll, det], dim=1)
+        ll = F.pad(self.head(x), (0, (c_det - c_ll) * p * p))
+        return torch.where((keep_idx < n).unsqueeze(-1), ll, self.detail_head(x))

@@ -101,7 +101,7 @@ def _dry_run_data_note(cfg) -> None:
             spec = cfg.mask
             print(f"# model: {m.preset}, input {m.in_channels}x{m.input_size}x{m.input_size}, patch "
                   f"{m.patch_size} -> {m.num_tokens} tokens; mask {spec} keeps "
-                  f"{spec.num_visible(m.grid)}")
+                  f"{spec.num_visible(m.grid) * m.token_groups}")
         except ConfigError as e:
             raise ConfigError(f"{e}") from None
 

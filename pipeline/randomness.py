@@ -84,8 +84,10 @@ class StepRandomness:
 
 def draw_step(seed: int, step: int, global_batch: int, lo: int, hi: int,
               sample_shape: tuple[int, ...], num_timesteps: int, spec: MaskSpec,
-              grid: tuple[int, int], device, chunk: int = DEFAULT_CHUNK) -> StepRandomness:
-    """Randomness for samples ``lo:hi`` of a global batch of ``global_batch`` at ``step``."""
+              grid: tuple[int, int], device, chunk: int = DEFAULT_CHUNK,
+              groups: int = 1) -> StepRandomness:
+    """Randomness for samples ``lo:hi`` of a global batch of ``global_batch`` at ``step``
+    (``groups``: token groups of the model, see ``sample_keep_idx``)."""
     if not 0 <= lo < hi <= global_batch:
         raise ValueError(f"slice {lo}:{hi} outside the global batch of {global_batch}")
     device = torch.device(device)
@@ -99,7 +101,7 @@ def draw_step(seed: int, step: int, global_batch: int, lo: int, hi: int,
         n = c1 - c0
         t = torch.randint(0, num_timesteps, (n,), generator=g, device=device)
         noise = torch.randn((n, *sample_shape), generator=g, device=device)
-        keep = sample_keep_idx(spec, n, grid, g)
+        keep = sample_keep_idx(spec, n, grid, g, groups)
         a, b = max(lo, c0) - c0, min(hi, c1) - c0
         if a < b:
             ts.append(t[a:b])

@@ -164,7 +164,7 @@ class Trainer:
         o = cfg.optim
         self.ema = EMA(self.engine.module, o.ema_decay, every=o.ema_every, warmup=o.ema_warmup,
                        power=o.ema_power, start=o.ema_start)
-        self.objective = DiffusionObjective(self.diffusion, mcfg.patch_size)
+        self.objective = DiffusionObjective(self.diffusion, mcfg.patch_size, mcfg.group_channels)
         try:
             self.loader = Loader(self.reader, global_batch=self.micro_global, rank=self.rank,
                                  world_size=self.world, seed=t.seed, device=self.device,
@@ -243,7 +243,8 @@ class Trainer:
         return (f"{t.stage}: {mcfg.preset} ({mcfg.depth}+1 blocks, dim {mcfg.dim}), "
                 f"{self._num_parameters() / 1e6:.1f}M parameters, attention "
                 f"{self.engine.module.attention_backend} ({self.engine.module.attention_reason}); "
-                f"mask {spec} -> {spec.num_visible(mcfg.grid)}/{mcfg.num_tokens} visible tokens; "
+                f"mask {spec} -> {spec.num_visible(mcfg.grid) * mcfg.token_groups}/"
+                f"{mcfg.num_tokens} visible tokens; "
                 f"{self.world} rank(s) x {self.local} x {t.grad_accum} accumulation = "
                 f"{t.global_batch} per step; ZeRO {self.ds_config['zero_optimization']['stage']}, "
                 f"{self.precision}; {self.reader.num_samples} samples in {self.cfg.data.shards}")
@@ -265,7 +266,7 @@ class Trainer:
             r = draw_step(t.seed, self.step * t.grad_accum + a, self.micro_global,
                           self.rank * self.local, (self.rank + 1) * self.local,
                           self.loader.sample_shape, self.diffusion.num_timesteps, self.cfg.mask,
-                          self.mcfg.grid, self.device)
+                          self.mcfg.grid, self.device, groups=self.mcfg.token_groups)
             with torch.autocast(**self.amp):
                 loss = self.objective(self.engine, batch, r.keep_idx, r.t, r.noise)
             self.engine.backward(loss)

@@ -44,6 +44,7 @@ _T2 = {"data.space": "dwt", "data.image_size": 256, "diffusion.schedule": "cosin
        "optim.betas": [0.99, 0.99], "optim.weight_decay": 0.03, "optim.ema_decay": 0.999,  # P
        "optim.weight_decay_on": "all", "optim.warmup_steps": 0, "optim.grad_clip": 0,  # A
        "optim.ema_every": 10, "optim.ema_warmup": "power", "model.qkv_bias": True,  # A
+       "model.dwt_tokens": "split", "model.patch_size": 4,  # A: LL / details, 2048 tokens
        "eval.fid_samples": 30000, "eval.steps": 500, "eval.sampler": "ddim",  # P
        "eval.eta": 1.0}  # A (evaluation default)
 _T3 = {"data.space": "pixel", "model.preset": "MaskDM-S", "model.patch_size": 4,  # P, A

@@ -201,3 +201,61 @@ def test_timestep_embedding_values():
     want = torch.cat([torch.cos(t[:, None] * f), torch.sin(t[:, None] * f)], dim=1)
     assert torch.allclose(emb, want, atol=1e-6)
     assert torch.equal(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+
+
+def _split(**kw) -> torch.nn.Module:
+    return _tiny(input_size=16, patch_size=4, dwt_tokens="split", **kw)
+
+
+def test_split_dwt_tokens_layout_and_masked_forward():
+    """dwt_tokens split (the authors' layout): LL and detail bands of a patch are two tokens with
+    their own embeddings and heads; the masked output is the full output's tokens, LL zero-padded."""
+    from maskdm.model.uvit import group_tokens
+    net = _split()
+    cfg = net.cfg
+    assert (cfg.num_tokens, cfg.token_dim, cfg.grid) == (32, 144, (4, 4))
+    assert net.patch_embed.in_features == 48 and net.detail_embed.in_features == 144
+    x, t = torch.randn(2, 12, 16, 16), torch.tensor([5, 600])
+    with torch.no_grad():
+        full = net(x, t)
+        every = net(x, t, torch.arange(32).expand(2, -1))
+    assert full.shape == (2, 12, 16, 16)
+    assert torch.allclose(every, group_tokens(full, 4, (3, 9)), atol=1e-5)
+    assert torch.equal(every[:, :16, 48:], torch.zeros(2, 16, 96))  # LL padding
+    keep = sample_keep_idx(block(0.5, 2), 2, cfg.grid, torch.Generator().manual_seed(1), groups=2)
+    assert keep.shape == (2, 16) and (keep[:, :8] < 16).all() and (keep[:, 8:] >= 16).all()
+    with torch.no_grad():
+        out = net(x, t, keep)
+        x2 = x.clone()
+        for b in range(2):  # change the LL band where LL tokens are hidden, details where hidden
+            for tok in set(range(32)) - set(keep[b].tolist()):
+                r, c = divmod(tok % 16, 4)
+                ch = slice(0, 3) if tok < 16 else slice(3, 12)
+                x2[b, ch, 4 * r:4 * r + 4, 4 * c:4 * c + 4] = 5.0
+        out2 = net(x2, t, keep)
+    assert torch.allclose(out, out2, atol=1e-6)
+
+
+def test_split_msm_loss_averages_only_real_values():
+    from maskdm.model.diffusion import GaussianDiffusion
+    from maskdm.model.objective import DiffusionObjective
+    from maskdm.model.uvit import gather_tokens, group_tokens
+    d = GaussianDiffusion("cosine", 1000)
+    obj = DiffusionObjective(d, 4, (3, 9))
+    noise, t = torch.randn(2, 12, 16, 16), torch.tensor([3, 700])
+    keep = torch.tensor([[0, 5, 16, 30], [1, 2, 17, 18]])
+
+    class B:
+        x0 = torch.rand(2, 12, 16, 16)
+        labels = None
+    target = gather_tokens(group_tokens(noise, 4, (3, 9)), keep)
+    assert obj(lambda *a: target, B, keep, t, noise).item() == 0.0
+    pred = target + 1.0  # every value off by one, padding included
+    # LL tokens count 48 real values, detail tokens 144: the mean over real values is exactly 1
+    assert obj(lambda *a: pred, B, keep, t, noise).item() == pytest.approx(1.0)
+
+
+def test_split_needs_dwt_input():
+    with pytest.raises(ValueError, match="split needs the 12-channel"):
+        ModelConfig(preset="tiny", in_channels=3, input_size=16, patch_size=4,
+                    dwt_tokens="split").resolved()
