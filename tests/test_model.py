@@ -239,7 +239,7 @@ def test_split_dwt_tokens_layout_and_masked_forward():
 def test_split_msm_loss_averages_only_real_values():
     from maskdm.model.diffusion import GaussianDiffusion
     from maskdm.model.objective import DiffusionObjective
-    from maskdm.model.uvit import gather_tokens, group_tokens
+    from maskdm.model.uvit import gather_tokens, group_tokens, token_valid
     d = GaussianDiffusion("cosine", 1000)
     obj = DiffusionObjective(d, 4, (3, 9))
     noise, t = torch.randn(2, 12, 16, 16), torch.tensor([3, 700])
@@ -250,8 +250,9 @@ def test_split_msm_loss_averages_only_real_values():
         labels = None
     target = gather_tokens(group_tokens(noise, 4, (3, 9)), keep)
     assert obj(lambda *a: target, B, keep, t, noise).item() == 0.0
-    pred = target + 1.0  # every value off by one, padding included
-    # LL tokens count 48 real values, detail tokens 144: the mean over real values is exactly 1
+    real = gather_tokens(token_valid(4, 4, (3, 9)).expand(2, -1, -1), keep)
+    assert real.sum().item() == 2 * (2 * 48 + 2 * 144)  # LL tokens: 48 real values, details: 144
+    pred = target + real  # every real value off by one, the padding exact (as the model's is)
     assert obj(lambda *a: pred, B, keep, t, noise).item() == pytest.approx(1.0)
 
 
