@@ -141,31 +141,47 @@ class Tracker:
                 if item is None:
                     return
                 fn, args = item
+                # what the outage left undelivered, before this call adds to it
+                pending = (sum(len(r) - 2 for r in self._backlog), len(self._retry))
                 if fn == self._send_backlog:  # a metric record: it waits in the backlog
                     self._backlog.append(args[0])
                     args = ()
-                if not self._attempt(fn, args) and fn != self._send_backlog:
+                if not self._attempt(fn, args, pending) and fn != self._send_backlog:
                     self._retry.append((fn, args))
             finally:
                 self._queue.task_done()
 
-    def _attempt(self, fn, args) -> bool:
+    def _attempt(self, fn, args, pending: tuple[int, int] = (0, 0)) -> bool:
+        """Run one call; True if it reached MLflow. After a success, what is pending is sent,
+        and only once that worked is tracking said to have resumed."""
         try:
-            self._ensure_run()
-            fn(*args)
+            try:
+                self._ensure_run()
+                fn(*args)
+            except Exception as e:  # tracking must never stop training
+                self._failed_call(e)
+                return False
             if self._retry or self._backlog or self.failed:
-                self._catch_up()
-        except Exception as e:  # tracking must never stop training
-            if not self.failed:
-                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                self.log(f"warning: MLflow call failed ({first}); training continues, metrics "
-                         f"are kept in {self.run_dir / 'metrics.jsonl'} and sent when MLflow "
-                         f"answers again", file=sys.stderr)
-            self.failed = True
-            return False
+                try:
+                    self._catch_up()
+                except Exception as e:
+                    self._failed_call(e)
+                    return True  # this call went through; the rest waits for the next one
+            if self.failed:
+                self.failed = False
+                self.log(f"MLflow answers again: tracking resumed ({pending[0]} metric value(s) "
+                         f"and {pending[1]} other call(s) from the outage sent)")
+            return True
         finally:
             self._started.set()
-        return True
+
+    def _failed_call(self, e: Exception) -> None:
+        if not self.failed:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            self.log(f"warning: MLflow call failed ({first}); training continues, metrics are "
+                     f"kept in {self.run_dir / 'metrics.jsonl'} and sent when MLflow answers "
+                     f"again", file=sys.stderr)
+        self.failed = True
 
     def _ensure_run(self) -> None:
         """The client and the run exist (created on the first call that reaches the server)."""
@@ -203,19 +219,12 @@ class Tracker:
             self._write_record()
 
     def _catch_up(self) -> None:
-        """The server answered: send the metrics backlog and the failed calls, in order; only
-        then say that tracking resumed."""
-        n_values = sum(len(r) - 2 for r in self._backlog)
-        n_calls = len(self._retry)
+        """The server answered: send the metrics backlog and the failed calls, in order."""
         self._send_backlog()
         while self._retry:
             fn, args = self._retry[0]
             fn(*args)
             self._retry.pop(0)
-        if self.failed:
-            self.failed = False
-            self.log(f"MLflow answers again: tracking resumed ({n_values} metric value(s) and "
-                     f"{n_calls} other call(s) from the outage sent)")
 
     def _write_record(self) -> None:
         if self.run_id is None:

@@ -170,6 +170,9 @@ def test_an_outage_mid_run_is_caught_up_when_the_server_returns(shards, tmp_path
     assert down < 150, "the run ended before the server came back; make it longer"
     assert err.count("MLflow call failed") == 1
     assert out.count("MLflow answers again: tracking resumed") == 1
+    import re
+    caught_up = int(re.search(r"tracking resumed \((\d+) metric value", out).group(1))
+    assert caught_up >= 5 * 3, out  # at least the 5 records logged while it was down
     assert "not delivered" not in err
     server = Server(tmp_path, port=server.port)
     try:
