@@ -174,7 +174,8 @@ class DaliStream:
 
     @staticmethod
     def _out_of_bounds(out) -> bool:
-        return bool(out_of_bounds(out["max_bits"].numpy(), out["max_mag"].numpy()).any())
+        bits, mag = out["max_bits"].cpu().numpy(), out["max_mag"].cpu().numpy()  # CPU outputs
+        return bool(out_of_bounds(bits, mag).any())
 
     def _raw(self, k, positions, keys, bad, out) -> dict:
         labels = None
