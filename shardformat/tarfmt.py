@@ -117,28 +117,17 @@ def check_index(path: str | os.PathLike, samples: int, tar_bytes: int) -> None:
     """Cheap whole-file check of an index (header, line count, the last sample's extent) without
     parsing every line: what a loader can afford on every shard at start-up. Raises BadIndex."""
     name = os.path.basename(path)
-    text = _index_text(path)
-    lines = text.splitlines()
-    if not lines:
-        raise BadIndex(f"{name}: empty index file")
-    head = lines[0].split()
-    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
-        raise BadIndex(f"{name}: not a DALI index: line 1 should be '{INDEX_VERSION} "
-                       f"<num_samples>', got {lines[0][:60]!r}")
-    if int(head[1]) != samples:
-        raise BadIndex(f"{name}: lists {head[1]} samples, the manifest {samples}")
-    body = [ln for ln in lines[1:] if ln.strip()]
-    if len(body) != samples:
-        raise BadIndex(f"{name}: header says {samples} samples but {len(body)} lines follow")
-    last = parse_index(f"{INDEX_VERSION} 1\n{body[-1]}\n", name)[0]
-    end = max(c.offset + c.size for c in last)
+    n, body = _header_and_body(_index_text(path), name)
+    if n != samples:
+        raise BadIndex(f"{name}: lists {n} samples, the manifest {samples}")
+    end = max(c.offset + c.size for c in _parse_line(body[-1], len(body) + 1, name))
     if end > tar_bytes:
         raise BadIndex(f"{name}: its last sample ends at byte {end}, past the end of the tar "
                        f"({tar_bytes} bytes)")
 
 
-def parse_index(text: str, where: str = "index") -> list[list[Component]]:
-    """Parse a ``v1.2`` DALI index into per-sample component lists."""
+def _header_and_body(text: str, where: str) -> tuple[int, list[str]]:
+    """(sample count from line 1, the non-empty sample lines), checked against each other."""
     lines = text.splitlines()
     if not lines:
         raise BadIndex(f"{where}: empty index file")
@@ -150,19 +139,27 @@ def parse_index(text: str, where: str = "index") -> list[list[Component]]:
     body = [ln for ln in lines[1:] if ln.strip()]
     if len(body) != n:
         raise BadIndex(f"{where}: header says {n} samples but {len(body)} lines follow")
-    samples = []
-    for i, ln in enumerate(body, start=2):
-        parts = ln.split()
-        if len(parts) % 4:
-            raise BadIndex(f"{where}: line {i} is not groups of 'ext offset size name'")
-        entries = []
-        for j in range(0, len(parts), 4):
-            ext, off, size, name = parts[j:j + 4]
-            if not (off.isdigit() and size.isdigit()):
-                raise BadIndex(f"{where}: line {i}: offset/size must be integers")
-            entries.append(Component(ext, int(off), int(size), name))
-        samples.append(entries)
-    return samples
+    return n, body
+
+
+def _parse_line(ln: str, i: int, where: str) -> list[Component]:
+    """Line ``i`` of an index: groups of ``ext offset size name``."""
+    parts = ln.split()
+    if len(parts) % 4:
+        raise BadIndex(f"{where}: line {i} is not groups of 'ext offset size name'")
+    entries = []
+    for j in range(0, len(parts), 4):
+        ext, off, size, name = parts[j:j + 4]
+        if not (off.isdigit() and size.isdigit()):
+            raise BadIndex(f"{where}: line {i}: offset/size must be integers")
+        entries.append(Component(ext, int(off), int(size), name))
+    return entries
+
+
+def parse_index(text: str, where: str = "index") -> list[list[Component]]:
+    """Parse a ``v1.2`` DALI index into per-sample component lists."""
+    _, body = _header_and_body(text, where)
+    return [_parse_line(ln, i, where) for i, ln in enumerate(body, start=2)]
 
 
 def scan_tar(path: str | os.PathLike) -> list[list[Component]]:
