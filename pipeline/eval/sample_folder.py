@@ -103,6 +103,19 @@ def load_sampling_model(path: str | os.PathLike, *, weights: str = "ema", device
                          space, size, str(source), int(step), weights, protocol)
 
 
+def training_sampler(current: SamplingModel | None, mcfg: ModelConfig, diffusion, space: str,
+                     weights: dict[str, torch.Tensor], step: int, device) -> SamplingModel:
+    """The EMA model of a running training, for evaluations during it: built on the first call,
+    then given the new ``weights`` in place."""
+    if current is not None:
+        current.net.load_state_dict(weights)
+        return current
+    from ..weights import model_from_weights
+    size = mcfg.input_size * (2 if space == "dwt" else 1)
+    return SamplingModel(model_from_weights(mcfg, weights, device), mcfg, diffusion, space, size,
+                         "training", step, "ema")
+
+
 def draw(gen: SamplingModel, idx: list[int], *, seed: int, sampler: str, steps: int, eta: float,
          class_label: int | None = None, autocast_dtype=None) -> np.ndarray:
     """Images ``idx`` of the sample set ``seed`` in one batch -> uint8 [len(idx), H, W, 3]. Image

@@ -77,17 +77,10 @@ class TrainingFID:
     @torch.no_grad()
     def __call__(self, weights: dict[str, torch.Tensor], step: int, autocast_dtype=None):
         """Collective: every rank passes the full EMA weights. -> FID on rank 0, else None."""
-        from ..weights import model_from_weights
-        from .sample_folder import SamplingModel, draw
+        from .sample_folder import draw, training_sampler
         e = self.cfg.eval
-        if self.generator is None:
-            net = model_from_weights(self.mcfg, weights, self.device)
-            space = self.cfg.data.space
-            size = self.mcfg.input_size * (2 if space == "dwt" else 1)
-            self.generator = SamplingModel(net, self.mcfg, self.diffusion, space, size, "training",
-                                       step, "ema")
-        else:
-            self.generator.net.load_state_dict(weights)
+        self.generator = training_sampler(self.generator, self.mcfg, self.diffusion,
+                                          self.cfg.data.space, weights, step, self.device)
         n, b = e.fid_samples, e.batch
         rank, world = dist.rank(), dist.world_size()
         acc = Accumulator(self.net.feature_dim)

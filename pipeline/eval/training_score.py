@@ -64,19 +64,12 @@ class TrainingScore:
     def _score(self, weights, step, autocast_dtype) -> dict[str, float]:
         import numpy as np
 
-        from ..weights import model_from_weights
         from .heldout import heldout_loss
-        from .sample_folder import SamplingModel, draw
+        from .sample_folder import draw, training_sampler
         from .swd import swd_scores
         e = self.cfg.eval
-        if self.generator is None:
-            net = model_from_weights(self.mcfg, weights, self.device)
-            space = self.cfg.data.space
-            size = self.mcfg.input_size * (2 if space == "dwt" else 1)
-            self.generator = SamplingModel(net, self.mcfg, self.diffusion, space, size,
-                                           "training", step, "ema")
-        else:
-            self.generator.net.load_state_dict(weights)
+        self.generator = training_sampler(self.generator, self.mcfg, self.diffusion,
+                                          self.cfg.data.space, weights, step, self.device)
         t0 = time.perf_counter()
         n, b = len(self.ref), e.batch
         imgs = np.concatenate([draw(self.generator, list(range(k, min(n, k + b))), seed=e.fid_seed,
