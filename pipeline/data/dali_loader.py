@@ -41,6 +41,15 @@ def dali_available() -> bool:
     return True
 
 
+def bound_maxima(data):
+    """DALI ops (inside a pipeline definition): per channel ``max(bits)`` and ``max(bits &
+    0x7FFF)`` of float16 ``[12, h, w]`` samples, as int32 CPU outputs for ``haar.out_of_bounds``."""
+    from nvidia.dali import fn, types
+    bits = fn.reinterpret(data, dtype=types.UINT16)
+    return (fn.cast(fn.reductions.max(bits, axes=[1, 2]), dtype=types.INT32),
+            fn.cast(fn.reductions.max(bits & np.uint16(0x7FFF), axes=[1, 2]), dtype=types.INT32))
+
+
 class DaliStream:
     """Raw batches (dicts, like ``RankStream.load``) of one rank, produced by DALI pipelines."""
 
@@ -124,10 +133,7 @@ class DaliStream:
             if enc == "dwt16":
                 data = fn.reshape(data, shape=list(tensor_shape(self.reader.image_size)))
                 # value bounds (haar.bounds_problem) on the CPU, before the copy to the device
-                bits = fn.reinterpret(data, dtype=types.UINT16)
-                max_bits = fn.cast(fn.reductions.max(bits, axes=[1, 2]), dtype=types.INT32)
-                max_mag = fn.cast(fn.reductions.max(bits & np.uint16(0x7FFF), axes=[1, 2]),
-                                  dtype=types.INT32)
+                max_bits, max_mag = bound_maxima(data)
                 if gpu:
                     data = data.gpu()
                 return data, fn.pad(meta, fill_value=0), max_bits, max_mag
