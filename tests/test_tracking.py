@@ -72,6 +72,13 @@ def _env_with(uri: str) -> dict:
     return env
 
 
+def _start_training(shards, run_dir: Path, server: Server, *sets: str) -> subprocess.Popen:
+    """A tracked training run in the background, logging to ``server``."""
+    return subprocess.Popen(train_cmd(shards, run_dir, "tracking.enabled=true", *sets), cwd=ROOT,
+                            env=_env_with(server.uri), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
 def test_params_metrics_images_and_lineage_on_a_real_server(shards, tmp_path):
     server = Server(tmp_path)
     try:
@@ -110,10 +117,8 @@ def test_params_metrics_images_and_lineage_on_a_real_server(shards, tmp_path):
 def test_training_finishes_when_the_server_dies(shards, tmp_path):
     server = Server(tmp_path)
     run_dir = tmp_path / "run"
-    cmd = train_cmd(shards, run_dir, "tracking.enabled=true", "train.steps=60",
-                    "train.log_every=2", "train.ckpt_every=30")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env_with(server.uri), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = _start_training(shards, run_dir, server, "train.steps=60",
+                           "train.log_every=2", "train.ckpt_every=30")
     try:
         jsonl = run_dir / "metrics.jsonl"
         deadline = time.time() + 300
@@ -150,10 +155,8 @@ def test_an_outage_mid_run_is_caught_up_when_the_server_returns(shards, tmp_path
     ends FINISHED, and "tracking resumed" is printed only once it is true."""
     server = Server(tmp_path)
     run_dir = tmp_path / "run"
-    cmd = train_cmd(shards, run_dir, "tracking.enabled=true", "train.steps=300",
-                    "train.log_every=2", "train.ckpt_every=300", "tracking.experiment=outage")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env_with(server.uri), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = _start_training(shards, run_dir, server, "train.steps=300", "train.log_every=2",
+                           "train.ckpt_every=300", "tracking.experiment=outage")
     try:
         jsonl = run_dir / "metrics.jsonl"
         _wait_lines(jsonl, 3, proc)
@@ -190,10 +193,8 @@ def test_a_server_down_at_the_end_is_synced_later(shards, tmp_path):
     `maskdm sync` sends it (metrics and the FINISHED status) once the server is back."""
     server = Server(tmp_path)
     run_dir = tmp_path / "run"
-    cmd = train_cmd(shards, run_dir, "tracking.enabled=true", "train.steps=30",
-                    "train.log_every=2", "train.ckpt_every=30", "tracking.experiment=late")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env_with(server.uri), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = _start_training(shards, run_dir, server, "train.steps=30",
+                           "train.log_every=2", "train.ckpt_every=30", "tracking.experiment=late")
     try:
         _wait_lines(run_dir / "metrics.jsonl", 2, proc)
         server.stop()
