@@ -142,15 +142,14 @@ def _add_sync(sub) -> None:
 
 
 def _run_sync(args) -> int:
-    from maskdm.pipeline.tracking import TrackingError, sync
+    from maskdm.pipeline.tracking import TrackingError, reason, sync
     try:
         return sync(args.run_dir, args.uri)
     except TrackingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # the server is still down: say so, no traceback
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        print(f"error: MLflow could not be reached ({first}); try again when it is back",
+        print(f"error: MLflow could not be reached ({reason(e, 300)}); try again when it is back",
               file=sys.stderr)
         return 1
 

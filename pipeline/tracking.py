@@ -48,6 +48,12 @@ RECORD = "mlflow.json"
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 
 
+def reason(e: Exception, limit: int = 200) -> str:
+    """The first line of an exception's message (its type if it has none), for one-line reports."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
 def read_record(run_dir: str | os.PathLike) -> dict | None:
     """``RUN_DIR/mlflow.json``: where this run folder's MLflow run is and what reached it."""
     try:
@@ -177,8 +183,7 @@ class Tracker:
 
     def _failed_call(self, e: Exception) -> None:
         if not self.failed:
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            self.log(f"warning: MLflow call failed ({first}); training continues, metrics are "
+            self.log(f"warning: MLflow call failed ({reason(e)}); training continues, metrics are "
                      f"kept in {self.run_dir / 'metrics.jsonl'} and sent when MLflow answers "
                      f"again", file=sys.stderr)
         self.failed = True
