@@ -39,6 +39,7 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
         "pyyaml>=6.0",
+        "matplotlib>=3.5",  # the experiment's plots
     ],
     extras_require={
         # GPU decode. `dali` follows NVIDIA's CUDA 12 build; `dali-cuda13` is the CUDA 13 build

@@ -26,3 +26,11 @@ def forward_flops(cfg: ModelConfig, visible_tokens: int | None = None) -> int:
 def train_step_flops(cfg: ModelConfig, visible_tokens: int | None = None) -> int:
     """Forward + backward (2x forward) per image; activation recomputation not counted."""
     return 3 * forward_flops(cfg, visible_tokens)
+
+
+def step_flops(cfg: ModelConfig, mask, global_batch: int) -> int:
+    """Training FLOPs of one optimizer step: ``global_batch`` images through the encoder on the
+    visible tokens of ``mask`` (a ``MaskSpec``; every token when it masks nothing)."""
+    cfg = cfg.resolved()
+    visible = mask.num_visible(cfg.grid) * cfg.token_groups if mask.is_masked else None
+    return train_step_flops(cfg, visible) * global_batch

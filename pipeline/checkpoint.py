@@ -55,6 +55,9 @@ class CheckpointMeta:
     space: str  # dwt | pixel
     mlflow_run_id: str | None = None
     time: float = 0.0
+    # Cumulative training FLOPs up to this step, those of the init_from chain included (None in
+    # checkpoints of maskdm 0.2.x: derived from step, model, mask and batch by cumulative_flops).
+    train_flops: float | None = None
 
     @property
     def diffusion(self) -> dict[str, Any]:
@@ -77,6 +80,19 @@ class CheckpointMeta:
             raise CheckpointError(f"{where} lacks {', '.join(missing)}: not a checkpoint written "
                                   f"by this version of maskdm")
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def cumulative_flops(meta: CheckpointMeta) -> float:
+    """Training FLOPs that produced the checkpoint of ``meta`` (pre-training included when
+    recorded; a checkpoint that predates the record counts its own run only)."""
+    if meta.train_flops is not None:
+        return float(meta.train_flops)
+    from maskdm.model.config import ModelConfig
+    from maskdm.model.flops import step_flops
+    from maskdm.model.masks import MaskSpec
+    c = meta.config
+    return float(meta.step * step_flops(ModelConfig(**meta.model), MaskSpec(**c["mask"]),
+                                        int(c["train"]["global_batch"])))
 
 
 def tag(step: int) -> str:

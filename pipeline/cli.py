@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     from maskdm.pipeline.eval.cli import add_parsers as add_eval_parsers
     add_eval_parsers(sub)
     _add_bench(sub)
+    from maskdm.pipeline.experiment.cli import add_parser as add_experiment_parser
+    add_experiment_parser(sub)
     return parser
 
 

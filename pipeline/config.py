@@ -101,6 +101,9 @@ class TrackingConfig:
     experiment: str = "maskdm"
     run_name: str | None = None
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite in the runs folder
+    # Nest this run under another MLflow run (maskdm experiment sets it to the experiment's run);
+    # default: a fine-tune is nested under the run of its train.init_from checkpoint.
+    parent_run_id: str | None = None
 
 
 @dataclass

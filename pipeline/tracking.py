@@ -97,7 +97,9 @@ class Tracker:
 
     def __init__(self, *, enabled: bool, run_dir: str | os.PathLike, experiment: str,
                  run_name: str | None, uri: str | None, run_id: str | None = None,
-                 tags: dict[str, str] | None = None, log=print):
+                 tags: dict[str, str] | None = None, log=print, record: bool | None = None):
+        """``record``: append metrics to ``RUN_DIR/metrics.jsonl`` even with MLflow disabled
+        (default: only when enabled)."""
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.log = log
@@ -106,6 +108,9 @@ class Tracker:
         self.run_id = run_id
         self._jsonl = None
         if not enabled:
+            if record:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         jsonl = self.run_dir / "metrics.jsonl"
@@ -262,10 +267,12 @@ class Tracker:
         self._call(do, items)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled:
+        if self._jsonl is None:
             return
         record = {"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
         self._lines += 1
         self._call(self._send_backlog, record)
 
@@ -292,6 +299,9 @@ class Tracker:
         """Deliver what is queued (bounded wait) and end the run with ``status``; True if
         everything reached MLflow. Otherwise says, truthfully, what did not and how to send it."""
         if not self.enabled or self._status in TERMINAL:  # disabled, or already finished
+            if not self.enabled and self._jsonl:
+                self._jsonl.close()
+                self._jsonl = None
             return not self.enabled or not self.failed
         self._status = status
 

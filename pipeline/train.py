@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from maskdm.model.diffusion import GaussianDiffusion
+from maskdm.model.flops import step_flops
 from maskdm.model.objective import DiffusionObjective
 from maskdm.shardformat.manifest import DatasetError
 from maskdm.shardformat.reader import SampleError
@@ -109,6 +110,9 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.log = dist.print0
         self.init_weights, self.parent = self._init_source()
+        # Cumulative training FLOPs (logged as train_flops): the init_from chain's, then this run's
+        self.flops_per_step = step_flops(self.mcfg, cfg.mask, self.t.global_batch)
+        self.flops_base = ckpt.cumulative_flops(self.parent) if self.parent is not None else 0.0
         self.resume_mode = resume
         self.resume_from = self._resume_source(resume)
         self.changed = []
@@ -206,12 +210,15 @@ class Trainer:
         if self.parent is not None and self.parent.mlflow_run_id:
             tags["maskdm.parent_run_id"] = self.parent.mlflow_run_id
             tags["mlflow.parentRunId"] = self.parent.mlflow_run_id
+        if cfg.tracking.parent_run_id:
+            tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
         if self.run_id is None and self.resume_from is not None and is_main:
             # resumed from a checkpoint saved before the MLflow run existed (server down then)
             self.run_id = (read_record(self.run_dir) or {}).get("run_id")
         self.tracker = Tracker(enabled=cfg.tracking.enabled and is_main, run_dir=self.run_dir,
                                experiment=cfg.tracking.experiment, run_name=cfg.tracking.run_name,
-                               uri=cfg.tracking.uri, run_id=self.run_id, tags=tags, log=self.log)
+                               uri=cfg.tracking.uri, run_id=self.run_id, tags=tags, log=self.log,
+                               record=is_main)
         if is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -234,8 +241,10 @@ class Trainer:
                   "model.parameters": self._num_parameters(),
                   **{f"ds.{k}": json.dumps(v) for k, v in self.ds_config.items()},
                   **{f"version.{k}": v for k, v in _versions().items()}}
+        params["train.flops_per_step"] = self.flops_per_step
         if self.parent is not None:
             params["init_from.step"] = self.parent.step
+            params["init_from.train_flops"] = self.flops_base
         return params
 
     def _banner(self) -> str:
@@ -322,6 +331,7 @@ class Trainer:
             "data_wait_frac": self.data_wait / dt,
             "skipped_samples": dist.all_sum(self.loader.skipped_samples),
             "epoch": self.loader.epoch,
+            "train_flops": self.train_flops,
         }
         if self.precision == "fp16":
             metrics["skipped_steps"] = float(engine.skipped_steps)
@@ -335,6 +345,10 @@ class Trainer:
         self.loss_sum.zero_()
         self.n_logged, self.data_wait, self.t_log = 0, 0.0, time.perf_counter()
 
+    @property
+    def train_flops(self) -> float:
+        return self.flops_base + self.step * self.flops_per_step
+
     def _save(self) -> None:
         """Collective: a checkpoint of this step (refused if a loss went non-finite)."""
         if dist.any_rank(bool(self.nonfinite.item())):
@@ -344,7 +358,8 @@ class Trainer:
             zero_stage=self.ds_config["zero_optimization"]["stage"], precision=self.precision,
             stage=self.t.stage, config=self.cfg.to_dict(), model=dataclasses.asdict(self.mcfg),
             image_size=self.reader.image_size, space=self.cfg.data.space,
-            mlflow_run_id=self.tracker.run_id or self.run_id, time=time.time())
+            mlflow_run_id=self.tracker.run_id or self.run_id, time=time.time(),
+            train_flops=self.train_flops)
         path = ckpt.save(self.engine, self.ema, self.ckpt_root, meta, self.t.keep_last)
         self.last_ckpt = path.name
         self.log(f"checkpoint {path}")
@@ -381,7 +396,7 @@ class Trainer:
         self.last_fid.update(step=self.step, value=value)
         if dist.is_main():
             e = self.cfg.eval
-            self.tracker.log_metrics({"fid": value}, self.step)
+            self.tracker.log_metrics({"fid": value, "train_flops": self.train_flops}, self.step)
             self.log(f"step {self.step}: FID-{e.fid_samples} {value:.3f} ({e.sampler} {e.steps} "
                      f"steps, {time.perf_counter() - t0:.0f} s)")
 
@@ -390,7 +405,7 @@ class Trainer:
         metrics = self.score_eval(weights, self.step, autocast_dtype=self.sample_autocast)
         self.last_score = self.step
         if dist.is_main():
-            self.tracker.log_metrics(metrics, self.step)
+            self.tracker.log_metrics({**metrics, "train_flops": self.train_flops}, self.step)
             held = (f", held-out loss {metrics['heldout_loss']:.4f}"
                     if "heldout_loss" in metrics else "")
             self.log(f"step {self.step}: SWD x1e3 patches {metrics['swd_patch']:.2f}, images "

@@ -152,6 +152,17 @@ def test_pretrain_then_finetune_and_a_mismatched_checkpoint(shards, tmp_path):
                    f"train.init_from={tmp_path / 'pre'}", "train.steps=3")
     assert ft.returncode == 0, ft.stderr[-3000:]
     assert "finetune" in ft.stdout and "visible tokens" in ft.stdout
+    # train_flops is cumulative over the init_from chain: the fine-tune's count starts where the
+    # pre-training's ended. 32px DWT, patch 2 -> 8x8 tokens; block 50% of 2x2 blocks keeps 32.
+    from maskdm.model.config import ModelConfig
+    from maskdm.model.flops import train_step_flops
+    from maskdm.pipeline.tracking import read_jsonl
+    m = ModelConfig(preset="tiny", in_channels=12, input_size=16, patch_size=2)
+    msm, dsm = train_step_flops(m, 32) * 8, train_step_flops(m, 64) * 8
+    pre_flops = {r["step"]: r["train_flops"] for r in read_jsonl(tmp_path / "pre" / "metrics.jsonl")}
+    ft_flops = {r["step"]: r["train_flops"] for r in read_jsonl(tmp_path / "ft" / "metrics.jsonl")}
+    assert pre_flops == {2: 2 * msm, 3: 3 * msm}
+    assert ft_flops == {2: 3 * msm + 2 * dsm, 3: 3 * msm + 3 * dsm}
     bad = run_train(shards, tmp_path / "bad", "train.stage=finetune", "mask.kind=none",
                     f"train.init_from={tmp_path / 'pre'}", "train.steps=3", "model.dim=192",
                     "model.heads=4")

@@ -1,0 +1,1 @@
+"""``maskdm experiment``: measured comparisons of training strategies at equal compute."""

@@ -1,0 +1,443 @@
+"""``maskdm experiment fast-learner``: does MSM pre-training make diffusion training faster?
+
+Every arm gets the same budget of cumulative training FLOPs (``model/flops.py``, pre-training
+included): the reference arm trains with DSM from scratch for ``budget_steps`` steps; a two-stage
+arm spends the fraction ``switch`` of that budget on MSM pre-training with its mask (cheaper
+steps: the encoder sees only the visible tokens, so it takes more of them) and the rest on DSM
+fine-tuning from the pre-trained EMA weights. Each stage is an ordinary ``maskdm train`` run, so
+the experiment exercises the real pipeline (shards, loader, DeepSpeed, EMA, checkpoints, MLflow).
+
+All runs log the weight-free metrics (``eval.score_every``) against a held-out set at points
+evenly spaced in FLOPs, together with ``train_flops``. The result (``OUT/results.json``,
+``OUT/results.md``, ``OUT/curves.png``) compares the arms per seed at equal FLOPs and reports the
+speed-up of each two-stage arm (``compare.speedup``) with its spread over seeds. Every run goes
+into one MLflow experiment, nested under a parent run that gets the table and the plot.
+
+Re-running the same command continues where it stopped: finished runs are kept, an interrupted
+one resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..config import ConfigError, check_shapes, load_config
+from .compare import Curve, speedup, spread
+
+METRICS = ("swd_patch", "swd_image", "heldout_loss")
+QUICK = {"budget_steps": 24, "evals": 2, "seeds": [0], "count": 192, "heldout_count": 32,
+         "score_samples": 16, "sample_steps": 5}
+
+
+@dataclass
+class Arm:
+    name: str
+    mask: dict  # MaskSpec fields; kind none = DSM from scratch (the reference arm)
+
+    @property
+    def two_stage(self) -> bool:
+        return self.mask.get("kind", "none") != "none" and \
+            (self.mask.get("kind") == "crop" or float(self.mask.get("ratio", 0)) > 0)
+
+
+@dataclass
+class Spec:
+    """An experiment file (see configs/experiments/)."""
+
+    name: str
+    train_config: Path
+    arms: list[Arm]
+    budget_steps: int = 2000
+    switch: float = 0.5
+    evals: int = 8
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    metric: str = "swd_image"
+    shards: str | None = None  # training shards; default: the procedural set, sharded here
+    heldout: str | None = None  # held-out shards; default: a second procedural set
+    size: int = 32
+    count: int = 4000
+    heldout_count: int = 512
+    score_samples: int | None = None  # default: the training config's eval.score_samples
+    sample_steps: int | None = None  # default: the training config's eval.steps
+    sets: list[str] = field(default_factory=list)  # --set overrides for every run
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Spec":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of experiment settings")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known: "
+                              f"{', '.join(sorted(known))}")
+        for key in ("name", "train_config", "arms"):
+            if key not in data:
+                raise ConfigError(f"{path}: '{key}' is required")
+        arms_in = data.pop("arms")
+        if not isinstance(arms_in, dict) or not arms_in:
+            raise ConfigError(f"{path}: arms must map arm names to {{mask: {{...}}}}")
+        arms = [Arm(n, dict((a or {}).get("mask") or {"kind": "none"})) for n, a in arms_in.items()]
+        data["train_config"] = (path.parent / data["train_config"]).resolve()
+        spec = cls(arms=arms, **data)
+        spec.check(path)
+        return spec
+
+    def check(self, where) -> None:
+        refs = [a for a in self.arms if not a.two_stage]
+        if len(refs) != 1:
+            raise ConfigError(f"{where}: exactly one arm must be DSM from scratch (mask kind "
+                              f"none), found {len(refs)}")
+        if not 0 < self.switch < 1:
+            raise ConfigError(f"{where}: switch must be in (0, 1) (the fraction of the FLOPs "
+                              f"spent on MSM pre-training), got {self.switch}")
+        if self.budget_steps < 2 or self.evals < 1 or not self.seeds:
+            raise ConfigError(f"{where}: budget_steps must be >= 2, evals >= 1, seeds non-empty")
+        if self.metric not in METRICS:
+            raise ConfigError(f"{where}: metric must be one of {', '.join(METRICS)}")
+        if not self.train_config.exists():
+            raise ConfigError(f"{where}: train_config {self.train_config} does not exist")
+
+    @property
+    def reference(self) -> Arm:
+        return next(a for a in self.arms if not a.two_stage)
+
+
+def mask_sets(mask: dict) -> list[str]:
+    kind = mask.get("kind", "none")
+    out = [f"mask.kind={kind}"]
+    for k, v in mask.items():
+        if k != "kind":
+            out.append(f"mask.{k}={v}")
+    return out
+
+
+@dataclass
+class Stage:
+    arm: str
+    seed: int
+    stage: str  # pretrain | finetune
+    sets: list[str]
+    steps: int
+    score_every: int
+    flops_per_step: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.arm} seed {self.seed} {self.stage}"
+
+
+def plan(spec: Spec, out: Path, base_sets: list[str]) -> list[list[Stage]]:
+    """-> the runs of every (seed, arm), seed by seed: equal FLOPs for every arm."""
+    per_step = {}
+
+    def flops(mask: dict) -> float:
+        from maskdm.model.flops import step_flops
+        key = json.dumps(mask, sort_keys=True)
+        if key not in per_step:
+            cfg = load_config([str(spec.train_config)], base_sets + mask_sets(mask))
+            mcfg = check_shapes(cfg, spec.size)
+            per_step[key] = float(step_flops(mcfg, cfg.mask, cfg.train.global_batch))
+        return per_step[key]
+
+    dsm = flops({"kind": "none"})
+    budget = spec.budget_steps * dsm
+    every = max(1, round(spec.budget_steps / spec.evals))
+    runs = []
+    for seed in spec.seeds:
+        for arm in spec.arms:
+            root = out / "runs" / arm.name / f"seed{seed}"
+            common = [f"train.seed={seed}"]
+            if not arm.two_stage:
+                runs.append([Stage(arm.name, seed, "pretrain", common + mask_sets(arm.mask) +
+                                   [f"train.run_dir={root / 'scratch'}"], spec.budget_steps,
+                                   every, dsm)])
+                continue
+            msm = flops(arm.mask)
+            pre = max(1, round(spec.switch * budget / msm))
+            fine = max(1, round((budget - pre * msm) / dsm))
+            pre_every = max(1, round(budget / spec.evals / msm))
+            runs.append([
+                Stage(arm.name, seed, "pretrain", common + mask_sets(arm.mask) +
+                      [f"train.run_dir={root / 'pretrain'}"], pre, pre_every, msm),
+                Stage(arm.name, seed, "finetune", common + [
+                    "train.stage=finetune", "mask.kind=none", f"train.run_dir={root / 'finetune'}",
+                    f"train.init_from={root / 'pretrain'}"], fine, every, dsm)])
+    return runs
+
+
+def _run_dir(stage: Stage) -> Path:
+    return Path(next(s for s in stage.sets if s.startswith("train.run_dir="))
+                .split("=", 1)[1])
+
+
+def _finished(stage: Stage) -> bool:
+    from ..checkpoint import complete_checkpoints
+    run = _run_dir(stage)
+    found = complete_checkpoints(run / "checkpoints")
+    return bool(found) and found[-1].name == f"step_{stage.steps:08d}" and \
+        (run / "export" / "model.safetensors").exists()
+
+
+def _train(spec: Spec, stage: Stage, sets: list[str], log: Path) -> float:
+    """One ``maskdm train`` run (resumed if interrupted) -> wall seconds."""
+    cmd = [sys.executable, "-m", "maskdm", "train", "--config", str(spec.train_config),
+           "--resume", "auto"]
+    for s in sets:
+        cmd += ["--set", s]
+    print(f"\n=== {stage.label}: {stage.steps} steps ({stage.steps * stage.flops_per_step:.3g} "
+          f"FLOPs), scores every {stage.score_every} steps", flush=True)
+    print("$ maskdm train --config " + str(spec.train_config) + " " +
+          " ".join(f"--set {s!r}" if " " in s else f"--set {s}" for s in sets) +
+          " --resume auto", flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    t0 = time.time()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env)
+        for line in proc.stdout:
+            f.write(line)
+            if line.strip() and not line.startswith(("DeepSpeed ", "[")):
+                print("  " + line.rstrip(), flush=True)
+        code = proc.wait()
+    if code != 0:
+        raise ExperimentError(f"{stage.label} failed (exit {code}); its log is {log}. Fix the "
+                              f"cause and re-run the same command to continue.")
+    return time.time() - t0
+
+
+class ExperimentError(RuntimeError):
+    pass
+
+
+def read_curve(run_dirs: list[Path], metric: str) -> Curve:
+    """The evaluation points of one arm (its runs in order) -> Curve over train_flops."""
+    from ..tracking import read_jsonl
+    flops, values = [], []
+    for run in run_dirs:
+        points = {}
+        for r in read_jsonl(run / "metrics.jsonl"):
+            if metric in r and "train_flops" in r:
+                points[int(r["step"])] = (float(r["train_flops"]), float(r[metric]))
+        for step in sorted(points):  # a resumed run may log a step twice: the last one counts
+            flops.append(points[step][0])
+            values.append(points[step][1])
+    return Curve(flops, values)
+
+
+def _prepare_data(spec: Spec, out: Path) -> tuple[str, str]:
+    from maskdm.preprocessing.shard_job import ShardOptions
+    from maskdm.preprocessing.shard_job import run as shard
+    made = []
+    for name, given, count, gen_seed in (("train", spec.shards, spec.count, 0),
+                                         ("heldout", spec.heldout, spec.heldout_count, 1)):
+        if given:
+            made.append(given)
+            continue
+        folder = out / "data" / name
+        if not (folder / "manifest.json").exists():
+            print(f"$ maskdm shard procedural {folder} --size {spec.size} --count {count} "
+                  f"--gen-seed {gen_seed}", flush=True)
+            shard(ShardOptions(src="procedural", out=str(folder), source="procedural",
+                               size=spec.size, count=count, gen_seed=gen_seed,
+                               samples_per_shard=1000), progress=sys.stderr.isatty())
+        made.append(str(folder))
+    return made[0], made[1]
+
+
+def run(spec: Spec, out: Path, *, quick: bool = False, extra_sets: list[str] | None = None) -> dict:
+    if quick:
+        for k, v in QUICK.items():
+            setattr(spec, k, v)
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.time()
+    shards, heldout = _prepare_data(spec, out)
+    from ..tracking import Tracker, read_record
+    parent = Tracker(enabled=True, run_dir=out / "parent", experiment=spec.name,
+                     run_name=f"{spec.name} (all arms)", uri=None,
+                     run_id=(read_record(out / "parent") or {}).get("run_id"),
+                     tags={"maskdm.kind": "experiment"}, log=print)
+    parent_id, uri = parent.wait_started(), parent.uri
+    base = [f"data.shards={shards}", f"data.image_size={spec.size}", f"eval.heldout={heldout}",
+            f"eval.score_ref={heldout}", f"tracking.experiment={spec.name}",
+            f"tracking.uri={uri}", "tracking.enabled=true"]
+    if parent_id:
+        base.append(f"tracking.parent_run_id={parent_id}")
+    if spec.score_samples:
+        base.append(f"eval.score_samples={spec.score_samples}")
+    if spec.sample_steps:
+        base.append(f"eval.steps={spec.sample_steps}")
+    base += list(spec.sets) + list(extra_sets or [])
+    runs = plan(spec, out, base)
+    parent.log_params({"budget_steps": spec.budget_steps, "switch": spec.switch,
+                       "evals": spec.evals, "seeds": json.dumps(spec.seeds),
+                       "metric": spec.metric, "train_config": str(spec.train_config),
+                       "arms": json.dumps({a.name: a.mask for a in spec.arms}),
+                       "quick": quick})
+    walls = _load_walls(out)
+    for stages in runs:
+        for st in stages:
+            key = f"{st.arm}/seed{st.seed}/{st.stage}"
+            if _finished(st):
+                print(f"=== {st.label}: already finished ({_run_dir(st)})", flush=True)
+                continue
+            sets = base + st.sets + [f"train.steps={st.steps}",
+                                     f"eval.score_every={st.score_every}",
+                                     f"tracking.run_name={st.arm} seed {st.seed} ({st.stage})"]
+            walls[key] = walls.get(key, 0.0) + _train(spec, st, sets,
+                                                      _run_dir(st).parent / f"{st.stage}.log")
+            _save_walls(out, walls)
+    results = summarize(spec, runs, walls, quick=quick)
+    results["wall_seconds"] = time.time() - t_all
+    write_outputs(results, out)
+    for arm, per_metric in results["speedup"].items():
+        parent.log_metrics({f"speedup_{arm}_{m}": s["mean"] for m, s in per_metric.items()
+                            if math.isfinite(s["mean"])}, 0)
+    for f in ("results.json", "results.md", "curves.png"):
+        parent.log_artifact(out / f)
+    parent.finish("FINISHED")
+    print(f"\n{(out / 'results.md').read_text()}\nresults: {out / 'results.json'}, "
+          f"{out / 'results.md'}, plot {out / 'curves.png'}\nMLflow: experiment '{spec.name}' "
+          f"at {uri}")
+    return results
+
+
+def _load_walls(out: Path) -> dict:
+    try:
+        return json.loads((out / "wall_seconds.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_walls(out: Path, walls: dict) -> None:
+    tmp = out / "wall_seconds.json.tmp"
+    tmp.write_text(json.dumps(walls, indent=1))
+    os.replace(tmp, out / "wall_seconds.json")
+
+
+def summarize(spec: Spec, runs: list[list[Stage]], walls: dict, *, quick: bool) -> dict:
+    curves: dict[str, dict[str, dict[int, Curve]]] = {m: {} for m in METRICS}
+    budget: dict[str, dict[int, float]] = {}
+    for stages in runs:
+        arm, seed = stages[0].arm, stages[0].seed
+        budget.setdefault(arm, {})[seed] = sum(s.steps * s.flops_per_step for s in stages)
+        for m in METRICS:
+            try:
+                curves[m].setdefault(arm, {})[seed] = read_curve([_run_dir(s) for s in stages], m)
+            except ValueError:
+                pass  # this metric was not logged (e.g. no held-out set)
+    ref = spec.reference.name
+    out = {"name": spec.name, "quick": quick, "metric": spec.metric,
+           "budget_steps": spec.budget_steps, "switch": spec.switch, "seeds": spec.seeds,
+           "arms": {a.name: {"mask": a.mask, "two_stage": a.two_stage,
+                             "stages": [{"stage": s.stage, "steps": s.steps,
+                                         "flops_per_step": s.flops_per_step}
+                                        for s in next(r for r in runs if r[0].arm == a.name)]}
+                    for a in spec.arms},
+           "train_flops": budget, "curves": {}, "final": {}, "speedup": {},
+           "run_wall_seconds": walls}
+    for m, per_arm in curves.items():
+        out["curves"][m] = {a: {str(s): {"flops": c.flops, "values": c.values}
+                                for s, c in per_seed.items()} for a, per_seed in per_arm.items()}
+        out["final"][m] = {a: spread([c.final for c in per_seed.values()])
+                           for a, per_seed in per_arm.items()}
+        if ref not in per_arm:
+            continue
+        for a, per_seed in per_arm.items():
+            if a == ref:
+                continue
+            ratios = [speedup(per_arm[ref][s], c) for s, c in per_seed.items()
+                      if s in per_arm[ref]]
+            out["speedup"].setdefault(a, {})[m] = {**spread(ratios), "per_seed": ratios}
+    return out
+
+
+def table(results: dict) -> str:
+    """The markdown table: final metrics (mean, min-max over seeds) and speed-ups per arm."""
+    metrics = [m for m in METRICS if results["final"].get(m)]
+    arms = list(results["arms"])
+    head = ("| arm | training FLOPs | wall s / seed | " +
+            " | ".join(f"final {m}" for m in metrics) + " | " +
+            " | ".join(f"speed-up ({m})" for m in metrics) + " |")
+    lines = [head, "|" + "---|" * (3 + 2 * len(metrics))]
+    walls = results.get("run_wall_seconds", {})
+
+    def fmt(s: dict | None, digits: int) -> str:
+        if not s or not math.isfinite(s["mean"]):
+            return "-"
+        if s["n"] > 1:
+            return f"{s['mean']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+        return f"{s['mean']:.{digits}f}"
+    for a in arms:
+        flops = list(results["train_flops"].get(a, {}).values())
+        wall = sum(v for k, v in walls.items() if k.startswith(a + "/"))
+        cells = [a + (" (reference)" if not results["arms"][a]["two_stage"] else ""),
+                 f"{sum(flops) / max(len(flops), 1):.3g}",
+                 f"{wall / len(results['seeds']):.0f}" if wall else "-"]
+        cells += [fmt(results["final"][m].get(a), 4 if m == "heldout_loss" else 2)
+                  for m in metrics]
+        cells += ["1" if not results["arms"][a]["two_stage"] else
+                  fmt(results["speedup"].get(a, {}).get(m), 2) for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = results["seeds"]
+    lines.append("")
+    lines.append(f"{len(seeds)} seed(s) {seeds}; values are the mean over seeds with the range in "
+                 f"parentheses. Speed-up: the FLOPs DSM from scratch needs to reach the worse of "
+                 f"the two final values / the FLOPs the arm needs (> 1: the arm is faster), "
+                 f"paired by seed. Metrics are lower-is-better, x 1e3 for SWD. Wall time: "
+                 f"training + scoring + start-up, as run here.")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    metrics = [m for m in METRICS if results["curves"].get(m)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, m in zip(axes[0], metrics):
+        for i, (arm, per_seed) in enumerate(results["curves"][m].items()):
+            for j, (seed, c) in enumerate(per_seed.items()):
+                ax.plot(c["flops"], c["values"], "-o", ms=3, color=colors[i % len(colors)],
+                        alpha=0.9 if j == 0 else 0.5, label=arm if j == 0 else None)
+            stages = results["arms"][arm]["stages"]
+            if len(stages) > 1:
+                switch = stages[0]["steps"] * stages[0]["flops_per_step"]
+                ax.axvline(switch, color=colors[i % len(colors)], ls=":", lw=1)
+        ax.set_xlabel("cumulative training FLOPs (pre-training included)")
+        ax.set_ylabel(m + (" (x 1e3)" if m.startswith("swd") else ""))
+        ax.set_title(m)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{results['name']}: equal-FLOP comparison (dotted: MSM -> DSM switch)")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_outputs(results: dict, out: Path) -> None:
+    for name, text in (("results.json", json.dumps(results, indent=1)),
+                       ("results.md", table(results) + "\n")):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    plot(results, out / "curves.png")
