@@ -26,7 +26,8 @@ class ModelConfig:
     # The input: 12 channels for Haar-DWT input, 3 for pixels; side 128 for the DWT of 256x256
     # images. The training config derives both from data.space and the shards (leave them unset).
     in_channels: int | None = None
-    input_size: int | None = None
+    input_size: int | None = None  # height (and width, unless input_width is set)
+    input_width: int | None = None  # a non-square input (e.g. a point of the 2-D/3-D toy: 1 x d)
     patch_size: int = 2
     depth: int | None = None  # None: from the preset
     dim: int | None = None
@@ -85,9 +86,11 @@ class ModelConfig:
             raise ValueError("model.in_channels and model.input_size must be set (the training "
                              "config derives them from data.space and the shards)")
         cfg = self.architecture()
-        if cfg.input_size % cfg.patch_size:
-            raise ValueError(f"model.input_size ({cfg.input_size}) must be divisible by "
-                             f"model.patch_size ({cfg.patch_size})")
+        for name in ("input_size", "input_width"):
+            v = getattr(cfg, name)
+            if v is not None and v % cfg.patch_size:
+                raise ValueError(f"model.{name} ({v}) must be divisible by model.patch_size "
+                                 f"({cfg.patch_size})")
         if cfg.dwt_tokens == "split" and cfg.in_channels != 12:
             raise ValueError(f"model.dwt_tokens: split needs the 12-channel Haar-DWT input "
                              f"(data.space: dwt), got {cfg.in_channels} channels")
@@ -95,8 +98,8 @@ class ModelConfig:
 
     @property
     def grid(self) -> tuple[int, int]:
-        g = self.input_size // self.patch_size
-        return (g, g)
+        p = self.patch_size
+        return (self.input_size // p, (self.input_width or self.input_size) // p)
 
     @property
     def token_groups(self) -> int:

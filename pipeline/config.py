@@ -160,6 +160,9 @@ class Config:
         if m.input_size is not None and m.input_size != side:
             raise ConfigError(f"model.input_size={m.input_size} but {image_size}px images in "
                               f"{self.data.space} space are {side}px; remove model.input_size")
+        if m.input_width is not None and m.input_width != side:
+            raise ConfigError(f"model.input_width={m.input_width}: training images are square "
+                              f"({side}px in {self.data.space} space); remove model.input_width")
         try:
             return dataclasses.replace(m, in_channels=channels, input_size=side).resolved()
         except ValueError as e:

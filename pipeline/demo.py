@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+HELDOUT = 256  # held-out procedural faces (a second image set) the samples are scored against
 
 
 def add_parser(sub) -> None:
@@ -103,6 +104,11 @@ def _shard_stage(out: Path, count: int) -> None:
     write_preview(out / "shards", out / "data.png", n=64)
     print(f"  {m.num_samples} samples; real images for comparison: {out / 'data.png'} "
           f"({time.time() - t0:.0f}s)")
+    print(f"$ maskdm shard procedural {out / 'heldout'} --size 32 --count {HELDOUT} --gen-seed 1"
+          f"   # held-out faces, for scoring", flush=True)
+    shard(ShardOptions(src="procedural", out=str(out / "heldout"), source="procedural", size=32,
+                       count=HELDOUT, gen_seed=1, samples_per_shard=1000),
+          progress=sys.stderr.isatty())
 
 
 def _train_stages(configs: Path, out: Path, runs: Path, quick: bool) -> None:
@@ -138,8 +144,25 @@ def _sample_stage(out: Path, runs: Path, n_steps: str) -> Path:
     if lines:
         print("  " + lines[-1])
     _grid(out / "samples", out / "samples.png")
+    _score(out)
     print(f"  ({time.time() - t0:.0f}s)")
     return last
+
+
+def _score(out: Path) -> None:
+    """SWD of the samples to held-out faces, next to the SWD of as many training faces to the
+    same held-out faces: how far the model is from the best it could do at this N."""
+    from .eval.score import load_images
+    from .eval.swd import swd_scores
+    samples = load_images(out / "samples")
+    n = len(samples)
+    held = load_images(out / "heldout", n)
+    model = swd_scores(samples, held)
+    floor = swd_scores(load_images(out / "shards", n), held)
+    print(f"  $ maskdm score --samples {out / 'samples'} --ref {out / 'heldout'}\n"
+          f"  SWD x1e3 to {n} held-out faces (lower is better): samples {model['swd_patch']:.1f} "
+          f"on 7x7 patches, {model['swd_image']:.1f} on whole images; {n} real training faces "
+          f"score {floor['swd_patch']:.1f} and {floor['swd_image']:.1f}")
 
 
 def _grid(folder: Path, png: Path) -> None:

@@ -22,6 +22,12 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert len(list((out / "samples").glob("*.png"))) == 64
     assert Image.open(out / "samples.png").size[0] > 200
     assert (out / "runs" / "finetune" / "export" / "model.safetensors").exists()
+    # the samples are scored against held-out faces, next to real faces scored the same way
+    import re
+    m = re.search(r"SWD x1e3 to 64 held-out faces .*: samples ([\d.]+) on 7x7 patches, ([\d.]+) "
+                  r"on whole images; 64 real training faces score ([\d.]+) and ([\d.]+)", r.stdout)
+    assert m, r.stdout[-2000:]
+    assert all(float(v) > 0 for v in m.groups())
     # both runs in one MLflow experiment, the fine-tune linked to its parent
     import mlflow
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'runs' / 'mlflow.db'}")

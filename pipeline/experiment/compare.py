@@ -9,6 +9,14 @@ needs to first reach ``target`` divided by the FLOPs A needs to first reach it (
 interpolation between evaluation points). When A ends better than R, that is "the FLOPs the
 scratch arm needs to reach its final metric / the FLOPs the two-stage arm needs to reach the same
 value" (> 1); when A ends worse, the same rule gives a value < 1 instead of "never".
+
+Two limits of a speed-up read off evaluation points, reported with it (``speedup_detail``):
+- resolution: a curve can only reach the target at an evaluation point or between two; when an
+  arm is already at the target at its first point, the true crossing may be earlier, so the ratio
+  is a bound (>= when it is the two-stage arm, <= when it is the reference);
+- noise: when the reference arm's metric does not improve along its curve by more than its final
+  values differ between seeds, "the FLOPs it needs to reach its final value" is set by noise, and
+  the speed-up is reported as not resolved (``resolved_by``).
 """
 
 from __future__ import annotations
@@ -53,6 +61,30 @@ def speedup(reference: Curve, arm: Curve) -> float:
     if not f_arm:  # reached at zero FLOPs (a curve starting at its target): no finite ratio
         return math.inf if f_ref else 1.0
     return f_ref / f_arm
+
+
+def speedup_detail(reference: Curve, arm: Curve) -> tuple[float, str]:
+    """``speedup`` and whether it is ``exact``, a ``lower bound`` or an ``upper bound`` (a curve
+    at the target at its first evaluation point)."""
+    value = speedup(reference, arm)
+    target = max(reference.final, arm.final)
+    arm_first = arm.values[0] <= target
+    ref_first = reference.values[0] <= target
+    if arm_first and not ref_first:
+        return value, "lower bound"
+    if ref_first and not arm_first:
+        return value, "upper bound"
+    return value, "exact"
+
+
+def resolved_by(references: list[Curve]) -> bool:
+    """Does the reference arm's metric improve by more than seed noise? The mean drop from the
+    first evaluation to the final value must exceed the range of the final values over seeds
+    (with one seed: any drop)."""
+    drops = [c.values[0] - c.final for c in references]
+    finals = [c.final for c in references]
+    noise = max(finals) - min(finals) if len(finals) > 1 else 0.0
+    return sum(drops) / len(drops) > noise
 
 
 def spread(values: list[float]) -> dict[str, float]:

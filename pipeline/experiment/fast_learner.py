@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from ..config import ConfigError, check_shapes, load_config
-from .compare import Curve, speedup, spread
+from .compare import Curve, resolved_by, speedup_detail, spread
 
 METRICS = ("swd_patch", "swd_image", "heldout_loss")
 QUICK = {"budget_steps": 24, "evals": 2, "seeds": [0], "count": 192, "heldout_count": 32,
@@ -269,9 +269,10 @@ def run(spec: Spec, out: Path, *, quick: bool = False, extra_sets: list[str] | N
     t_all = time.time()
     shards, heldout = _prepare_data(spec, out)
     from ..tracking import Tracker, read_record
+    previous_id = (read_record(out / "parent") or {}).get("run_id")
     parent = Tracker(enabled=True, run_dir=out / "parent", experiment=spec.name,
                      run_name=f"{spec.name} (all arms)", uri=None,
-                     run_id=(read_record(out / "parent") or {}).get("run_id"),
+                     run_id=previous_id,
                      tags={"maskdm.kind": "experiment"}, log=print)
     parent_id, uri = parent.wait_started(), parent.uri
     base = [f"data.shards={shards}", f"data.image_size={spec.size}", f"eval.heldout={heldout}",
@@ -284,12 +285,13 @@ def run(spec: Spec, out: Path, *, quick: bool = False, extra_sets: list[str] | N
     if spec.sample_steps:
         base.append(f"eval.steps={spec.sample_steps}")
     base += list(spec.sets) + list(extra_sets or [])
+    _check_same_plan(spec, out, base)
     runs = plan(spec, out, base)
-    parent.log_params({"budget_steps": spec.budget_steps, "switch": spec.switch,
-                       "evals": spec.evals, "seeds": json.dumps(spec.seeds),
-                       "metric": spec.metric, "train_config": str(spec.train_config),
-                       "arms": json.dumps({a.name: a.mask for a in spec.arms}),
-                       "quick": quick})
+    if previous_id is None:  # MLflow refuses a changed param value: log them once
+        parent.log_params({"budget_steps": spec.budget_steps, "switch": spec.switch,
+                           "evals": spec.evals, "train_config": str(spec.train_config),
+                           "arms": json.dumps({a.name: a.mask for a in spec.arms}),
+                           "quick": quick})
     walls = _load_walls(out)
     for stages in runs:
         for st in stages:
@@ -316,6 +318,25 @@ def run(spec: Spec, out: Path, *, quick: bool = False, extra_sets: list[str] | N
           f"{out / 'results.md'}, plot {out / 'curves.png'}\nMLflow: experiment '{spec.name}' "
           f"at {uri}")
     return results
+
+
+def _check_same_plan(spec: Spec, out: Path, base: list[str]) -> None:
+    """A folder holds one plan: continuing it with other settings would mix runs of different
+    budgets (more seeds are fine)."""
+    now = {"budget_steps": spec.budget_steps, "switch": spec.switch, "evals": spec.evals,
+           "arms": {a.name: a.mask for a in spec.arms}, "train_config": str(spec.train_config),
+           "sets": [s for s in base if not s.startswith("tracking.parent_run_id=")]}
+    path = out / "plan.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        diff = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+        if diff:
+            raise ExperimentError(f"{out} holds an experiment with other settings ({', '.join(diff)}"
+                                  f" differ); use another --out, or the settings it was run with")
+        return
+    tmp = out / "plan.json.tmp"
+    tmp.write_text(json.dumps(now, indent=1))
+    os.replace(tmp, path)
 
 
 def _load_walls(out: Path) -> dict:
@@ -359,12 +380,16 @@ def summarize(spec: Spec, runs: list[list[Stage]], walls: dict, *, quick: bool) 
                            for a, per_seed in per_arm.items()}
         if ref not in per_arm:
             continue
+        resolved = resolved_by(list(per_arm[ref].values()))
         for a, per_seed in per_arm.items():
             if a == ref:
                 continue
-            ratios = [speedup(per_arm[ref][s], c) for s, c in per_seed.items()
+            detail = [speedup_detail(per_arm[ref][s], c) for s, c in per_seed.items()
                       if s in per_arm[ref]]
-            out["speedup"].setdefault(a, {})[m] = {**spread(ratios), "per_seed": ratios}
+            kinds = {k for _, k in detail}
+            out["speedup"].setdefault(a, {})[m] = {
+                **spread([v for v, _ in detail]), "per_seed": [v for v, _ in detail],
+                "kind": kinds.pop() if len(kinds) == 1 else "mixed", "resolved": resolved}
     return out
 
 
@@ -381,9 +406,15 @@ def table(results: dict) -> str:
     def fmt(s: dict | None, digits: int) -> str:
         if not s or not math.isfinite(s["mean"]):
             return "-"
+        if s.get("resolved") is False:
+            return "n/r"
+        mark = {"lower bound": ">=", "upper bound": "<="}.get(s.get("kind"), "")
+        if s.get("kind") == "mixed":
+            mark = "~"
         if s["n"] > 1:
-            return f"{s['mean']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
-        return f"{s['mean']:.{digits}f}"
+            return (f"{mark}{s['mean']:.{digits}f} ({s['min']:.{digits}f}-"
+                    f"{s['max']:.{digits}f})")
+        return f"{mark}{s['mean']:.{digits}f}"
     for a in arms:
         flops = list(results["train_flops"].get(a, {}).values())
         wall = sum(v for k, v in walls.items() if k.startswith(a + "/"))
@@ -400,8 +431,11 @@ def table(results: dict) -> str:
     lines.append(f"{len(seeds)} seed(s) {seeds}; values are the mean over seeds with the range in "
                  f"parentheses. Speed-up: the FLOPs DSM from scratch needs to reach the worse of "
                  f"the two final values / the FLOPs the arm needs (> 1: the arm is faster), "
-                 f"paired by seed. Metrics are lower-is-better, x 1e3 for SWD. Wall time: "
-                 f"training + scoring + start-up, as run here.")
+                 f"paired by seed; >= / <=: a bound (an arm was already there at its first "
+                 f"evaluation; ~: a bound for some seeds); n/r: not resolved (along DSM from scratch this metric improves "
+                 f"less than its final values differ between seeds). Metrics are "
+                 f"lower-is-better, x 1e3 for SWD. Wall time: training + scoring + start-up, "
+                 f"as run here.")
     return "\n".join(lines)
 
 

@@ -1,0 +1,168 @@
+"""maskdm experiment: the speed-up arithmetic on curves with known answers, and the mechanics of
+both experiments in --quick mode (arms, equal FLOPs, metrics logged, MLflow nesting, plots,
+resume). Never the scientific outcome."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from maskdm.pipeline.experiment.compare import (Curve, first_reach, resolved_by, speedup,
+                                                speedup_detail, spread)
+from tests.conftest import ROOT
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def test_first_reach_interpolates_between_evaluation_points():
+    c = Curve([1, 2, 3, 4], [10, 8, 4, 2])
+    assert first_reach(c, 8) == 2
+    assert first_reach(c, 6) == pytest.approx(2.5)  # halfway from 8 to 4
+    assert first_reach(c, 11) == 1
+    assert first_reach(c, 1) is None
+    # not monotone: the first time counts
+    assert first_reach(Curve([1, 2, 3], [5, 3, 4]), 3.5) == pytest.approx(1.75)
+
+
+def test_speedup_is_the_flop_ratio_at_the_worse_final_value():
+    scratch = Curve([1, 2, 3, 4], [10, 8, 6, 4])
+    fast = Curve([1, 2, 3, 4], [9, 4, 3, 2])  # reaches scratch's final 4 at FLOPs 2
+    assert speedup(scratch, fast) == pytest.approx(4 / 2)
+    slow = Curve([1, 2, 3, 4], [12, 11, 10, 8])  # ends at 8, which scratch reached at FLOPs 2
+    assert speedup(scratch, slow) == pytest.approx(2 / 4)
+    assert speedup(scratch, scratch) == 1
+    # bounds: an arm already at the target at its first evaluation point
+    assert speedup_detail(scratch, Curve([1, 2], [3, 2])) == (4.0, "lower bound")
+    assert speedup_detail(scratch, fast) == (2.0, "exact")
+    assert speedup_detail(Curve([1, 2], [5, 6]), Curve([1, 2], [9, 5.5]))[1] == "upper bound"
+    # noise: a reference that does not improve by more than its seeds differ resolves nothing
+    assert resolved_by([scratch, Curve([1, 2, 3, 4], [9, 8, 6, 5])])
+    assert not resolved_by([Curve([1, 2], [50, 52]), Curve([1, 2], [61, 58])])
+    s = spread([1.0, 3.0])
+    assert (s["mean"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 3.0, 2)
+    assert math.isnan(spread([float("nan")])["mean"])
+    with pytest.raises(ValueError):
+        Curve([2, 1], [0, 0])
+
+
+def test_a_point_is_a_non_square_input_and_msm_keeps_s_coordinates():
+    from maskdm.model.uvit import UViT
+    from maskdm.pipeline.experiment.toy import SHAPES, ToySettings, model_config, msm_spec
+    for shape, (d, s) in SHAPES.items():
+        cfg = model_config(shape, ToySettings(depth=2, dim=32, heads=2))
+        assert cfg.grid == (1, d) and cfg.num_tokens == d
+        assert msm_spec(shape).num_visible(cfg.grid) == s
+        net = UViT(cfg)
+        x = torch.randn(5, 1, 1, d)
+        assert net(x, torch.zeros(5, dtype=torch.long)).shape == (5, 1, 1, d)
+        keep = torch.arange(s).expand(5, s)
+        assert net(x, torch.zeros(5, dtype=torch.long), keep).shape == (5, s, 1)
+
+
+def test_training_configs_refuse_a_non_square_input(tmp_path):
+    from maskdm.pipeline.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="model.input_width=8: training images are square"):
+        load_config([str(ROOT / "configs" / "test_tiny.yaml")],
+                    ["data.image_size=32", "model.input_width=8"])
+
+
+def test_the_curve_distance_of_points_on_the_curve_is_zero():
+    from maskdm.pipeline.experiment.toy import curve_distance, curve_points
+    for shape in ("swissroll", "rose"):
+        on = curve_points(shape, np.random.default_rng(0).random(500))
+        assert curve_distance(on, shape) < 1e-3
+        off = on + np.array([0.1] + [0.0] * (on.shape[1] - 1), dtype=np.float32)
+        assert 0.01 < curve_distance(off, shape) <= 0.1 + 1e-3
+
+
+def test_toy_quick_writes_the_figure_and_results(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "maskdm", "experiment", "toy", "--quick",
+                        "--out", str(tmp_path)], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "toy_results.json").read_text())
+    assert [x["shape"] for x in res["results"]] == ["swissroll", "rose"]
+    for x in res["results"]:
+        for arm in ("scratch", "msm_dsm"):
+            pts = x["runs"][arm]["0"]
+            # equal FLOPs: both arms end within one DSM step of the budget
+            assert abs(pts[-1]["flops"] - x["budget_flops"]) <= x["budget_flops"] / 40 + 1
+            assert all(np.isfinite(p["swd"]) for p in pts)
+        assert [p["stage"] for p in x["runs"]["msm_dsm"]["0"]][0] == "msm"
+    assert (tmp_path / "toy.png").read_bytes()[:4] == b"\x89PNG"
+    assert "speed-up" in (tmp_path / "toy_results.md").read_text()
+
+
+def test_fast_learner_quick_runs_every_arm_at_equal_flops_and_resumes(tmp_path):
+    out = tmp_path / "exp"
+    cmd = [sys.executable, "-m", "maskdm", "experiment", "fast-learner", "--config",
+           str(ROOT / "configs" / "experiments" / "fast_learner_cpu.yaml"), "--quick",
+           "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["arms"]) == ["scratch", "block50", "patch90"]
+    assert [s["stage"] for s in res["arms"]["block50"]["stages"]] == ["pretrain", "finetune"]
+    # equal FLOPs, read back from what the runs logged (train_flops of the last point)
+    dsm = res["arms"]["scratch"]["stages"][0]["flops_per_step"]
+    finals = {}
+    for arm in res["arms"]:
+        c = res["curves"]["heldout_loss"][arm]["0"]
+        finals[arm] = c["flops"][-1]
+        for m in ("swd_patch", "swd_image", "heldout_loss"):
+            assert len(res["curves"][m][arm]["0"]["values"]) >= 2
+    budget = res["budget_steps"] * dsm
+    for arm, f in finals.items():
+        assert abs(f - budget) <= dsm / 2 + 1, (arm, f, budget)
+    # MSM steps are cheaper: the two-stage arms take more pre-training steps per FLOP
+    pre = res["arms"]["patch90"]["stages"][0]
+    assert pre["flops_per_step"] < res["arms"]["block50"]["stages"][0]["flops_per_step"] < dsm
+    assert set(res["speedup"]) == {"block50", "patch90"}
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| block50 |" in (out / "results.md").read_text()
+    # MLflow: one parent run with the five training runs nested under it, table and plot attached
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("fast-learner-cpu")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [x for x in runs if x.data.tags.get("maskdm.kind") == "experiment"]
+    assert len(parents) == 1
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == 5 and all(x.info.status == "FINISHED" for x in children)
+    assert all("train_flops" in x.data.metrics and "swd_image" in x.data.metrics
+               for x in children)
+    arts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"results.json", "results.md", "curves.png"} <= arts
+    # re-running continues: every run is already finished, nothing is trained again
+    r2 = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert r2.stdout.count("already finished") == 5 and "$ maskdm train" not in r2.stdout
+    assert json.loads((out / "results.json").read_text())["curves"] == res["curves"]
+    # ... but not with other settings: the folder's runs were planned for this switch point
+    r3 = subprocess.run(cmd + ["--switch", "0.3"], cwd=ROOT, env=_env(), capture_output=True,
+                        text=True, timeout=600)
+    assert r3.returncode == 2 and "holds an experiment with other settings (switch differ)" \
+        in r3.stderr, r3.stderr[-2000:]
+
+
+def test_fast_learner_refuses_a_bad_experiment_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain_config: nowhere.yaml\narms:\n  a: {mask: {kind: patch, "
+                   "ratio: 0.5}}\n")
+    r = subprocess.run([sys.executable, "-m", "maskdm", "experiment", "fast-learner", "--config",
+                        str(bad)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    assert "exactly one arm must be DSM from scratch" in r.stderr
