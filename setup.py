@@ -12,6 +12,7 @@ namespace ``maskdm`` (``maskdm.model``, ``maskdm.pipeline``, ...), so nothing na
 from setuptools import setup
 
 LAYERS = ("preprocessing", "shardformat", "model", "pipeline", "pipeline.data", "pipeline.eval",
+          "pipeline.experiment",
           "deepspeed_configs")
 
 setup(

@@ -74,7 +74,8 @@ def run(args) -> int:
     t_all = time.time()
     count = 512 if args.quick else args.count
     print(f"maskdm demo -> {out}\n  1. shard {count} procedural face images (32x32)\n"
-          f"  2. pre-train a tiny U-ViT with masked score matching (50% of 2x2-token blocks)\n"
+          f"  2. pre-train a tiny U-ViT with masked score matching (90% of the 4x4-pixel patches "
+          f"hidden)\n"
           f"  3. fine-tune it with denoising score matching\n  4. sample 64 images (DDIM); both runs go to "
           f"MLflow experiment 'maskdm-demo'\nexpected time: {'~1-2 min' if args.quick else '~8-10 min on 2 CPU cores'}")
     _shard_stage(out, count)

@@ -11,7 +11,24 @@ from maskdm.pipeline.cli import main as cli
 from maskdm.pipeline.config import ConfigError, deepspeed_config, load_config
 from tests.conftest import ROOT
 
-RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not p.name.startswith("_"))
+# training configs; configs/experiments/ also holds experiment files (`maskdm experiment`), whose
+# *_train.yaml companions are training configs
+EXPERIMENTS = sorted(p for p in (ROOT / "configs" / "experiments").glob("*.yaml")
+                     if not p.stem.endswith("_train"))
+RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml")
+                 if not p.name.startswith("_") and p not in EXPERIMENTS)
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_every_experiment_file_plans_equal_flops(path, tmp_path):
+    from maskdm.pipeline.experiment.fast_learner import Spec, plan
+    spec = Spec.load(path)
+    runs = plan(spec, tmp_path, [f"data.image_size={spec.size}"])
+    assert len(runs) == len(spec.arms) * len(spec.seeds)
+    budget = spec.budget_steps * runs[0][0].flops_per_step
+    for stages in runs:
+        total = sum(s.steps * s.flops_per_step for s in stages)
+        assert abs(total - budget) <= stages[-1].flops_per_step, stages[0].arm
 
 
 def test_the_recipe_set_covers_the_paper():

@@ -14,8 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from maskdm.pipeline.experiment.compare import (Curve, first_reach, resolved_by, speedup,
-                                                speedup_detail, spread)
+from maskdm.pipeline.experiment.compare import (
+    Curve,
+    first_reach,
+    resolved_by,
+    speedup,
+    speedup_detail,
+    spread,
+)
 from tests.conftest import ROOT
 
 

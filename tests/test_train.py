@@ -159,7 +159,8 @@ def test_pretrain_then_finetune_and_a_mismatched_checkpoint(shards, tmp_path):
     from maskdm.pipeline.tracking import read_jsonl
     m = ModelConfig(preset="tiny", in_channels=12, input_size=16, patch_size=2)
     msm, dsm = train_step_flops(m, 32) * 8, train_step_flops(m, 64) * 8
-    pre_flops = {r["step"]: r["train_flops"] for r in read_jsonl(tmp_path / "pre" / "metrics.jsonl")}
+    pre_flops = {r["step"]: r["train_flops"]
+                 for r in read_jsonl(tmp_path / "pre" / "metrics.jsonl")}
     ft_flops = {r["step"]: r["train_flops"] for r in read_jsonl(tmp_path / "ft" / "metrics.jsonl")}
     assert pre_flops == {2: 2 * msm, 3: 3 * msm}
     assert ft_flops == {2: 3 * msm + 2 * dsm, 3: 3 * msm + 3 * dsm}

@@ -62,7 +62,8 @@ def add_parser(sub) -> None:
                    help="DSM-from-scratch budget in steps (default 3000): every arm gets its FLOPs")
     t.add_argument("--switch", type=float, default=None,
                    help="fraction of the FLOPs spent on MSM pre-training (default 0.5)")
-    t.add_argument("--seeds", default=None, metavar="0,1", help="comma-separated seeds (default 0,1)")
+    t.add_argument("--seeds", default=None, metavar="0,1",
+                   help="comma-separated seeds (default 0,1)")
     t.add_argument("--quick", action="store_true", help="seconds-long check of the mechanics")
     t.set_defaults(func=_run_toy)
     p.set_defaults(func=lambda a: p.print_help() or 2)

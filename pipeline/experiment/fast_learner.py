@@ -331,8 +331,9 @@ def _check_same_plan(spec: Spec, out: Path, base: list[str]) -> None:
         before = json.loads(path.read_text())
         diff = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
         if diff:
-            raise ExperimentError(f"{out} holds an experiment with other settings ({', '.join(diff)}"
-                                  f" differ); use another --out, or the settings it was run with")
+            raise ExperimentError(f"{out} holds an experiment with other settings "
+                                  f"({', '.join(diff)} differ); use another --out, or the "
+                                  f"settings it was run with")
         return
     tmp = out / "plan.json.tmp"
     tmp.write_text(json.dumps(now, indent=1))
@@ -432,8 +433,9 @@ def table(results: dict) -> str:
                  f"parentheses. Speed-up: the FLOPs DSM from scratch needs to reach the worse of "
                  f"the two final values / the FLOPs the arm needs (> 1: the arm is faster), "
                  f"paired by seed; >= / <=: a bound (an arm was already there at its first "
-                 f"evaluation; ~: a bound for some seeds); n/r: not resolved (along DSM from scratch this metric improves "
-                 f"less than its final values differ between seeds). Metrics are "
+                 f"evaluation; ~: a bound for some seeds); n/r: not resolved (along DSM "
+                 f"from scratch this metric improves less than its final values differ "
+                 f"between seeds). Metrics are "
                  f"lower-is-better, x 1e3 for SWD. Wall time: training + scoring + start-up, "
                  f"as run here.")
     return "\n".join(lines)

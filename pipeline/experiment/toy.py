@@ -1,4 +1,4 @@
-"""``maskdm experiment toy``: the paper's Fig. 2 toy with maskdm's own model, objective and diffusion.
+"""``maskdm experiment toy``: the paper's Fig. 2 toy with maskdm's model, objective and diffusion.
 
 A point is a tiny 1 x d "image" with one channel; with patch size 1 each coordinate is a token.
 MSM with S visible coordinates learns the S-dimensional marginals of the data (the "marginal
