@@ -38,22 +38,12 @@ def _stage(title: str) -> float:
 
 
 def _train(config: Path, sets: list[str], log: Path) -> None:
-    cmd = [sys.executable, "-m", "maskdm", "train", "--config", str(config), "--resume", "auto"]
-    for s in sets:
-        cmd += ["--set", s]
+    from .launch import run_maskdm
     shown = "maskdm train --config " + str(config.relative_to(REPO)) + " " + \
         " ".join(f"--set {s}" for s in sets) + " --resume auto"
     print(f"$ {shown}", flush=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    with open(log, "a") as f:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env, cwd=os.getcwd())
-        for line in proc.stdout:
-            f.write(line)
-            if not line.startswith(("DeepSpeed ", "[")) and line.strip():
-                print("  " + line.rstrip(), flush=True)
-        code = proc.wait()
+    code = run_maskdm(["train", "--config", str(config), "--resume", "auto",
+                       *[a for s in sets for a in ("--set", s)]], log)
     if code != 0:
         raise SystemExit(f"error: the training stage failed (exit {code}); its log is {log}. "
                          f"Re-run `maskdm demo` to resume it.")

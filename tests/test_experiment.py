@@ -172,3 +172,9 @@ def test_fast_learner_refuses_a_bad_experiment_file(tmp_path):
                        timeout=120)
     assert r.returncode == 2
     assert "exactly one arm must be DSM from scratch" in r.stderr
+    bad.write_text("name: x\ntrain_config: nowhere.yaml\narms:\n  a: {mask: {kind: patch, "
+                   "ratoi: 0.5}}\n")
+    r = subprocess.run([sys.executable, "-m", "maskdm", "experiment", "fast-learner", "--config",
+                        str(bad)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "arm a: mask" in r.stderr and "ratoi" in r.stderr, r.stderr

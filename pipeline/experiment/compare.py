@@ -94,3 +94,40 @@ def spread(values: list[float]) -> dict[str, float]:
         return {"mean": float("nan"), "min": float("nan"), "max": float("nan"), "n": len(values)}
     return {"mean": sum(finite) / len(finite), "min": min(finite), "max": max(finite),
             "n": len(values)}
+
+
+def summarize_speedups(pairs: list[tuple[Curve, Curve]], references: list[Curve]) -> dict:
+    """Speed-ups of (reference, arm) curve pairs, one per seed -> spread + per-seed values, how
+    they were read (``kind``: exact, lower bound, upper bound, or mixed over seeds) and whether
+    the reference resolves them."""
+    detail = [speedup_detail(ref, arm) for ref, arm in pairs]
+    kinds = {k for _, k in detail}
+    return {**spread([v for v, _ in detail]), "per_seed": [v for v, _ in detail],
+            "kind": kinds.pop() if len(kinds) == 1 else "mixed",
+            "resolved": resolved_by(references)}
+
+
+def format_value(s: dict | None, digits: int) -> str:
+    """``mean (min-max)`` of a ``spread`` (``mean`` alone for one seed); a speed-up summary
+    gets its mark: ``>=``/``<=`` a bound, ``~`` bounds for some seeds, ``n/r`` not resolved."""
+    if not s or not math.isfinite(s["mean"]):
+        return "-"
+    if s.get("resolved") is False:
+        return "n/r"
+    mark = {"lower bound": ">=", "upper bound": "<=", "mixed": "~"}.get(s.get("kind"), "")
+    if s["n"] > 1:
+        return f"{mark}{s['mean']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+    return f"{mark}{s['mean']:.{digits}f}"
+
+
+def save_figure(fig, path, dpi: int) -> None:
+    """A matplotlib figure -> PNG at ``path``, written atomically; the figure is closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from maskdm.shardformat.fsutil import atomic_write_bytes
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,8 +29,11 @@ from pathlib import Path
 
 import yaml
 
+from maskdm.model.masks import MaskSpec
+from maskdm.shardformat.fsutil import atomic_write_json, atomic_write_text
+
 from ..config import ConfigError, check_shapes, load_config
-from .compare import Curve, resolved_by, speedup_detail, spread
+from .compare import Curve, format_value, save_figure, spread, summarize_speedups
 
 METRICS = ("swd_patch", "swd_image", "heldout_loss")
 QUICK = {"budget_steps": 24, "evals": 2, "seeds": [0], "count": 192, "heldout_count": 32,
@@ -45,8 +47,7 @@ class Arm:
 
     @property
     def two_stage(self) -> bool:
-        return self.mask.get("kind", "none") != "none" and \
-            (self.mask.get("kind") == "crop" or float(self.mask.get("ratio", 0)) > 0)
+        return MaskSpec(**self.mask).is_masked
 
 
 @dataclass
@@ -97,6 +98,11 @@ class Spec:
         return spec
 
     def check(self, where) -> None:
+        for a in self.arms:
+            try:
+                MaskSpec(**a.mask).validate()
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{where}: arm {a.name}: mask {a.mask}: {e}") from None
         refs = [a for a in self.arms if not a.two_stage]
         if len(refs) != 1:
             raise ConfigError(f"{where}: exactly one arm must be DSM from scratch (mask kind "
@@ -130,7 +136,8 @@ class Stage:
     arm: str
     seed: int
     stage: str  # pretrain | finetune
-    sets: list[str]
+    run_dir: Path
+    sets: list[str]  # --set overrides of this run, train.run_dir included
     steps: int
     score_every: int
     flops_per_step: float
@@ -162,7 +169,8 @@ def plan(spec: Spec, out: Path, base_sets: list[str]) -> list[list[Stage]]:
             root = out / "runs" / arm.name / f"seed{seed}"
             common = [f"train.seed={seed}"]
             if not arm.two_stage:
-                runs.append([Stage(arm.name, seed, "pretrain", common + mask_sets(arm.mask) +
+                runs.append([Stage(arm.name, seed, "pretrain", root / "scratch",
+                                   common + mask_sets(arm.mask) +
                                    [f"train.run_dir={root / 'scratch'}"], spec.budget_steps,
                                    every, dsm)])
                 continue
@@ -171,50 +179,33 @@ def plan(spec: Spec, out: Path, base_sets: list[str]) -> list[list[Stage]]:
             fine = max(1, round((budget - pre * msm) / dsm))
             pre_every = max(1, round(budget / spec.evals / msm))
             runs.append([
-                Stage(arm.name, seed, "pretrain", common + mask_sets(arm.mask) +
-                      [f"train.run_dir={root / 'pretrain'}"], pre, pre_every, msm),
-                Stage(arm.name, seed, "finetune", common + [
+                Stage(arm.name, seed, "pretrain", root / "pretrain", common +
+                      mask_sets(arm.mask) + [f"train.run_dir={root / 'pretrain'}"], pre,
+                      pre_every, msm),
+                Stage(arm.name, seed, "finetune", root / "finetune", common + [
                     "train.stage=finetune", "mask.kind=none", f"train.run_dir={root / 'finetune'}",
                     f"train.init_from={root / 'pretrain'}"], fine, every, dsm)])
     return runs
 
 
-def _run_dir(stage: Stage) -> Path:
-    return Path(next(s for s in stage.sets if s.startswith("train.run_dir="))
-                .split("=", 1)[1])
-
-
 def _finished(stage: Stage) -> bool:
-    from ..checkpoint import complete_checkpoints
-    run = _run_dir(stage)
-    found = complete_checkpoints(run / "checkpoints")
-    return bool(found) and found[-1].name == f"step_{stage.steps:08d}" and \
-        (run / "export" / "model.safetensors").exists()
+    from ..checkpoint import complete_checkpoints, tag
+    found = complete_checkpoints(stage.run_dir / "checkpoints")
+    return bool(found) and found[-1].name == tag(stage.steps) and \
+        (stage.run_dir / "export" / "model.safetensors").exists()
 
 
 def _train(spec: Spec, stage: Stage, sets: list[str], log: Path) -> float:
     """One ``maskdm train`` run (resumed if interrupted) -> wall seconds."""
-    cmd = [sys.executable, "-m", "maskdm", "train", "--config", str(spec.train_config),
-           "--resume", "auto"]
-    for s in sets:
-        cmd += ["--set", s]
+    from ..launch import run_maskdm
     print(f"\n=== {stage.label}: {stage.steps} steps ({stage.steps * stage.flops_per_step:.3g} "
           f"FLOPs), scores every {stage.score_every} steps", flush=True)
     print("$ maskdm train --config " + str(spec.train_config) + " " +
           " ".join(f"--set {s!r}" if " " in s else f"--set {s}" for s in sets) +
           " --resume auto", flush=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     t0 = time.time()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env)
-        for line in proc.stdout:
-            f.write(line)
-            if line.strip() and not line.startswith(("DeepSpeed ", "[")):
-                print("  " + line.rstrip(), flush=True)
-        code = proc.wait()
+    code = run_maskdm(["train", "--config", str(spec.train_config), "--resume", "auto",
+                       *[a for s in sets for a in ("--set", s)]], log)
     if code != 0:
         raise ExperimentError(f"{stage.label} failed (exit {code}); its log is {log}. Fix the "
                               f"cause and re-run the same command to continue.")
@@ -297,14 +288,14 @@ def run(spec: Spec, out: Path, *, quick: bool = False, extra_sets: list[str] | N
         for st in stages:
             key = f"{st.arm}/seed{st.seed}/{st.stage}"
             if _finished(st):
-                print(f"=== {st.label}: already finished ({_run_dir(st)})", flush=True)
+                print(f"=== {st.label}: already finished ({st.run_dir})", flush=True)
                 continue
             sets = base + st.sets + [f"train.steps={st.steps}",
                                      f"eval.score_every={st.score_every}",
                                      f"tracking.run_name={st.arm} seed {st.seed} ({st.stage})"]
             walls[key] = walls.get(key, 0.0) + _train(spec, st, sets,
-                                                      _run_dir(st).parent / f"{st.stage}.log")
-            _save_walls(out, walls)
+                                                      st.run_dir.parent / f"{st.stage}.log")
+            atomic_write_json(out / "wall_seconds.json", walls)
     results = summarize(spec, runs, walls, quick=quick)
     results["wall_seconds"] = time.time() - t_all
     write_outputs(results, out)
@@ -335,9 +326,7 @@ def _check_same_plan(spec: Spec, out: Path, base: list[str]) -> None:
                                   f"({', '.join(diff)} differ); use another --out, or the "
                                   f"settings it was run with")
         return
-    tmp = out / "plan.json.tmp"
-    tmp.write_text(json.dumps(now, indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(path, now)
 
 
 def _load_walls(out: Path) -> dict:
@@ -345,12 +334,6 @@ def _load_walls(out: Path) -> dict:
         return json.loads((out / "wall_seconds.json").read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _save_walls(out: Path, walls: dict) -> None:
-    tmp = out / "wall_seconds.json.tmp"
-    tmp.write_text(json.dumps(walls, indent=1))
-    os.replace(tmp, out / "wall_seconds.json")
 
 
 def summarize(spec: Spec, runs: list[list[Stage]], walls: dict, *, quick: bool) -> dict:
@@ -361,7 +344,7 @@ def summarize(spec: Spec, runs: list[list[Stage]], walls: dict, *, quick: bool) 
         budget.setdefault(arm, {})[seed] = sum(s.steps * s.flops_per_step for s in stages)
         for m in METRICS:
             try:
-                curves[m].setdefault(arm, {})[seed] = read_curve([_run_dir(s) for s in stages], m)
+                curves[m].setdefault(arm, {})[seed] = read_curve([s.run_dir for s in stages], m)
             except ValueError:
                 pass  # this metric was not logged (e.g. no held-out set)
     ref = spec.reference.name
@@ -381,16 +364,11 @@ def summarize(spec: Spec, runs: list[list[Stage]], walls: dict, *, quick: bool) 
                            for a, per_seed in per_arm.items()}
         if ref not in per_arm:
             continue
-        resolved = resolved_by(list(per_arm[ref].values()))
         for a, per_seed in per_arm.items():
-            if a == ref:
-                continue
-            detail = [speedup_detail(per_arm[ref][s], c) for s, c in per_seed.items()
-                      if s in per_arm[ref]]
-            kinds = {k for _, k in detail}
-            out["speedup"].setdefault(a, {})[m] = {
-                **spread([v for v, _ in detail]), "per_seed": [v for v, _ in detail],
-                "kind": kinds.pop() if len(kinds) == 1 else "mixed", "resolved": resolved}
+            if a != ref:
+                out["speedup"].setdefault(a, {})[m] = summarize_speedups(
+                    [(per_arm[ref][s], c) for s, c in per_seed.items() if s in per_arm[ref]],
+                    list(per_arm[ref].values()))
     return out
 
 
@@ -403,29 +381,16 @@ def table(results: dict) -> str:
             " | ".join(f"speed-up ({m})" for m in metrics) + " |")
     lines = [head, "|" + "---|" * (3 + 2 * len(metrics))]
     walls = results.get("run_wall_seconds", {})
-
-    def fmt(s: dict | None, digits: int) -> str:
-        if not s or not math.isfinite(s["mean"]):
-            return "-"
-        if s.get("resolved") is False:
-            return "n/r"
-        mark = {"lower bound": ">=", "upper bound": "<="}.get(s.get("kind"), "")
-        if s.get("kind") == "mixed":
-            mark = "~"
-        if s["n"] > 1:
-            return (f"{mark}{s['mean']:.{digits}f} ({s['min']:.{digits}f}-"
-                    f"{s['max']:.{digits}f})")
-        return f"{mark}{s['mean']:.{digits}f}"
     for a in arms:
         flops = list(results["train_flops"].get(a, {}).values())
         wall = sum(v for k, v in walls.items() if k.startswith(a + "/"))
         cells = [a + (" (reference)" if not results["arms"][a]["two_stage"] else ""),
                  f"{sum(flops) / max(len(flops), 1):.3g}",
                  f"{wall / len(results['seeds']):.0f}" if wall else "-"]
-        cells += [fmt(results["final"][m].get(a), 4 if m == "heldout_loss" else 2)
+        cells += [format_value(results["final"][m].get(a), 4 if m == "heldout_loss" else 2)
                   for m in metrics]
         cells += ["1" if not results["arms"][a]["two_stage"] else
-                  fmt(results["speedup"].get(a, {}).get(m), 2) for m in metrics]
+                  format_value(results["speedup"].get(a, {}).get(m), 2) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     seeds = results["seeds"]
     lines.append("")
@@ -464,16 +429,10 @@ def plot(results: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"{results['name']}: equal-FLOP comparison (dotted: MSM -> DSM switch)")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 def write_outputs(results: dict, out: Path) -> None:
-    for name, text in (("results.json", json.dumps(results, indent=1)),
-                       ("results.md", table(results) + "\n")):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "results.md", table(results) + "\n")
     plot(results, out / "curves.png")

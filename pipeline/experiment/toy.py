@@ -19,9 +19,7 @@ objective, and a step takes milliseconds).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,9 +34,10 @@ from maskdm.model.flops import step_flops
 from maskdm.model.masks import MaskSpec, sample_keep_idx
 from maskdm.model.objective import DiffusionObjective
 from maskdm.model.uvit import UViT
+from maskdm.shardformat.fsutil import atomic_write_json, atomic_write_text
 
 from ..ema import EMA
-from .compare import Curve, resolved_by, speedup_detail, spread
+from .compare import Curve, format_value, save_figure, spread, summarize_speedups
 
 SHAPES = {"swissroll": (2, 1), "rose": (3, 2)}  # dimension, coordinates visible under MSM (S)
 
@@ -202,11 +201,9 @@ def run_shape(shape: str, s: ToySettings, log=print) -> dict:
                         for seed, pts in per.items()} for arm, per in out["runs"].items()}
         out["final"][m] = {arm: spread([c.final for c in per.values()])
                            for arm, per in curves.items()}
-        detail = [speedup_detail(curves["scratch"][k], c) for k, c in curves["msm_dsm"].items()]
-        out["speedup"][m] = {**spread([v for v, _ in detail]),
-                             "per_seed": [v for v, _ in detail],
-                             "kind": [k for _, k in detail],
-                             "resolved": resolved_by(list(curves["scratch"].values()))}
+        out["speedup"][m] = summarize_speedups(
+            [(curves["scratch"][k], c) for k, c in curves["msm_dsm"].items()],
+            list(curves["scratch"].values()))
     out["_snapshots"] = snaps
     return out
 
@@ -255,40 +252,25 @@ def figure(results: list[dict], path: Path) -> None:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=100)
 
 
 def table(results: list[dict]) -> str:
     lines = ["| shape | arm | final SWD | final curve distance | speed-up (SWD) | "
              "speed-up (curve distance) |", "|---|---|---|---|---|---|"]
 
-    def fmt(sp):
-        if sp["n"] > 1:
-            return f"{sp['mean']:.4f} ({sp['min']:.4f}-{sp['max']:.4f})"
-        return f"{sp['mean']:.4f}"
     for r in results:
         for arm, label in (("scratch", "DSM from scratch"), ("msm_dsm", "MSM -> DSM")):
-            su = ["1", "1"] if arm == "scratch" else [_fmt_speedup(r["speedup"][m])
+            su = ["1", "1"] if arm == "scratch" else [format_value(r["speedup"][m], 2)
                                                        for m in ("swd", "curve_distance")]
             lines.append(f"| {r['shape']} (d={r['dimension']}, S={r['visible']}) | {label} | "
-                         f"{fmt(r['final']['swd'][arm])} | "
-                         f"{fmt(r['final']['curve_distance'][arm])} | {su[0]} | {su[1]} |")
+                         f"{format_value(r['final']['swd'][arm], 4)} | "
+                         f"{format_value(r['final']['curve_distance'][arm], 4)} | "
+                         f"{su[0]} | {su[1]} |")
         lines.append(f"| {r['shape']} | two held-out samples (floor) | "
                      f"{r['data_floor']['swd']:.4f} | {r['data_floor']['curve_distance']:.4f} "
                      f"| | |")
     return "\n".join(lines)
-
-
-def _fmt_speedup(sp: dict) -> str:
-    if not sp["resolved"]:
-        return "n/r"
-    kinds = set(sp["kind"])
-    mark = "" if kinds == {"exact"} else ">=" if kinds == {"lower bound"} else \
-        "<=" if kinds == {"upper bound"} else "~"
-    return f"{mark}{sp['mean']:.2f} ({sp['min']:.2f}-{sp['max']:.2f})"
 
 
 def run(shapes: list[str], s: ToySettings, out: Path, *, quick: bool = False, log=print) -> list:
@@ -307,11 +289,8 @@ def run(shapes: list[str], s: ToySettings, out: Path, *, quick: bool = False, lo
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
     payload = {"settings": asdict(s), "quick": quick, "results": clean,
                "wall_seconds": time.time() - t0}
-    for name, body in (("toy_results.json", json.dumps(payload, indent=1)),
-                       ("toy_results.md", text + "\n")):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(body)
-        os.replace(tmp, out / name)
+    atomic_write_json(out / "toy_results.json", payload)
+    atomic_write_text(out / "toy_results.md", text + "\n")
     log(f"\n{text}\n\nSpeed-up: the FLOPs DSM from scratch needs to reach the worse of the two "
         f"final values / the FLOPs MSM -> DSM needs, paired by seed (mean, range); >= / <=: a "
         f"bound (an arm was there at its first evaluation); n/r: not resolved by the seeds.\n"
