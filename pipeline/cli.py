@@ -35,10 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 TRAIN_EPILOG = """\
 examples:
   maskdm train --config configs/demo_pretrain.yaml
-  maskdm train --config configs/celebahq256_maskdm_b_pretrain.yaml --set train.steps=1000 --dry-run
-  maskdm train --config configs/x.yaml --resume auto          # continue after a crash or SIGTERM
-  deepspeed --num_gpus 8 $(which maskdm) train --config configs/x.yaml
-  deepspeed --hostfile hostfile $(which maskdm) train --config configs/x.yaml
+  maskdm train --config configs/paper/celebahq256_maskdm_b_pretrain.yaml --dry-run
+  maskdm train --config configs/demo_pretrain.yaml --resume auto  # continue after a crash/SIGTERM
+  deepspeed --num_gpus 8 $(which maskdm) train --config configs/paper/celebahq256_maskdm_b_pretrain.yaml
+  deepspeed --hostfile hostfile $(which maskdm) train --config CONFIG.yaml --resume auto
 """
 
 
@@ -56,7 +56,9 @@ def _add_train(sub) -> None:
                    help="auto: continue from the newest complete checkpoint in train.run_dir (or "
                    "start fresh if there is none); PATH: a checkpoint or run folder")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config and the derived DeepSpeed config, then exit")
+                   help="print the resolved config and the derived DeepSpeed config, then exit "
+                   "(non-zero if the config does not fit the shards; a warning first if the "
+                   "shards do not exist yet)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_run_train)
 
@@ -70,11 +72,16 @@ def _run_train(args) -> int:
 
             from maskdm.pipeline.dist import launch_world_size
             world = launch_world_size()
+            data_lines, missing = _dry_run_data_check(cfg)
+            if missing:  # first, where it cannot be missed (and once more at the end)
+                print(f"warning: {missing}", file=sys.stderr)
             print("# resolved config")
             print(to_yaml(cfg))
             print(f"# DeepSpeed config for a world of {world} (set WORLD_SIZE to see another)")
             print(json.dumps(deepspeed_config(cfg, world), indent=2))
-            _dry_run_data_note(cfg)
+            print("\n".join(data_lines))
+            if missing:
+                print(f"warning: {missing}", file=sys.stderr)
             return 0
         from maskdm.pipeline.train import run_training
         summary = run_training(cfg, resume=args.resume)
@@ -84,28 +91,34 @@ def _run_train(args) -> int:
     return summary["exit_code"]
 
 
-def _dry_run_data_note(cfg) -> None:
+def _dry_run_data_check(cfg) -> tuple[list[str], str | None]:
+    """-> (comment lines on the data and the model it implies, the warning if the shards are
+    missing). A config that does not fit the shards raises ConfigError (a non-zero exit)."""
     from pathlib import Path
 
-    from maskdm.pipeline.config import ConfigError, check_shapes
+    from maskdm.pipeline.config import check_shapes
     shards = Path(cfg.data.shards) if cfg.data.shards else None
+    lines, missing = [], None
     if shards is None or not (shards / "manifest.json").exists():
-        print(f"# note: data.shards={cfg.data.shards or '(unset)'} has no manifest yet; create it "
-              f"with `maskdm shard SRC {cfg.data.shards or 'OUT'}` before training")
+        where = (f"data.shards={cfg.data.shards}" if shards is not None else "data.shards")
+        state = ("is not set" if shards is None else "has no manifest.json" if shards.is_dir()
+                 else "does not exist")
+        missing = (f"{where} {state}: training would stop here. Create the shards with "
+                   f"`maskdm shard SRC {cfg.data.shards or 'OUT'}` (or point --set data.shards= "
+                   f"at existing ones); the shapes below are checked against "
+                   f"data.image_size={cfg.data.image_size} instead of the data")
         size = cfg.data.image_size
     else:
         from maskdm.shardformat.manifest import load_manifest
         size = load_manifest(shards).image_size
-        print(f"# data: {shards} ({size}px)")
+        lines.append(f"# data: {shards} ({size}px)")
     if size:
-        try:
-            m = check_shapes(cfg, size)
-            spec = cfg.mask
-            print(f"# model: {m.preset}, input {m.in_channels}x{m.input_size}x{m.input_size}, patch "
-                  f"{m.patch_size} -> {m.num_tokens} tokens; mask {spec} keeps "
-                  f"{spec.num_visible(m.grid) * m.token_groups}")
-        except ConfigError as e:
-            raise ConfigError(f"{e}") from None
+        m = check_shapes(cfg, size)
+        spec = cfg.mask
+        lines.append(f"# model: {m.preset}, input {m.in_channels}x{m.input_size}x{m.input_size}, "
+                     f"patch {m.patch_size} -> {m.num_tokens} tokens; mask {spec} keeps "
+                     f"{spec.num_visible(m.grid) * m.token_groups}")
+    return lines, missing
 
 
 def _add_export(sub) -> None:

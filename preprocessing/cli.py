@@ -30,9 +30,9 @@ def add_shard_parser(sub) -> None:
         "index files and skipped.jsonl. With --verify, check an existing shard directory.",
         usage="maskdm shard [options] SRC OUT\n       maskdm shard --verify [--quick] OUT",
         epilog=SHARD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="source (folder, .zip, or the word 'procedural') and output folder; "
-                   "with --verify only the shard folder")
+    p.add_argument("paths", nargs="+", metavar="SRC OUT",
+                   help="SRC: the source (folder, .zip, or the word 'procedural'); OUT: the "
+                   "output folder. With --verify only OUT, the shard folder")
     p.add_argument("--verify", action="store_true",
                    help="check checksums, counts, indexes and lossless decoding of a shard folder")
     p.add_argument("--quick", action="store_true",

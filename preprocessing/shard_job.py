@@ -274,10 +274,17 @@ def run(opts: ShardOptions, *, progress: bool = True, log=print) -> ShardManifes
     """Run (or resume, or confirm) the sharding job described by ``opts``."""
     opts.validate()
     out = Path(opts.out).expanduser().resolve()
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
     try:
         return _run_locked(opts, out, progress, log)
+    except BaseException:
+        # a job refused before writing anything (no images, bad source) leaves no folder behind
+        if created and [p.name for p in out.iterdir()] == [".lock"]:
+            (out / ".lock").unlink()
+            out.rmdir()
+        raise
     finally:
         lock.close()
 

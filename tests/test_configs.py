@@ -170,3 +170,13 @@ def test_dry_run_shows_the_deepspeed_config_for_the_world_size(capsys, monkeypat
                     .split("\n#")[0])
     assert ds["train_micro_batch_size_per_gpu"] == 32 and ds["zero_optimization"]["stage"] == 2
     assert ds["bf16"]["enabled"] is True
+
+
+def test_dry_run_says_first_that_the_shards_are_missing(capsys, tmp_path):
+    missing = tmp_path / "nowhere"
+    assert cli(["train", "--config", str(ROOT / "configs/test_tiny.yaml"), "--dry-run",
+                "--set", f"data.shards={missing}"]) == 0
+    captured = capsys.readouterr()
+    first = captured.err.splitlines()[0]
+    assert first.startswith("warning: ") and f"data.shards={missing} does not exist" in first
+    assert "maskdm shard SRC" in first and captured.out.startswith("# resolved config")

@@ -292,3 +292,16 @@ def test_non_utf8_file_names_are_kept_and_recorded_losslessly(tmp_path):
     m2 = run(ShardOptions(src=os.fsdecode(src), out=str(out), size=SIZE, workers=1),
              progress=False, log=lambda *a: None)
     assert m2.num_samples == 3
+
+
+def test_empty_source_leaves_no_output_folder(tmp_path, capsys):
+    from maskdm.pipeline.cli import main
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    assert main(["shard", str(tmp_path / "empty"), str(out)]) != 0
+    assert "no images found" in capsys.readouterr().err
+    assert not out.exists()
+    existing = tmp_path / "existing"  # a folder the user made is kept (as it was)
+    existing.mkdir()
+    assert main(["shard", str(tmp_path / "empty"), str(existing)]) != 0
+    assert existing.is_dir()

@@ -7,7 +7,7 @@ import sys
 
 SAMPLE_EPILOG = """\
 examples:
-  maskdm sample --ckpt runs/demo/finetune --n 64 --out samples/demo
+  maskdm sample --ckpt demo_output/runs/finetune --n 64 --out samples/demo
   maskdm sample --ckpt runs/celebahq256_maskdm_b_finetune --out samples/b  # the recipe's FID protocol
   maskdm sample --ckpt runs/x/export --n 10000 --steps 100 --out samples/x   # rerun to resume
   deepspeed --num_gpus 8 $(which maskdm) sample --ckpt runs/x --num-images 50000 --out samples/x
