@@ -41,6 +41,10 @@ setup(
         "tqdm>=4.60",
         "pyyaml>=6.0",
         "matplotlib>=3.5",  # the experiment's plots
+        # MLflow's system metrics: CPU/memory/disk/network (psutil) and NVIDIA GPUs (nvidia-ml-py,
+        # which does nothing where there is no GPU).
+        "psutil>=5.9",
+        "nvidia-ml-py>=12.0",
     ],
     extras_require={
         # GPU decode. `dali` follows NVIDIA's CUDA 12 build; `dali-cuda13` is the CUDA 13 build

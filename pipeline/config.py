@@ -104,6 +104,16 @@ class TrackingConfig:
     # Nest this run under another MLflow run (maskdm experiment sets it to the experiment's run);
     # default: a fine-tune is nested under the run of its train.init_from checkpoint.
     parent_run_id: str | None = None
+    # Points per metric curve: loss, lr, grad_norm, epoch and train_flops are logged every
+    # max(1, train.steps // points) steps, without a host sync of their own (they are gathered at
+    # the next console line, train.log_every); rates (img/s, data wait) come with console lines.
+    points: int = 250
+    # MLflow's system metrics (CPU, memory, disk, network, GPU via nvidia-ml-py) every this many
+    # seconds, from rank 0's node (0: off).
+    system_metrics_every: float = 10.0
+    # Also register the exported model under this name in the MLflow model registry (a new
+    # version per run); the logged model is always created.
+    register_model: str | None = None
 
 
 @dataclass
@@ -324,6 +334,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
     if t.seed < 0:
         raise ConfigError(f"train.seed must be >= 0, got {t.seed}")
+    if cfg.tracking.points < 1:
+        raise ConfigError(f"tracking.points must be >= 1 (points per metric curve), got "
+                          f"{cfg.tracking.points}")
+    if cfg.tracking.system_metrics_every < 0:
+        raise ConfigError(f"tracking.system_metrics_every must be >= 0 seconds (0: off), got "
+                          f"{cfg.tracking.system_metrics_every}")
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):

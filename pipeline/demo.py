@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from maskdm.console import show_progress
+
 REPO = Path(__file__).resolve().parents[1]
 HELDOUT = 256  # held-out procedural faces (a second image set) the samples are scored against
 
@@ -50,7 +52,7 @@ def _train(config: Path, sets: list[str], log: Path) -> None:
 
 
 def run(args) -> int:
-    from .tracking import default_uri, ui_command
+    from .tracking import default_uri, read_record
 
     configs = REPO / "configs"
     if not (configs / "demo_pretrain.yaml").exists():
@@ -74,13 +76,29 @@ def run(args) -> int:
     n_steps = "10" if args.quick else "100"
     last = _sample_stage(out, runs, n_steps)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_uri(runs / "finetune")[0]
-    print(f"\nsamples (EMA weights, DDIM {n_steps} steps, eta 1): {out / 'samples.png'} (PNGs in {out / 'samples'})\n"
+    print(f"\nsamples (EMA weights, DDIM {n_steps} steps, eta 1): {out / 'samples.png'} "
+          f"(PNGs in {out / 'samples'})\n"
           f"real data for comparison:          {out / 'data.png'}\n"
           f"fine-tuned checkpoint:             {last}\n"
           f"exported model:                    {runs / 'finetune' / 'export'}\n"
-          f"MLflow (both runs, experiment 'maskdm-demo'), then open http://127.0.0.1:5000:\n"
-          f"  {ui_command(uri)}\n"
-          f"total {time.time() - t_all:.0f}s")
+          f"total {time.time() - t_all:.0f}s\n")
+    print(_where_to_click(uri, (read_record(runs / "finetune") or {}).get("experiment_id")))
+    return 0
+
+
+def _where_to_click(uri: str, experiment_id: str | None) -> str:
+    from .tracking import runs_url, ui_server_command
+    server = ui_server_command(uri)
+    base = "http://127.0.0.1:5000" if server else uri
+    start = f"start the UI:\n  {server}\nthen open" if server else "open"
+    return (f"MLflow: both runs are in experiment 'maskdm-demo'; {start}\n"
+            f"  runs:   {runs_url(base, experiment_id)}\n"
+            f"  charts: {runs_url(base, experiment_id, charts=True)}\n"
+            f"The fine-tune run is nested under the pre-training run (the + beside it in the runs "
+            f"table); a run's page has its parameters, its \"System metrics\" and its sample "
+            f"grids under Artifacts; the exported models are under \"Models\".")
+
+
     return 0
 
 
@@ -91,7 +109,7 @@ def _shard_stage(out: Path, count: int) -> None:
     t0 = _stage("1/4 shard the procedural set")
     print(f"$ maskdm shard procedural {out / 'shards'} --size 32 --count {count}", flush=True)
     m = shard(ShardOptions(src="procedural", out=str(out / "shards"), source="procedural", size=32,
-                           count=count, samples_per_shard=1000), progress=sys.stderr.isatty())
+                           count=count, samples_per_shard=1000), progress=show_progress())
     write_preview(out / "shards", out / "data.png", n=64)
     print(f"  {m.num_samples} samples; real images for comparison: {out / 'data.png'} "
           f"({time.time() - t0:.0f}s)")
@@ -99,7 +117,7 @@ def _shard_stage(out: Path, count: int) -> None:
           f"   # held-out faces, for scoring", flush=True)
     shard(ShardOptions(src="procedural", out=str(out / "heldout"), source="procedural", size=32,
                        count=HELDOUT, gen_seed=1, samples_per_shard=1000),
-          progress=sys.stderr.isatty())
+          progress=show_progress())
 
 
 def _train_stages(configs: Path, out: Path, runs: Path, quick: bool) -> None:

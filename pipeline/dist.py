@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from pathlib import Path
 
 import torch
 
@@ -65,9 +66,32 @@ def launch_rank() -> int:
     return int(os.environ.get("SLURM_PROCID", "0"))
 
 
+def op_build_note(device: torch.device) -> str | None:
+    """What DeepSpeed is about to compile on this launch (a first launch on a CPU machine builds
+    its shared-memory communication op, about a minute of silence otherwise), or None."""
+    if device.type != "cpu":
+        return None
+    try:
+        from deepspeed.accelerator import get_accelerator
+        from torch.utils.cpp_extension import _get_build_directory
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is None:
+            return None
+        where = Path(_get_build_directory(builder.name, False))
+    except Exception:  # an unknown DeepSpeed layout: nothing to announce
+        return None
+    if (where / f"{builder.name}.so").exists():
+        return None
+    return (f"first launch on this machine: DeepSpeed compiles its {builder.name} op (about a "
+            f"minute, once; cached in {where})")
+
+
 def init(device: torch.device) -> None:
     import deepspeed
     if not torch.distributed.is_initialized():
+        note = op_build_note(device)
+        if note and launch_rank() == 0:
+            print(note, flush=True)
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    verbose=False)
 

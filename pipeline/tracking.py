@@ -28,6 +28,13 @@ from typing import Any
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+# MLflow's own INFO lines ("Creating initial MLflow database tables...") are not the user's
+# business during training; its warnings still show.
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+# The MLflow 3 UI opens an experiment in its GenAI view unless told otherwise: experiments are
+# tagged as model training, and the links we print carry the UI's workflow switch.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def default_uri(run_dir: str | os.PathLike) -> tuple[str, Path]:
@@ -35,13 +42,31 @@ def default_uri(run_dir: str | os.PathLike) -> tuple[str, Path]:
     return f"sqlite:///{root / 'mlflow.db'}", root / "mlartifacts"
 
 
-def ui_command(uri: str) -> str:
+def runs_url(base: str, experiment_id: str | None, charts: bool = False) -> str:
+    """The MLflow UI page listing an experiment's runs (``charts``: their metric charts)."""
+    if experiment_id is None:
+        return base
+    view = "&compareRunsMode=CHART" if charts else ""
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"{view}")
+
+
+def ui_server_command(uri: str) -> str | None:
+    """The command that serves the MLflow UI for a local store (None for a tracking server)."""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
+        return None
     art = ""
     if uri.startswith("sqlite:///"):
         art = f" --default-artifact-root {Path(uri[len('sqlite:///'):]).parent / 'mlartifacts'}"
     return f"mlflow ui --backend-store-uri {uri}{art} --host 127.0.0.1 --port 5000"
+
+
+def ui_command(uri: str, experiment_id: str | None = None) -> str:
+    """How to look at an experiment's runs: the page to open (after starting the UI)."""
+    server = ui_server_command(uri)
+    if server is None:
+        return f"open {runs_url(uri, experiment_id)} in a browser"
+    return f"{server}, then open {runs_url('http://127.0.0.1:5000', experiment_id)}"
 
 
 RECORD = "mlflow.json"
@@ -62,11 +87,11 @@ def read_record(run_dir: str | os.PathLike) -> dict | None:
         return None
 
 
-def _metrics_of(record: dict):
+def _metrics_of(record: dict, model_id: str | None = None):
     from mlflow.entities import Metric
     ts = int(record["time"] * 1000)
-    return [Metric(k, float(v), ts, int(record["step"])) for k, v in record.items()
-            if k not in ("step", "time")]
+    return [Metric(k, float(v), ts, int(record["step"]), model_id=model_id)
+            for k, v in record.items() if k not in ("step", "time")]
 
 
 def read_jsonl(path: Path, start: int = 0) -> list[dict]:
@@ -106,6 +131,10 @@ class Tracker:
         self.failed = False
         self.uri = None
         self.run_id = run_id
+        self.experiment_id: str | None = None
+        self.model_id: str | None = None  # the MLflow logged model (log_model)
+        self._monitor = None  # MLflow's system metrics monitor
+        self._latest: dict[str, dict] = {}  # metric name -> the record that logged it last
         self._jsonl = None
         if not enabled:
             if record:
@@ -199,6 +228,8 @@ class Tracker:
         if self._client is None:
             self._client = mlflow.MlflowClient(self.uri)
         if self.run_id is not None:
+            if self.experiment_id is None:
+                self.experiment_id = self._client.get_run(self.run_id).info.experiment_id
             return
         if self._stale is not None:
             try:
@@ -210,8 +241,16 @@ class Tracker:
                 pass  # deleted, or kept on another server: nothing to correct
             self._stale = None
         exp = self._client.get_experiment_by_name(self._experiment)
-        exp_id = exp.experiment_id if exp else self._client.create_experiment(
-            self._experiment, artifact_location=self._artifacts)
+        if exp is None:
+            exp_id = self._client.create_experiment(self._experiment,
+                                                    artifact_location=self._artifacts,
+                                                    tags=EXPERIMENT_KIND)
+        else:
+            exp_id = exp.experiment_id
+            for k, v in EXPERIMENT_KIND.items():
+                if k not in exp.tags:  # made by an older maskdm or by hand
+                    self._client.set_experiment_tag(exp_id, k, v)
+        self.experiment_id = exp_id
         self.run_id = self._client.create_run(exp_id, run_name=self._run_name,
                                               tags=self._tags).info.run_id
         self._write_record()
@@ -242,6 +281,7 @@ class Tracker:
         from maskdm.shardformat.fsutil import atomic_write_json
         atomic_write_json(self.run_dir / RECORD, {
             "uri": self.uri, "run_id": self.run_id, "experiment": self._experiment,
+            "experiment_id": self.experiment_id,
             "metrics_sent": self._sent, "status": self._status, "status_sent": self._status_sent})
 
     def _call(self, fn, *args) -> None:
@@ -266,10 +306,14 @@ class Tracker:
         items = [(k[:250], str(v)[:6000]) for k, v in params.items()]
         self._call(do, items)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int,
+                    timestamp: float | None = None) -> None:
+        """``timestamp``: when the values were taken (default: now), in seconds."""
         if self._jsonl is None:
             return
-        record = {"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
+        record = {"step": step, "time": timestamp or time.time(),
+                  **{k: float(v) for k, v in metrics.items()}}
+        self._latest.update({k: record for k in metrics})
         self._jsonl.write(json.dumps(record) + "\n")
         if not self.enabled:
             return
@@ -289,6 +333,55 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self._call(lambda: self._client.log_text(self.run_id, text, artifact_file))
 
+    def start_system_metrics(self, interval: float) -> None:
+        """CPU, memory, disk, network and (with pynvml) GPU utilisation, sampled by MLflow's own
+        monitor every ``interval`` seconds into the run's "System metrics" (``system/...``)."""
+        def do():
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            except ImportError as e:  # psutil missing: say so once, train on
+                self.log(f"note: no system metrics ({reason(e)}); `pip install psutil` (and "
+                         f"nvidia-ml-py for GPUs) to get them", file=sys.stderr)
+                return
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval,
+                                                 resume_logging=self._resumed,
+                                                 tracking_uri=self.uri)
+            self._monitor.start()
+        self._call(do)
+
+    def log_model(self, local_dir: str | os.PathLike, *, name: str, params: dict[str, Any],
+                  metrics: list[str], register_as: str | None = None) -> None:
+        """An MLflow 3 logged model (the "Models" tab) holding ``local_dir`` (safetensors + JSON,
+        no pickled code), with its parameters and the latest value of each of ``metrics`` linked
+        to it (the same points as in the run's curves, not new ones); with ``register_as``, also a
+        new version of that registered model."""
+        latest = [{"step": r["step"], "time": r["time"], k: r[k]}
+                  for k in metrics if (r := self._latest.get(k)) is not None]
+
+        def do():
+            model = self._client.create_logged_model(
+                self.experiment_id, name=name, source_run_id=self.run_id,
+                params={k[:250]: str(v)[:6000] for k, v in params.items()},
+                model_type="maskdm-uvit", tags={"maskdm.format": "safetensors"})
+            self._client.log_model_artifacts(model.model_id, str(local_dir))
+            linked = [m for r in latest for m in _metrics_of(r, model.model_id)]
+            if linked:
+                self._client.log_batch(self.run_id, metrics=linked)
+            self._client.finalize_logged_model(model.model_id, "READY")
+            self.model_id = model.model_id
+            if register_as:
+                from mlflow.exceptions import MlflowException
+                try:
+                    self._client.create_registered_model(register_as)
+                except MlflowException as e:
+                    if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                version = self._client.create_model_version(
+                    register_as, f"models:/{model.model_id}", run_id=self.run_id,
+                    model_id=model.model_id)
+                self.log(f"registered model {register_as!r} version {version.version}")
+        self._call(do)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         def do():
             for k, v in tags.items():
@@ -306,6 +399,9 @@ class Tracker:
         self._status = status
 
         def terminate():
+            if self._monitor is not None:  # its last samples first, while the run still runs
+                self._monitor.finish()
+                self._monitor = None
             self._client.set_terminated(self.run_id, status=status)
             self._status_sent = True
         self._call(terminate)

@@ -230,6 +230,8 @@ class Trainer:
                 self.tracker.log_text(json.dumps(self.ds_config, indent=2),
                                       "deepspeed_config.json")
         self.run_id = self.tracker.wait_started() if is_main else None
+        if cfg.tracking.system_metrics_every > 0:
+            self.tracker.start_system_metrics(cfg.tracking.system_metrics_every)
         self.log(self._banner())
 
     def _num_parameters(self) -> int:
@@ -281,14 +283,19 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             self.loss_sum += loss.detach().float()
+            self.point_sum += loss.detach().float()
             self.nonfinite += (~torch.isfinite(loss.detach())).long()
         self.step += 1
         self.n_logged += 1
+        self.n_point += 1
         self.ema.update(self.engine.module, self.step)
 
     def _loop(self) -> None:
         t, cfg = self.t, self.cfg
         self.loss_sum = torch.zeros((), device=self.device)
+        self.point_sum = torch.zeros((), device=self.device)
+        self.n_point, self.points = 0, []
+        self.point_every = max(1, t.steps // cfg.tracking.points)
         self.nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
         self.n_logged, self.data_wait, self.t_log = 0, 0.0, time.perf_counter()
         self.engine.train()
@@ -296,6 +303,8 @@ class Trainer:
             self._step()
             self.bar.update(1)
             step = self.step
+            if step % self.point_every == 0 or step == t.steps:
+                self._point()
             if step % t.log_every == 0 or step == t.steps:
                 self._log()
             if t.sample_every and step % t.sample_every == 0 and step < t.steps:
@@ -315,32 +324,67 @@ class Trainer:
                 raise TrainingStopped(f"stopped by {name} at step {step}; resume with "
                                       f"`--resume auto`", 128 + (sig or 15))
 
+    def _point(self) -> None:
+        """One point of the metric curves, kept on the device until the next console line."""
+        gnorm = self.engine.get_global_grad_norm()
+        if isinstance(gnorm, torch.Tensor):
+            gnorm = gnorm.detach().float().reshape(())
+        self.points.append({
+            "step": self.step, "time": time.time(),
+            "loss": self.point_sum / (self.n_point * self.t.grad_accum),
+            "lr": self.engine.get_lr()[0],
+            "grad_norm": gnorm if gnorm is not None else float("nan"),
+            "epoch": self.loader.epoch, "train_flops": self.train_flops})
+        self.point_sum = torch.zeros((), device=self.device)
+        self.n_point = 0
+
+    def _flush_points(self) -> list[dict]:
+        """The points gathered since the last console line as metric records (one host sync for
+        all of them, one all-reduce for their losses)."""
+        points, self.points = self.points, []
+        if not points:
+            return []
+        losses = torch.stack([p["loss"] for p in points]).double().cpu()
+        losses = dist.all_reduce_cpu(losses) / self.world
+        norms = [p["grad_norm"] for p in points]
+        if any(isinstance(n, torch.Tensor) for n in norms):
+            on_device = [i for i, n in enumerate(norms) if isinstance(n, torch.Tensor)]
+            values = torch.stack([norms[i] for i in on_device]).cpu().tolist()
+            for i, v in zip(on_device, values):
+                norms[i] = v
+        for p, loss, gnorm in zip(points, losses.tolist(), norms):
+            p.update(loss=loss, grad_norm=float(gnorm))
+        return points
+
     def _log(self) -> None:
-        """Average loss and rates since the last log: the loop's only host syncs."""
+        """A console line with the average loss and the rates since the last one, plus the metric
+        points gathered meanwhile: the loop's only host syncs."""
         t, step, engine = self.t, self.step, self.engine
         loss_avg = dist.all_sum(self.loss_sum.item()) / (self.n_logged * t.grad_accum * self.world)
         if dist.any_rank(bool(self.nonfinite.item())) and self.precision != "fp16":
             raise TrainingStopped(self._nonfinite_message(), EXIT_NONFINITE)
+        records = self._flush_points()
         dt = time.perf_counter() - self.t_log
-        gnorm = engine.get_global_grad_norm()
-        metrics = {
-            "loss": loss_avg,
-            "lr": engine.get_lr()[0],
-            "grad_norm": float(gnorm) if gnorm is not None else float("nan"),
+        rates = {
             "img_per_s": self.n_logged * t.global_batch / dt,
             "data_wait_frac": self.data_wait / dt,
             "skipped_samples": dist.all_sum(self.loader.skipped_samples),
-            "epoch": self.loader.epoch,
-            "train_flops": self.train_flops,
         }
         if self.precision == "fp16":
-            metrics["skipped_steps"] = float(engine.skipped_steps)
-        if self.device.type == "cuda":
-            metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-        self.tracker.log_metrics(metrics, step)
-        line = (f"step {step}/{t.steps}  loss {loss_avg:.4f}  lr {metrics['lr']:.2e}  "
-                f"grad {metrics['grad_norm']:.3f}  {metrics['img_per_s']:.1f} img/s  "
-                f"data-wait {metrics['data_wait_frac']:.0%}  epoch {self.loader.epoch:.2f}")
+            rates["skipped_steps"] = float(engine.skipped_steps)
+        if records and records[-1]["step"] == step:
+            records[-1].update(rates)
+        else:
+            records.append({"step": step, "time": time.time(), **rates})
+        for r in records:
+            r = dict(r)
+            at, ts = r.pop("step"), r.pop("time")
+            self.tracker.log_metrics(r, at, timestamp=ts)
+        gnorm = next((r["grad_norm"] for r in reversed(records) if "grad_norm" in r),
+                     float("nan"))
+        line = (f"step {step}/{t.steps}  loss {loss_avg:.4f}  lr {engine.get_lr()[0]:.2e}  "
+                f"grad {gnorm:.3f}  {rates['img_per_s']:.1f} img/s  "
+                f"data-wait {rates['data_wait_frac']:.0%}  epoch {self.loader.epoch:.2f}")
         self.bar.write(line) if not self.bar.disable else self.log(line)
         self.loss_sum.zero_()
         self.n_logged, self.data_wait, self.t_log = 0, 0.0, time.perf_counter()
@@ -429,7 +473,17 @@ class Trainer:
         if dist.is_main():
             from .export import export_weights
             export_dir = export_weights(self.ckpt_root / self.last_ckpt, self.run_dir / "export")
-            self.tracker.log_artifact(export_dir, "model")
+            mcfg = dataclasses.asdict(self.mcfg)
+            params = {**{f"model.{k}": v for k, v in mcfg.items()},
+                      "diffusion.schedule": self.cfg.diffusion.schedule,
+                      "diffusion.num_timesteps": self.cfg.diffusion.num_timesteps,
+                      "data.space": self.cfg.data.space, "image_size": self.reader.image_size,
+                      "train.stage": self.t.stage, "step": self.step,
+                      "train_flops": self.train_flops}
+            self.tracker.log_model(export_dir, name=f"maskdm-{self.t.stage}", params=params,
+                                   metrics=["loss", "train_flops", "fid", "swd_patch",
+                                            "swd_image", "heldout_loss"],
+                                   register_as=self.cfg.tracking.register_model)
 
     def _summary(self, delivered: bool) -> dict:
         from .tracking import ui_command
@@ -444,9 +498,13 @@ class Trainer:
             self.log(f"data: {len(left_out)} damaged shard(s) left out of the order, {replaced} "
                      f"damaged sample(s) replaced" + (f" (found in {seen})" if seen else "")
                      + f"; run `maskdm shard --verify {self.reader.directory}`")
+        eid = self.tracker.experiment_id
+        if self.device.type == "cuda":
+            self.log(f"peak GPU memory allocated by torch: "
+                     f"{torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB")
         self.log(f"done: {self.t.steps} steps; checkpoint {summary['checkpoint']}; samples "
                  f"{summary['samples']}" + (f"; MLflow run {self.run_id}: "
-                                            f"{ui_command(self.tracker.uri)}"
+                                            f"{ui_command(self.tracker.uri, eid)}"
                                             if self.tracker.enabled else ""))
         return summary
 
@@ -455,13 +513,15 @@ class Trainer:
 
     def run(self) -> dict:
         from tqdm import tqdm
+
+        from maskdm.console import show_progress
         self._build()
         self._restore()
         self._start_tracking()
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self.bar = tqdm(total=self.t.steps, initial=self.step, unit="step", desc=self.t.stage,
                         dynamic_ncols=True, file=sys.stderr,
-                        disable=not (dist.is_main() and sys.stderr.isatty()))
+                        disable=not (dist.is_main() and show_progress()))
         status, code, message = "FINISHED", 0, ""
         try:
             self._loop()

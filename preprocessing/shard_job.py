@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from maskdm.console import show_progress
 from maskdm.shardformat import FORMAT_VERSION, haar
 from maskdm.shardformat.fsutil import (
     atomic_write_json,
@@ -386,8 +387,8 @@ def _write_chunks(opts, out, source, planned, todo, workers, n_todo, progress, d
         raise KeyboardInterrupt
 
     old_term = signal.signal(signal.SIGTERM, on_term)
-    bar = tqdm(total=n_todo, unit="img", desc="sharding", disable=not progress, mininterval=0.5,
-               dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=n_todo, unit="img", desc="sharding", mininterval=0.5, dynamic_ncols=True,
+               disable=not (progress and show_progress()), file=sys.stderr)
     pool = None
     try:
         if workers == 1 or len(tasks) == 1:  # in-process: no start-up cost, direct tracebacks

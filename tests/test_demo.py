@@ -19,6 +19,10 @@ def test_quick_demo_runs_every_stage(tmp_path):
         assert stage in r.stdout
     assert "$ maskdm train --config configs/demo_pretrain.yaml" in r.stdout
     assert "mlflow ui --backend-store-uri" in r.stdout
+    # where to click: the runs page in the UI's model-training view, and its charts
+    assert "#/experiments/1/runs?workflowType=machine_learning\n" in r.stdout
+    assert "workflowType=machine_learning&compareRunsMode=CHART" in r.stdout
+    assert "INFO mlflow" not in r.stdout + r.stderr  # MLflow's own chatter stays out
     assert len(list((out / "samples").glob("*.png"))) == 64
     assert Image.open(out / "samples.png").size[0] > 200
     assert (out / "runs" / "finetune" / "export" / "model.safetensors").exists()
@@ -44,3 +48,23 @@ def test_quick_demo_runs_every_stage(tmp_path):
                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     assert "(0 written now, 64 already there)" in r2.stdout
+
+
+def test_relay_keeps_bars_out_of_the_log_and_draws_them_in_place():
+    import io
+
+    from maskdm.pipeline.launch import CLEAR, relay
+    child = (b"DeepSpeed info: chatter\n"
+             b"\rtrain:  10%|#  | 1/10\rtrain:  20%|## | 2/10"
+             b"\r            \rstep 2/10  loss 0.5\n"
+             b"\rtrain:  30%|###| 3/10\rtrain: 100%|###| 10/10\n"
+             b"done\n")
+    for tty in (True, False):
+        log, console = io.StringIO(), io.StringIO()
+        relay(io.BufferedReader(io.BytesIO(child)), log, console, tty)
+        assert log.getvalue() == ("DeepSpeed info: chatter\nstep 2/10  loss 0.5\n"
+                                  "train: 100%|###| 10/10\ndone\n")
+        shown = console.getvalue()
+        assert "chatter" not in shown and "  step 2/10  loss 0.5\n" in shown
+        assert shown.endswith("  done\n")
+        assert ("1/10" in shown and "2/10" in shown and CLEAR in shown) == tty

@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from maskdm.console import show_progress
 from maskdm.pipeline import dist
 from maskdm.shardformat.fsutil import atomic_write_bytes
 
@@ -155,7 +156,7 @@ def accumulate(net, batches: Iterable[list[np.ndarray]], dim: int, device,
 def _bar(total: int, desc: str, enabled: bool = True):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr,
-                disable=not enabled, mininterval=1.0)
+                disable=not (enabled and show_progress()), mininterval=1.0)
 
 
 # ----------------------------------------------------------------------------- image folders

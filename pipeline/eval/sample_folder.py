@@ -216,9 +216,12 @@ def sample_to_dir(gen: SamplingModel, out: str | os.PathLike, n: int, *, seed: i
             if any(i not in done for i in range(k * batch, min(n, (k + 1) * batch)))]
     mine = todo[rank::world]
     from tqdm import tqdm
+
+    from maskdm.console import show_progress
     remaining = sum(min(n, (k + 1) * batch) - k * batch for k in todo)
     bar = tqdm(total=remaining, unit="img", desc="sampling", dynamic_ncols=True, file=sys.stderr,
-               disable=not (progress and rank == 0), mininterval=1.0)
+               disable=not (progress and rank == 0 and show_progress()),
+               mininterval=1.0)
     t0 = time.perf_counter()
     written = 0
     for k in mine:

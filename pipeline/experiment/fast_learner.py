@@ -22,13 +22,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from maskdm.console import show_progress
 from maskdm.model.masks import MaskSpec
 from maskdm.shardformat.fsutil import atomic_write_json, atomic_write_text
 
@@ -246,7 +246,7 @@ def _prepare_data(spec: Spec, out: Path) -> tuple[str, str]:
                   f"--gen-seed {gen_seed}", flush=True)
             shard(ShardOptions(src="procedural", out=str(folder), source="procedural",
                                size=spec.size, count=count, gen_seed=gen_seed,
-                               samples_per_shard=1000), progress=sys.stderr.isatty())
+                               samples_per_shard=1000), progress=show_progress())
         made.append(str(folder))
     return made[0], made[1]
 
