@@ -53,7 +53,9 @@ setup(
         "dali-cuda13": ["nvidia-dali-cuda130>=2.0"],
         "xformers": ["xformers>=0.0.28"],
         # webdataset: the tests read our shards with it, proving any WebDataset reader can.
-        "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "webdataset>=0.2.86"],
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "webdataset>=0.2.86",
+                # the MLflow UI check (tests/ui_check.py; needs Chromium + ChromeDriver too)
+                "selenium>=4.20"],
     },
     entry_points={"console_scripts": ["maskdm = maskdm.pipeline.cli:main"]},
 )

@@ -170,15 +170,21 @@ def _run_sync(args) -> int:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="throughput benchmarks (data loading)",
-                       description="Throughput benchmarks that print a table. Model benchmarks: "
-                       "python -m benchmarks.train_step (see benchmarks/).")
+    p = sub.add_parser("bench", help="throughput benchmarks (data loading, the training loop)",
+                       description="Throughput benchmarks that print a table. Bare model-step "
+                       "benchmarks: python -m benchmarks.train_step (see benchmarks/).")
     bsub = p.add_subparsers(dest="bench", metavar="WHAT")
     d = bsub.add_parser("data", help="loader images/s, MB/s and CPU cores per backend",
                         description="Measure how fast the loaders deliver ready batches.")
     from maskdm.pipeline.data import bench as data_bench  # light: torch is imported when it runs
     data_bench.add_arguments(d)
     d.set_defaults(func=lambda a: data_bench.run(a))
+    from maskdm.pipeline import bench_train  # light: torch is imported when it runs
+    t = bsub.add_parser("train", help="the real training loop's img/s against the bare step, "
+                        "with the difference broken down", description=bench_train.__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_train.add_arguments(t)
+    t.set_defaults(func=lambda a: bench_train.run(a))
     p.set_defaults(func=lambda a: p.print_help() or 2)
 
 

@@ -142,6 +142,9 @@ class Tracker:
                 self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # mlflow may have been imported (and its loggers set up at INFO) before this module
+        import logging
+        logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
         jsonl = self.run_dir / "metrics.jsonl"
         self._lines = sum(1 for _ in open(jsonl)) if jsonl.exists() else 0
         previous = read_record(self.run_dir) or {}

@@ -161,7 +161,7 @@ def check(runs: Path, out: Path, width: int = 1600, height: int = 1000) -> list[
     experiment_id = record.get("experiment_id")
     if experiment_id is None:
         return [f"{runs}/finetune/mlflow.json names no experiment id: not a tracked run folder"]
-    server = MlflowServer(runs, out / "mlflow_server.log")
+    server = MlflowServer(runs, Path(tempfile.mkdtemp(prefix="maskdm-ui-")) / "server.log")
     driver = _driver(width, height)
     failures = []
     try:
