@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import statistics
 import time
 
 import torch
@@ -26,29 +25,8 @@ from maskdm.model.diffusion import GaussianDiffusion
 from maskdm.model.flops import train_step_flops
 from maskdm.model.masks import patch
 from maskdm.model.objective import DiffusionObjective
+from maskdm.pipeline.bench_train import matmul_peak, sync
 from maskdm.pipeline.randomness import draw_step
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def matmul_peak(device: torch.device) -> float:
-    """Measured dense matmul rate in FLOP/s (bf16 on CUDA, fp32 on CPU)."""
-    n, dtype, reps = (8192, torch.bfloat16, 10) if device.type == "cuda" else (2048, torch.float32, 3)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times)
 
 
 class _Batch:

@@ -305,9 +305,11 @@ def run(spec: Spec, out: Path, *, quick: bool = False, extra_sets: list[str] | N
     for f in ("results.json", "results.md", "curves.png"):
         parent.log_artifact(out / f)
     parent.finish("FINISHED")
+    from ..tracking import ui_command
     print(f"\n{(out / 'results.md').read_text()}\nresults: {out / 'results.json'}, "
           f"{out / 'results.md'}, plot {out / 'curves.png'}\nMLflow: experiment '{spec.name}' "
-          f"at {uri}")
+          f"(every run nested under the experiment's run): "
+          f"{ui_command(uri, parent.experiment_id)}")
     return results
 
 
