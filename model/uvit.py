@@ -238,3 +238,21 @@ class UViT(nn.Module):
             return torch.cat([ll, det], dim=1)
         ll = F.pad(self.head(x), (0, (c_det - c_ll) * p * p))
         return torch.where((keep_idx < n).unsqueeze(-1), ll, self.detail_head(x))
+
+
+def resize_pos_embed(pos: torch.Tensor, extras: int, groups: int, old: tuple[int, int],
+                     new: tuple[int, int]) -> torch.Tensor:
+    """Positional embeddings ``[1, extras + groups*h*w, D]`` on grid ``old`` -> the same on grid
+    ``new``: the extra tokens (time, label) are kept as they are, and each token group's 2-D grid
+    is resized bicubically (``align_corners=False``) on its own. The identity when the grids match
+    (resolution transfer: pre-train at a low resolution, fine-tune at a higher one)."""
+    if tuple(old) == tuple(new):
+        return pos
+    dim = pos.shape[-1]
+    (h, w), (nh, nw) = old, new
+    if pos.shape[1] != extras + groups * h * w:
+        raise ValueError(f"pos_embed has {pos.shape[1]} tokens, not {extras} + {groups} x {h}x{w}")
+    grids = pos[0, extras:].reshape(groups, h, w, dim).permute(0, 3, 1, 2).float()
+    out = F.interpolate(grids, size=(nh, nw), mode="bicubic", align_corners=False)
+    out = out.permute(0, 2, 3, 1).reshape(1, groups * nh * nw, dim).to(pos.dtype)
+    return torch.cat([pos[:, :extras], out], dim=1)

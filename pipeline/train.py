@@ -130,9 +130,20 @@ class Trainer:
         if self.t.stage != "finetune":
             return None, None
         try:
-            return ckpt.load_ema_weights(ckpt.resolve(self.t.init_from))
+            weights, meta = ckpt.load_ema_weights(ckpt.resolve(self.t.init_from))
         except ckpt.CheckpointError as e:
             raise ConfigError(f"train.init_from: {e}") from None
+        from maskdm.model import ModelConfig
+
+        from .weights import transfer_resolution
+        try:  # pre-trained at another image size: the positional embedding is interpolated
+            weights, note = transfer_resolution(weights, ModelConfig(**meta.model), self.mcfg,
+                                                f"train.init_from={self.t.init_from}")
+        except RuntimeError as e:
+            raise ConfigError(str(e)) from None
+        if note:
+            self.log(note)
+        return weights, meta
 
     def _resume_source(self, resume: str | None) -> Path | None:
         if resume == "auto":

@@ -34,3 +34,33 @@ def load_strict(net: torch.nn.Module, weights: dict[str, torch.Tensor], where: s
         raise RuntimeError(f"{where} do not fit this model: {'; '.join(parts)}. The checkpoint "
                            f"was trained with another architecture, image size or data space.")
     net.load_state_dict(weights, strict=True)
+
+
+# What may differ between a checkpoint and the model it initialises: the input size (the positional
+# embedding is interpolated) and settings that hold no weights.
+TRANSFERABLE = ("input_size", "input_width", "attention", "sdpa_kernel", "checkpointing")
+
+
+def transfer_resolution(weights: dict[str, torch.Tensor], src: ModelConfig, dst: ModelConfig,
+                        where: str) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Weights of a model trained at another image size -> weights for ``dst``, with the positional
+    embedding interpolated to ``dst``'s token grid (``model.uvit.resize_pos_embed``); -> (weights,
+    a note saying what was interpolated, or None when nothing was). Anything else that differs is
+    refused, naming the fields."""
+    from dataclasses import asdict
+
+    from maskdm.model.uvit import resize_pos_embed
+    a, b = asdict(src.architecture()), asdict(dst.architecture())
+    differ = [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if k not in TRANSFERABLE and a[k] != b[k]]
+    if differ:
+        raise RuntimeError(f"{where} cannot initialise this model: {'; '.join(differ)} (only the "
+                           f"image size may change; the positional embedding is then "
+                           f"interpolated)")
+    if src.grid == dst.grid or "pos_embed" not in weights:
+        return weights, None
+    out = dict(weights)
+    out["pos_embed"] = resize_pos_embed(weights["pos_embed"], dst.extras, dst.token_groups,
+                                        src.grid, dst.grid)
+    (h, w), (nh, nw) = src.grid, dst.grid
+    return out, (f"{where}: trained on {h}x{w} tokens, this model has {nh}x{nw}: positional "
+                 f"embedding interpolated (bicubic), every other weight loaded as is")

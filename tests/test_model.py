@@ -260,3 +260,25 @@ def test_split_needs_dwt_input():
     with pytest.raises(ValueError, match="split needs the 12-channel"):
         ModelConfig(preset="tiny", in_channels=3, input_size=16, patch_size=4,
                     dwt_tokens="split").resolved()
+
+
+def test_resize_pos_embed_keeps_the_extras_and_each_group_apart():
+    from maskdm.model.uvit import resize_pos_embed
+    torch.manual_seed(0)
+    pos = torch.randn(1, 1 + 2 * 4 * 4, 8)
+    assert resize_pos_embed(pos, 1, 2, (4, 4), (4, 4)) is pos  # the original size: unchanged
+    out = resize_pos_embed(pos, 1, 2, (4, 4), (8, 6))
+    assert out.shape == (1, 1 + 2 * 8 * 6, 8)
+    assert torch.equal(out[:, :1], pos[:, :1])  # the time token is not a grid position
+    for g in range(2):  # each token group is resized on its own grid
+        alone = torch.cat([pos[:, :1], pos[:, 1 + 16 * g:1 + 16 * (g + 1)]], dim=1)
+        assert torch.allclose(out[:, 1 + 48 * g:1 + 48 * (g + 1)],
+                              resize_pos_embed(alone, 1, 1, (4, 4), (8, 6))[:, 1:])
+    const = torch.full((1, 1 + 16, 8), 3.0)
+    assert torch.allclose(resize_pos_embed(const, 1, 1, (4, 4), (8, 8)), torch.full((1, 65, 8), 3.0))
+    ramp = torch.arange(16.0).reshape(1, 4, 4, 1).permute(0, 3, 1, 2)  # values by position
+    row = resize_pos_embed(torch.cat([torch.zeros(1, 1, 1), ramp.reshape(1, 16, 1)], 1), 1, 1,
+                           (4, 4), (8, 8))[0, 1:, 0].reshape(8, 8)
+    assert row[0, 0] < row[0, -1] < row[-1, -1]  # the layout survives: left < right, top < bottom
+    with pytest.raises(ValueError, match="pos_embed has 17 tokens"):
+        resize_pos_embed(const, 1, 2, (4, 4), (8, 8))

@@ -168,8 +168,28 @@ def test_pretrain_then_finetune_and_a_mismatched_checkpoint(shards, tmp_path):
     bad = run_train(shards, tmp_path / "bad", "train.stage=finetune", "mask.kind=none",
                     f"train.init_from={tmp_path / 'pre'}", "train.steps=3", "model.dim=192",
                     "model.heads=4")
-    assert bad.returncode != 0
-    assert "do not fit this model" in bad.stderr and "shape mismatches" in bad.stderr
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "cannot initialise this model" in bad.stderr and "dim: 128 -> 192" in bad.stderr
+
+
+def test_finetune_at_another_image_size_interpolates_the_positional_embedding(shards, tmp_path):
+    """Resolution transfer: pre-train at 32 px (8x8 tokens), fine-tune at 64 px (16x16 tokens)."""
+    big = shard_set(tmp_path, "big", size=64, count=16, samples_per_shard=16)
+    pre = run_train(shards, tmp_path / "pre", "train.steps=2")
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    ft = run_train(big, tmp_path / "ft", "train.stage=finetune", "mask.kind=none",
+                   f"train.init_from={tmp_path / 'pre'}", "train.steps=2")
+    assert ft.returncode == 0, ft.stderr[-3000:]
+    assert "trained on 8x8 tokens, this model has 16x16: positional embedding interpolated" \
+        in ft.stdout
+    from safetensors.torch import load_file
+    pos = load_file(str(tmp_path / "ft" / "export" / "model.safetensors"))["pos_embed"]
+    assert pos.shape[1] == 1 + 16 * 16
+    other = run_train(big, tmp_path / "bad", "train.stage=finetune", "mask.kind=none",
+                      f"train.init_from={tmp_path / 'pre'}", "train.steps=2",
+                      "model.patch_size=4")
+    assert other.returncode == 2 and "patch_size: 2 -> 4" in other.stderr
+    assert "only the image size may change" in other.stderr
 
 
 @pytest.mark.parametrize("sets,env,message", [
