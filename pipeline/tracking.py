@@ -361,17 +361,17 @@ class Tracker:
         latest = [{"step": r["step"], "time": r["time"], k: r[k]}
                   for k in metrics if (r := self._latest.get(k)) is not None]
 
-        def do():
-            model = self._client.create_logged_model(
-                self.experiment_id, name=name, source_run_id=self.run_id,
-                params={k[:250]: str(v)[:6000] for k, v in params.items()},
-                model_type="maskdm-uvit", tags={"maskdm.format": "safetensors"})
-            self._client.log_model_artifacts(model.model_id, str(local_dir))
-            linked = [m for r in latest for m in _metrics_of(r, model.model_id)]
+        def do():  # retried after an outage: the model is created once, the rest is idempotent
+            if self.model_id is None:
+                self.model_id = self._client.create_logged_model(
+                    self.experiment_id, name=name, source_run_id=self.run_id,
+                    params={k[:250]: str(v)[:6000] for k, v in params.items()},
+                    model_type="maskdm-uvit", tags={"maskdm.format": "safetensors"}).model_id
+            self._client.log_model_artifacts(self.model_id, str(local_dir))
+            linked = [m for r in latest for m in _metrics_of(r, self.model_id)]
             if linked:
                 self._client.log_batch(self.run_id, metrics=linked)
-            self._client.finalize_logged_model(model.model_id, "READY")
-            self.model_id = model.model_id
+            self._client.finalize_logged_model(self.model_id, "READY")
             if register_as:
                 from mlflow.exceptions import MlflowException
                 try:
@@ -380,8 +380,8 @@ class Tracker:
                     if e.error_code != "RESOURCE_ALREADY_EXISTS":
                         raise
                 version = self._client.create_model_version(
-                    register_as, f"models:/{model.model_id}", run_id=self.run_id,
-                    model_id=model.model_id)
+                    register_as, f"models:/{self.model_id}", run_id=self.run_id,
+                    model_id=self.model_id)
                 self.log(f"registered model {register_as!r} version {version.version}")
         self._call(do)
 
