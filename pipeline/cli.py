@@ -96,7 +96,10 @@ def _dry_run_data_check(cfg) -> tuple[list[str], str | None]:
     missing). A config that does not fit the shards raises ConfigError (a non-zero exit)."""
     from pathlib import Path
 
-    from maskdm.pipeline.config import check_shapes
+    from maskdm.pipeline.config import ConfigError, check_shapes
+    from maskdm.shardformat.fsutil import url_refusal
+    if cfg.data.shards and (refused := url_refusal(cfg.data.shards, "data.shards")):
+        raise ConfigError(refused)
     shards = Path(cfg.data.shards) if cfg.data.shards else None
     lines, missing = [], None
     if shards is None or not (shards / "manifest.json").exists():

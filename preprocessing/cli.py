@@ -84,6 +84,10 @@ def run_shard(args) -> int:
         if len(args.paths) != 1:
             raise SystemExit("error: --verify takes one argument: the shard folder "
                              "(maskdm shard --verify OUT)")
+        from maskdm.shardformat.fsutil import url_refusal
+        if (refused := url_refusal(args.paths[0], "shard folder")) is not None:
+            print(f"error: {refused}", file=sys.stderr)
+            return 2
         from .verify import print_report, verify
         report = verify(args.paths[0], workers=args.workers, quick=args.quick,
                         progress=not args.quiet)

@@ -36,6 +36,7 @@ from maskdm.shardformat.fsutil import (
     atomic_write_text,
     remove_stale_tmp,
     tmp_name,
+    url_refusal,
 )
 from maskdm.shardformat.manifest import MANIFEST, SKIPPED, ShardEntry, ShardManifest
 from maskdm.shardformat.tarfmt import TarShardWriter, format_index
@@ -75,6 +76,9 @@ class ShardOptions:
     overwrite: bool = False
 
     def validate(self) -> None:
+        for location, what in ((self.src, "SRC"), (self.out, "OUT")):
+            if (refused := url_refusal(location, what)) is not None:
+                raise ShardJobError(refused)
         if self.size < 2 or self.size % 2:
             raise ShardJobError(f"--size must be a positive multiple of 2, got {self.size}")
         if self.encoding not in ("dwt16", "jpeg"):

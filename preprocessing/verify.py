@@ -109,6 +109,11 @@ def verify(directory: str | os.PathLike, *, workers: int = 0, quick: bool = Fals
            progress: bool = True) -> VerifyReport:
     from tqdm import tqdm
 
+    from maskdm.shardformat.fsutil import url_refusal
+    if (refused := url_refusal(directory, "shard folder")) is not None:
+        report = VerifyReport(str(directory))
+        report.problems.append(refused)
+        return report
     directory = Path(directory).resolve()
     report = VerifyReport(str(directory))
     try:

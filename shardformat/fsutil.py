@@ -5,8 +5,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def url_refusal(location: str | os.PathLike, what: str) -> str | None:
+    """A message refusing ``location`` if it is a URL (s3://, gs://, http(s)://, ...), else None.
+    Object storage is not supported (yet): a URL must never be taken as a local path (it would
+    silently become a folder named ``s3:``)."""
+    text = str(location)
+    if not _URL.match(text):
+        return None
+    scheme = text.split("://", 1)[0]
+    return (f"{what}: {text}: {scheme}:// locations are not supported; maskdm reads and writes "
+            f"shards on a local or shared filesystem. Copy them to a local folder first (e.g. "
+            f"`aws s3 sync` / `gcloud storage rsync`) and pass that folder")
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:

@@ -96,6 +96,9 @@ class ShardManifest:
 
 def load_manifest(directory: str | Path) -> ShardManifest:
     """Read and check ``DIR/manifest.json``; errors say how to fix the directory."""
+    from .fsutil import url_refusal
+    if (refused := url_refusal(directory, "shard folder")) is not None:
+        raise DatasetError(refused)
     directory = Path(directory)
     path = directory / MANIFEST
     if not directory.is_dir():

@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .fsutil import url_refusal
 from .haar import dwt16_nbytes
-from .manifest import ShardManifest, load_manifest
+from .manifest import DatasetError, ShardManifest, load_manifest
 from .tarfmt import BadIndex, Component, check_index, read_index, sample_key
 
 
@@ -26,6 +27,8 @@ class SampleError(RuntimeError):
 
 class ShardReader:
     def __init__(self, directory: str | os.PathLike, manifest: ShardManifest | None = None):
+        if (refused := url_refusal(directory, "shard folder")) is not None:
+            raise DatasetError(refused)
         self.directory = Path(directory).resolve()
         self.manifest = manifest or load_manifest(self.directory)
         m = self.manifest

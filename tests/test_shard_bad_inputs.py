@@ -305,3 +305,25 @@ def test_empty_source_leaves_no_output_folder(tmp_path, capsys):
     existing.mkdir()
     assert main(["shard", str(tmp_path / "empty"), str(existing)]) != 0
     assert existing.is_dir()
+
+
+@pytest.mark.parametrize("args", [
+    ["shard", "procedural", "s3://bucket/prefix", "--count", "4", "--size", "32"],
+    ["shard", "--verify", "gs://bucket/prefix"],
+    ["inspect", "https://example.com/shards"],
+    ["bench", "data", "s3://bucket/prefix"],
+    ["train", "--config", "configs/test_tiny.yaml", "--set", "data.shards=s3://b/x", "--dry-run"],
+    ["train", "--config", "configs/test_tiny.yaml", "--set", "data.shards=s3://b/x"],
+])
+def test_object_storage_urls_are_refused_never_taken_as_paths(args, tmp_path, capsys,
+                                                              monkeypatch):
+    """Object storage is not supported yet: a URL is refused with a clear error, and nothing named
+    `s3:` appears in the working folder."""
+    from maskdm.pipeline.cli import main
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(tmp_path)
+    args = [str(root / a) if a.startswith("configs/") else a for a in args]
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert ":// locations are not supported" in err and "Copy them to a local folder" in err
+    assert list(tmp_path.iterdir()) == []

@@ -170,6 +170,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import torch
 
+    from maskdm.shardformat.manifest import DatasetError
     from maskdm.shardformat.reader import ShardReader
 
     from .dali_loader import dali_available
@@ -179,7 +180,11 @@ def run(args) -> int:
     workers = args.workers or sorted({1, cores})
     rows, checks = [], []
     for shards in args.shards:
-        reader = ShardReader(shards)
+        try:
+            reader = ShardReader(shards)
+        except DatasetError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         enc = reader.encoding
         r_img, r_mb = raw_rate(reader, args.batch, max(3, min(20, reader.num_samples // args.batch)))
         cost = integrity_cost(reader, args.batch, 4)
