@@ -312,6 +312,8 @@ def test_empty_source_leaves_no_output_folder(tmp_path, capsys):
     ["shard", "--verify", "gs://bucket/prefix"],
     ["inspect", "https://example.com/shards"],
     ["bench", "data", "s3://bucket/prefix"],
+    ["fid-stats", "s3://bucket/prefix"],
+    ["score", "--samples", "docs/img", "--ref", "s3://bucket/prefix"],
     ["train", "--config", "configs/test_tiny.yaml", "--set", "data.shards=s3://b/x", "--dry-run"],
     ["train", "--config", "configs/test_tiny.yaml", "--set", "data.shards=s3://b/x"],
 ])
@@ -322,7 +324,7 @@ def test_object_storage_urls_are_refused_never_taken_as_paths(args, tmp_path, ca
     from maskdm.pipeline.cli import main
     root = Path(__file__).resolve().parent.parent
     monkeypatch.chdir(tmp_path)
-    args = [str(root / a) if a.startswith("configs/") else a for a in args]
+    args = [str(root / a) if a.startswith(("configs/", "docs/")) else a for a in args]
     assert main(args) != 0
     err = capsys.readouterr().err
     assert ":// locations are not supported" in err and "Copy them to a local folder" in err

@@ -191,9 +191,13 @@ def _net(args):
 def run_fid_stats(args) -> int:
     from pathlib import Path
 
+    from maskdm.shardformat.fsutil import url_refusal
+
     from .fid import FIDError, shard_stats, stats_path
     from .inception import MissingWeights
     try:
+        if (refused := url_refusal(args.shards, "SHARDS")) is not None:
+            raise FIDError(refused)
         if not (Path(args.shards) / "manifest.json").exists():
             raise FIDError(f"{args.shards} is not a shard folder (no manifest.json); make one with "
                            f"`maskdm shard SRC {args.shards}`")

@@ -281,6 +281,9 @@ def reference_stats(ref: str | os.PathLike, net, feature_id: str, *, batch: int,
                     recompute: bool = False, progress: bool = True) -> FIDStats:
     """``ref`` is a shard folder (statistics cached beside its manifest), a statistics ``.npz``
     or a folder of images."""
+    from maskdm.shardformat.fsutil import url_refusal
+    if (refused := url_refusal(ref, "--ref")) is not None:
+        raise FIDError(refused)
     ref = Path(ref)
     if ref.suffix == ".npz":
         if not ref.is_file():

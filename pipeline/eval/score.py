@@ -25,7 +25,11 @@ class ScoreError(RuntimeError):
 def load_images(path: str | os.PathLike, n: int | None = None) -> np.ndarray:
     """uint8 [N, H, W, 3]: the first ``n`` images (all if None) of a shard folder (storage order)
     or of a folder of images (sorted by name)."""
+    from maskdm.shardformat.fsutil import url_refusal
+
     from .fid import list_images, load_image, shard_batches
+    if (refused := url_refusal(path, "images")) is not None:
+        raise ScoreError(refused)
     p = Path(path)
     if (p / "manifest.json").exists():
         from maskdm.shardformat.reader import ShardReader

@@ -25,6 +25,10 @@ def check(cfg) -> None:
     e = cfg.eval
     if not e.score_every:
         return
+    from maskdm.shardformat.fsutil import url_refusal
+    for key, value in (("eval.score_ref", e.score_ref), ("eval.heldout", e.heldout)):
+        if value and (refused := url_refusal(value, key)) is not None:
+            raise ConfigError(refused)
     ref = Path(e.score_ref or cfg.data.shards)
     if not ref.exists():
         raise ConfigError(f"eval.score_ref: {ref} does not exist")
