@@ -38,30 +38,31 @@ def run_maskdm(args: list[str], log: Path) -> int:
 def relay(stream, log, console, tty: bool) -> None:
     """Copy a child's output: whole lines to ``log`` and (indented) to ``console``; the pieces
     ending in a carriage return (progress bar redraws) only to a terminal, in place."""
-    pending, bar_shown = b"", False
+    bar_shown = False
+
+    def line_out(line: str) -> None:
+        nonlocal bar_shown
+        log.write(line + "\n")
+        if not _quiet(line):
+            console.write((CLEAR if bar_shown else "") + "  " + line.rstrip() + "\n")
+            console.flush()
+            bar_shown = False
+
+    pending = b""
     for chunk in iter(lambda: stream.read1(65536), b""):
         pending += chunk
         parts = re.split(rb"(\r\n|\r|\n)", pending)
         pending = parts.pop()  # the unfinished tail
         for text, end in zip(parts[::2], parts[1::2]):
             line = text.decode(errors="replace")
-            if end == b"\r":  # a redraw of a bar
-                if tty and line.strip():
-                    console.write(CLEAR + "  " + line.strip())
-                    console.flush()
-                    bar_shown = True
-                continue
-            log.write(line + "\n")
-            if not _quiet(line):
-                console.write((CLEAR if bar_shown else "") + "  " + line.rstrip() + "\n")
+            if end != b"\r":
+                line_out(line)
+            elif tty and line.strip():  # a redraw of a bar
+                console.write(CLEAR + "  " + line.strip())
                 console.flush()
-                bar_shown = False
+                bar_shown = True
     if pending:
-        line = pending.decode(errors="replace")
-        log.write(line + "\n")
-        if not _quiet(line):
-            console.write((CLEAR if bar_shown else "") + "  " + line.rstrip() + "\n")
-            bar_shown = False
+        line_out(pending.decode(errors="replace"))
     if bar_shown:
         console.write(CLEAR)
     console.flush()

@@ -350,21 +350,16 @@ class Trainer:
         self.n_point = 0
 
     def _flush_points(self) -> list[dict]:
-        """The points gathered since the last console line as metric records (one host sync for
-        all of them, one all-reduce for their losses)."""
+        """The points gathered since the last console line as metric records (one host sync and
+        one all-reduce for all of them)."""
         points, self.points = self.points, []
         if not points:
             return []
-        losses = torch.stack([p["loss"] for p in points]).double().cpu()
+        losses = torch.stack([p["loss"] for p in points]).double().cpu()  # the one sync
         losses = dist.all_reduce_cpu(losses) / self.world
-        norms = [p["grad_norm"] for p in points]
-        if any(isinstance(n, torch.Tensor) for n in norms):
-            on_device = [i for i, n in enumerate(norms) if isinstance(n, torch.Tensor)]
-            values = torch.stack([norms[i] for i in on_device]).cpu().tolist()
-            for i, v in zip(on_device, values):
-                norms[i] = v
-        for p, loss, gnorm in zip(points, losses.tolist(), norms):
-            p.update(loss=loss, grad_norm=float(gnorm))
+        for p, loss in zip(points, losses.tolist()):
+            # grad norms on the device are ready by now: reading them waits for nothing
+            p.update(loss=loss, grad_norm=float(p["grad_norm"]))
         return points
 
     def _log(self) -> None:

@@ -6,59 +6,27 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT, shard_set
 from tests.test_train import _env, train_cmd
+from tests.ui_check import MlflowServer
 
 pytestmark = pytest.mark.skipif(shutil.which("mlflow") is None and
                                 not (Path(sys.executable).parent / "mlflow").exists(),
                                 reason="mlflow is not installed")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, root: Path, port: int | None = None):
-        self.port = port or _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        mlflow = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
-        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-        self.log = open(root / "server.log", "a")
-        self.proc = subprocess.Popen(
-            [mlflow, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--artifacts-destination", str(root / "artifacts")],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-            if self.proc.poll() is not None:
-                break
-        self.stop()
-        raise RuntimeError(f"mlflow server did not become healthy: {(root / 'server.log').read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
-        self.log.close()
+def Server(root: Path, port: int | None = None) -> MlflowServer:
+    """A real ``mlflow server`` over ``root``'s store, serving artifacts itself (as a shared
+    tracking server does); ``port``: the same address again after a stop."""
+    return MlflowServer(root / "mlflow.db", ["--artifacts-destination", str(root / "artifacts")],
+                        root / "server.log", port=port, timeout=90)
 
 
 @pytest.fixture(scope="module")

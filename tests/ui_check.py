@@ -84,26 +84,34 @@ def make_runs(work: Path) -> Path:
 
 
 class MlflowServer:
-    def __init__(self, runs: Path, log: Path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+    """``mlflow server`` on 127.0.0.1 over the SQLite store ``db``, started for real (the tests
+    use it too); ``artifacts``: the server's artifact options; ``port``: reuse a port (a
+    restarted server)."""
+
+    def __init__(self, db: Path, artifacts: list[str], log: Path, port: int | None = None,
+                 timeout: float = 120.0):
+        self.port = port or _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
         mlflow = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
         env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-        self._log = open(log, "a")
+        self.log_path, self._log = log, open(log, "a")
         self.proc = subprocess.Popen(
             [mlflow, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{runs / 'mlflow.db'}",
-             "--default-artifact-root", str(runs / "mlartifacts")],
+             "--backend-store-uri", f"sqlite:///{db}", *artifacts],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 120
-        while time.time() < deadline and self.proc.poll() is None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
-                    return
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
             except OSError:
                 time.sleep(0.3)
+            if self.proc.poll() is not None:
+                break
         self.stop()
-        raise RuntimeError(f"mlflow server did not start: {log.read_text()[-2000:]}")
+        raise RuntimeError(f"mlflow server did not become healthy: "
+                           f"{log.read_text()[-2000:]}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -161,11 +169,13 @@ def check(runs: Path, out: Path, width: int = 1600, height: int = 1000) -> list[
     experiment_id = record.get("experiment_id")
     if experiment_id is None:
         return [f"{runs}/finetune/mlflow.json names no experiment id: not a tracked run folder"]
-    server = MlflowServer(runs, Path(tempfile.mkdtemp(prefix="maskdm-ui-")) / "server.log")
+    server = MlflowServer(runs / "mlflow.db",
+                          ["--default-artifact-root", str(runs / "mlartifacts")],
+                          Path(tempfile.mkdtemp(prefix="maskdm-ui-")) / "server.log")
     driver = _driver(width, height)
     failures = []
     try:
-        runs_page = runs_url(server.url, experiment_id)
+        runs_page = runs_url(server.uri, experiment_id)
         driver.get(runs_page)
         try:
             body = _wait("the runs table", lambda: (t := driver.find_element(
@@ -188,7 +198,7 @@ def check(runs: Path, out: Path, width: int = 1600, height: int = 1000) -> list[
             failures.append(f"runs page: {e}")
         driver.save_screenshot(str(out / "runs.png"))
 
-        driver.get(runs_url(server.url, experiment_id, charts=True))
+        driver.get(runs_url(server.uri, experiment_id, charts=True))
         try:
             _wait("the charts", lambda: len(driver.find_elements(By.CSS_SELECTOR,
                                                                  ".js-plotly-plot")) >= 3)
@@ -207,7 +217,7 @@ def check(runs: Path, out: Path, width: int = 1600, height: int = 1000) -> list[
         time.sleep(1.0)
         driver.save_screenshot(str(out / "charts.png"))
 
-        driver.get(f"{server.url}/#/experiments/{experiment_id}/models"
+        driver.get(f"{server.uri}/#/experiments/{experiment_id}/models"
                    f"?workflowType=machine_learning")
         try:
             _wait("the logged models", lambda: "maskdm-finetune" in driver.find_element(
