@@ -14,7 +14,12 @@ PRESETS: dict[str, tuple[int, int, int]] = {
     "MaskDM-L": (16, 1024, 16),
     "tiny": (4, 128, 4),  # tests and the CPU demo
     "small-demo": (6, 192, 6),
+    "MaskDiT-B": (12, 768, 12),  # MaskDM-B's encoder + the decoder below
 }
+# name -> (decoder_depth, decoder_dim) of the presets with a MaskDiT decoder. MaskDiT (Zheng et al.)
+# pairs DiT-XL (28 blocks, 1152 wide) with 8 decoder blocks 512 wide, ~7% of the encoder's block
+# parameters; 4 blocks 384 wide on the 13 blocks of MaskDM-B keep that proportion.
+DECODERS: dict[str, tuple[int, int]] = {"MaskDiT-B": (4, 384)}
 Attention = Literal["auto", "sdpa", "xformers"]
 DwtTokens = Literal["joint", "split"]
 ATTENTION_BACKENDS = get_args(Attention)
@@ -35,6 +40,16 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = False
     num_classes: int = 0  # > 0 adds a label token (conditional model)
+    # MaskDiT's asymmetric decoder: decoder_depth blocks, decoder_dim wide (None: the preset's, else
+    # 0 blocks / the encoder's width), over every token: the encoder's output at the visible
+    # positions and a learned mask token at the masked ones. The predictions then come from the
+    # decoder (train.mae_weight adds the reconstruction loss on the masked tokens). 0: no decoder
+    # (MaskDM: the U-ViT predicts the visible tokens itself).
+    decoder_depth: int | None = None
+    decoder_dim: int | None = None
+    # Control-metadata conditioning: the horizontal-flip flag of each training image as a token of
+    # its own, so the model learns what a flip does and samples with flip = 0 (unflipped).
+    flip_condition: bool = False
     # Haar-DWT input (12 channels) only: "joint" embeds all 12 channels of a patch as one token;
     # "split" (the paper's authors' tokenisation) embeds the LL band (3 channels) and the detail
     # bands (9 channels) of a patch as two tokens with their own embeddings and heads: twice the
@@ -64,7 +79,11 @@ class ModelConfig:
             raise ValueError(f"model.preset {self.preset!r} is unknown; choose one of "
                              f"{', '.join(PRESETS)} or set model.depth, model.dim and model.heads")
         d, w, h = PRESETS.get(self.preset, (None, None, None))
+        dd, dw = DECODERS.get(self.preset, (0, None))
         cfg = replace(self, depth=self.depth or d, dim=self.dim or w, heads=self.heads or h)
+        cfg = replace(cfg, decoder_depth=dd if cfg.decoder_depth is None else cfg.decoder_depth)
+        cfg = replace(cfg, decoder_dim=(cfg.decoder_dim or dw or cfg.dim) if cfg.decoder_depth
+                      else None)
         if cfg.depth < 2 or cfg.depth % 2:
             raise ValueError(f"model.depth must be an even number >= 2, got {cfg.depth}")
         if cfg.dim % cfg.heads:
@@ -75,6 +94,13 @@ class ModelConfig:
         if not isinstance(cfg.checkpointing, bool) and not 0 <= int(cfg.checkpointing) <= cfg.depth + 1:
             raise ValueError(f"model.checkpointing must be true, false or a block count in "
                              f"0..{cfg.depth + 1}, got {cfg.checkpointing}")
+        if cfg.decoder_depth < 0:
+            raise ValueError(f"model.decoder_depth must be >= 0 (0: no decoder), got "
+                             f"{cfg.decoder_depth}")
+        if cfg.decoder_depth and cfg.decoder_dim % cfg.head_dim:
+            raise ValueError(f"model.decoder_dim ({cfg.decoder_dim}) must be a multiple of the "
+                             f"head width model.dim / model.heads ({cfg.head_dim}): the decoder "
+                             f"keeps the encoder's head width")
         if cfg.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"model.attention must be one of {ATTENTION_BACKENDS}, got "
                              f"{cfg.attention!r}")
@@ -91,10 +117,22 @@ class ModelConfig:
             if v is not None and v % cfg.patch_size:
                 raise ValueError(f"model.{name} ({v}) must be divisible by model.patch_size "
                                  f"({cfg.patch_size})")
+        if cfg.decoder_depth and cfg.dwt_tokens == "split":
+            raise ValueError("model.decoder_depth > 0 (MaskDiT decoder) works with one token per "
+                             "patch: use model.dwt_tokens: joint, or data.space: pixel")
         if cfg.dwt_tokens == "split" and cfg.in_channels != 12:
             raise ValueError(f"model.dwt_tokens: split needs the 12-channel Haar-DWT input "
                              f"(data.space: dwt), got {cfg.in_channels} channels")
         return cfg
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def decoder_heads(self) -> int:
+        """The decoder's heads: its width over the encoder's head width."""
+        return (self.decoder_dim or 0) // self.head_dim
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -127,8 +165,9 @@ class ModelConfig:
 
     @property
     def extras(self) -> int:
-        """Tokens before the patches: the time token, plus a label token if conditional."""
-        return 1 + (1 if self.num_classes > 0 else 0)
+        """Tokens before the patches: the time token, a label token if conditional, a flip token
+        with flip_condition."""
+        return 1 + (1 if self.num_classes > 0 else 0) + (1 if self.flip_condition else 0)
 
     @classmethod
     def field_names(cls) -> set[str]:

@@ -5,22 +5,34 @@ from __future__ import annotations
 from .config import ModelConfig
 
 
+def _block_flops(L: int, D: int, mlp_ratio: float) -> int:
+    """One pre-norm transformer block over L tokens of width D: matmuls only."""
+    hidden = int(D * mlp_ratio)
+    return (2 * L * D * 3 * D      # qkv
+            + 2 * L * L * D * 2    # q k^T and attn @ v
+            + 2 * L * D * D        # output projection
+            + 2 * L * D * hidden * 2)  # MLP
+
+
 def forward_flops(cfg: ModelConfig, visible_tokens: int | None = None) -> int:
-    """FLOPs of one forward pass for one image, counting matmuls only (norms etc. are <1%)."""
+    """FLOPs of one forward pass for one image, counting matmuls only (norms etc. are <1%).
+    With a MaskDiT decoder: its input projection, its blocks over every token and the head on
+    every token are added."""
     cfg = cfg.resolved()
     S = cfg.num_tokens if visible_tokens is None else visible_tokens
     L = S + cfg.extras
     D = cfg.dim
-    hidden = int(D * cfg.mlp_ratio)
-    blocks = cfg.depth + 1
-    per_block = (2 * L * D * 3 * D      # qkv
-                 + 2 * L * L * D * 2    # q k^T and attn @ v
-                 + 2 * L * D * D        # output projection
-                 + 2 * L * D * hidden * 2)  # MLP
+    blocks = (cfg.depth + 1) * _block_flops(L, D, cfg.mlp_ratio)
     skips = (cfg.depth // 2) * 2 * L * (2 * D) * D
     per_token = cfg.patch_dim // cfg.token_groups  # input values per token (average over groups)
-    embed = 2 * S * per_token * D + 2 * S * D * per_token  # patch embed + head
-    return blocks * per_block + skips + embed
+    embed = 2 * S * per_token * D
+    if not cfg.decoder_depth:
+        return blocks + skips + embed + 2 * S * D * per_token  # + head on the visible tokens
+    Dd, N = cfg.decoder_dim, cfg.num_tokens
+    decoder = (2 * L * D * Dd  # projection of the encoder's output
+               + cfg.decoder_depth * _block_flops(N + cfg.extras, Dd, cfg.mlp_ratio)
+               + 2 * N * Dd * per_token)  # head on every token
+    return blocks + skips + embed + decoder
 
 
 def train_step_flops(cfg: ModelConfig, visible_tokens: int | None = None) -> int:

@@ -2,6 +2,12 @@
 
 MSM (masked score matching): the eps-MSE over the visible patches only; the network sees only the
 visible tokens. DSM (denoising score matching) is the same with ``keep_idx=None``.
+
+MaskDiT (a model with a decoder, ``ModelConfig.decoder_depth`` > 0): the decoder predicts every
+token; the loss is the eps-MSE over the visible tokens plus ``mae_weight`` x an MAE-style
+reconstruction loss over the masked tokens only: the MSE between the prediction and the masked
+patches of the diffused input ``x_t``, each patch normalised to zero mean and unit variance (as
+MaskDiT's ``norm_pix_loss``).
 """
 
 from __future__ import annotations
@@ -13,27 +19,65 @@ from .diffusion import GaussianDiffusion
 from .uvit import gather_tokens, group_tokens, patchify, token_valid
 
 
+def masked_positions(keep_idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[B, S] visible indices -> [B, N] bool, True where a token is masked."""
+    masked = torch.ones(len(keep_idx), num_tokens, dtype=torch.bool, device=keep_idx.device)
+    return masked.scatter(1, keep_idx, False)
+
+
+def mae_loss(pred: torch.Tensor, x_t: torch.Tensor, keep_idx: torch.Tensor, p: int) -> torch.Tensor:
+    """MSE over the masked tokens between ``pred`` [B, N, K] and the per-patch normalised patches
+    of ``x_t``; the visible tokens do not count."""
+    target = patchify(x_t.float(), p)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** .5
+    per_token = ((pred.float() - target) ** 2).mean(-1)
+    masked = masked_positions(keep_idx, target.shape[1]).float()
+    return (per_token * masked).sum() / masked.sum().clamp_min(1)
+
+
 class DiffusionObjective:
     def __init__(self, diffusion: GaussianDiffusion, patch_size: int,
-                 group_channels: tuple[int, ...] | None = None):
+                 group_channels: tuple[int, ...] | None = None, *, decoder: bool = False,
+                 mae_weight: float = 0.0):
         """``group_channels``: the model's token groups (``ModelConfig.group_channels``); with
         more than one (``dwt_tokens: split``) the MSM target tokens are built group by group, as
-        the model builds its own, and the loss averages only their real (unpadded) values."""
+        the model builds its own, and the loss averages only their real (unpadded) values.
+        ``decoder``: the model predicts every token of a masked input (MaskDiT), ``mae_weight``
+        the weight of the reconstruction loss on the masked ones."""
         self.diffusion = diffusion
         self.patch_size = patch_size
         self.groups = tuple(group_channels) if group_channels and len(group_channels) > 1 else None
+        self.decoder, self.mae_weight = decoder, float(mae_weight)
+        if self.mae_weight and not decoder:
+            raise ValueError("the MAE loss needs predictions at the masked positions: a model "
+                             "with a decoder (model.decoder_depth > 0)")
+
+    @classmethod
+    def for_model(cls, diffusion: GaussianDiffusion, mcfg, mae_weight: float = 0.0):
+        """The objective for a resolved ``ModelConfig``."""
+        return cls(diffusion, mcfg.patch_size, mcfg.group_channels,
+                   decoder=bool(mcfg.decoder_depth), mae_weight=mae_weight)
 
     def __call__(self, net, batch, keep_idx: torch.Tensor | None, t: torch.Tensor,
                  noise: torch.Tensor) -> torch.Tensor:
-        """Scalar loss for ``batch`` (anything with ``.x0`` [B, C, H, W] and ``.labels``).
+        """Scalar loss for ``batch`` (anything with ``.x0`` [B, C, H, W], ``.labels`` and, for a
+        model with flip_condition, ``.flips``).
 
         ``t`` [B] and ``noise`` [B, C, H, W] come from ``maskdm.pipeline.randomness.draw_step`` in training.
         """
         x0 = batch.x0
         x_t = self.diffusion.q_sample(x0, t, noise.to(x0.dtype))
-        pred = net(x_t, t, keep_idx, getattr(batch, "labels", None))
+        flips = getattr(batch, "flips", None)
+        args = (x_t, t, keep_idx, getattr(batch, "labels", None))
+        pred = net(*args, flips) if flips is not None else net(*args)
         if keep_idx is None:
             target = noise
+        elif self.decoder:
+            dsm = F.mse_loss(gather_tokens(pred, keep_idx).float(),
+                             gather_tokens(patchify(noise, self.patch_size), keep_idx).float())
+            if not self.mae_weight:
+                return dsm
+            return dsm + self.mae_weight * mae_loss(pred, x_t, keep_idx, self.patch_size)
         elif self.groups is None:
             target = gather_tokens(patchify(noise, self.patch_size), keep_idx)
         else:

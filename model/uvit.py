@@ -1,10 +1,15 @@
-"""U-ViT that runs its encoder on the visible tokens only.
+"""U-ViT that runs its encoder on the visible tokens only, with an optional MaskDiT decoder.
 
-Tokens: ``[time, (label), patch_1 .. patch_S]``. Blocks: depth/2 in-blocks, one mid block, depth/2
-out-blocks, each out-block first merging its long skip with ``Linear(concat(x, skip))``. A final
-LayerNorm and one linear head map each patch token back to ``C * p * p`` values. With ``keep_idx``
-the masked patches are dropped before the first block, so their content never reaches the output
-and the cost scales with the number of visible tokens.
+Tokens: ``[time, (label), (flip), patch_1 .. patch_S]``. Blocks: depth/2 in-blocks, one mid block,
+depth/2 out-blocks, each out-block first merging its long skip with ``Linear(concat(x, skip))``. A
+final LayerNorm and one linear head map each patch token back to ``C * p * p`` values. With
+``keep_idx`` the masked patches are dropped before the first block, so their content never reaches
+the output and the cost scales with the number of visible tokens.
+
+With ``decoder_depth`` > 0 (MaskDiT's asymmetric decoder) the encoder's output is projected to the
+decoder's width, a learned mask token fills every masked position, the decoder's own positional
+embedding is added and ``decoder_depth`` plain blocks run over all tokens; the head reads the
+decoder, so a masked forward pass predicts every token (visible and masked).
 """
 
 from __future__ import annotations
@@ -101,13 +106,16 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block; with ``skip`` it first merges the U-Net long skip."""
 
-    def __init__(self, cfg: ModelConfig, backend: str, skip: bool):
+    def __init__(self, cfg: ModelConfig, backend: str, skip: bool, dim: int | None = None,
+                 heads: int | None = None):
+        """``dim``/``heads``: the decoder's (default: the encoder's)."""
         super().__init__()
-        self.skip_linear = nn.Linear(2 * cfg.dim, cfg.dim) if skip else None
-        self.norm1 = nn.LayerNorm(cfg.dim)
-        self.attn = Attention(cfg.dim, cfg.heads, cfg.qkv_bias, backend, cfg.sdpa_kernel)
-        self.norm2 = nn.LayerNorm(cfg.dim)
-        self.mlp = Mlp(cfg.dim, int(cfg.dim * cfg.mlp_ratio))
+        dim, heads = dim or cfg.dim, heads or cfg.heads
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, cfg.qkv_bias, backend, cfg.sdpa_kernel)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio))
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if self.skip_linear is not None:
@@ -135,8 +143,19 @@ class UViT(nn.Module):
         self.in_blocks = nn.ModuleList(Block(cfg, self.attention_backend, False) for _ in range(half))
         self.mid_block = Block(cfg, self.attention_backend, False)
         self.out_blocks = nn.ModuleList(Block(cfg, self.attention_backend, True) for _ in range(half))
+        self.flip_embed = nn.Embedding(2, D) if cfg.flip_condition else None
         self.norm = nn.LayerNorm(D)
-        self.head = nn.Linear(D, first)
+        out_dim = D
+        if cfg.decoder_depth:  # MaskDiT's decoder; the head reads its output
+            Dd = out_dim = cfg.decoder_dim
+            self.decoder_embed = nn.Linear(D, Dd)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+            self.decoder_pos = nn.Parameter(torch.zeros(1, cfg.extras + cfg.num_tokens, Dd))
+            self.decoder_blocks = nn.ModuleList(
+                Block(cfg, self.attention_backend, False, Dd, cfg.decoder_heads)
+                for _ in range(cfg.decoder_depth))
+            self.decoder_norm = nn.LayerNorm(Dd)
+        self.head = nn.Linear(out_dim, first)
         if self.split:
             self.detail_head = nn.Linear(D, cfg.group_channels[1] * p2)
         self.apply(self._init)
@@ -145,6 +164,10 @@ class UViT(nn.Module):
         with torch.no_grad():
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
             self.pos_embed[0, cfg.extras:] = sincos_2d(D, cfg.grid).repeat(cfg.token_groups, 1)
+            if cfg.decoder_depth:
+                nn.init.trunc_normal_(self.decoder_pos, std=0.02)
+                self.decoder_pos[0, cfg.extras:] = sincos_2d(cfg.decoder_dim, cfg.grid)
+                nn.init.normal_(self.mask_token, std=0.02)
         if device is not None:
             self.to(device)
 
@@ -173,7 +196,8 @@ class UViT(nn.Module):
         """Parameter names kept out of weight decay: biases, norms, embeddings."""
         names = set()
         for n, p in self.named_parameters():
-            if p.ndim < 2 or n.startswith(("pos_embed", "label_embed")):
+            if p.ndim < 2 or n.startswith(("pos_embed", "label_embed", "flip_embed",
+                                           "decoder_pos", "mask_token")):
                 names.add(n)
         return names
 
@@ -183,9 +207,11 @@ class UViT(nn.Module):
         return block(x, skip)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, keep_idx: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
-        """x_t [B, C, H, W], t [B] -> eps prediction: [B, S, C*p*p] with keep_idx [B, S], else
-        [B, C, H, W]."""
+                labels: torch.Tensor | None = None,
+                flips: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t [B, C, H, W], t [B] -> eps prediction: [B, C, H, W] without keep_idx; with keep_idx
+        [B, S] the visible tokens' [B, S, C*p*p], or with a decoder every token's [B, N, C*p*p].
+        ``flips`` [B] (flip_condition only): 1 where the image was flipped; None means 0."""
         cfg = self.cfg
         p = cfg.patch_size
         pos = self.pos_embed[:, cfg.extras:].expand(x_t.shape[0], -1, -1)
@@ -207,6 +233,10 @@ class UViT(nn.Module):
             if labels is None:
                 raise ValueError("this model is conditional (model.num_classes > 0): pass labels")
             extra.append(self.label_embed(labels).unsqueeze(1))
+        if self.flip_embed is not None:
+            f = torch.zeros(len(t), dtype=torch.long, device=t.device) if flips is None \
+                else flips.to(device=t.device, dtype=torch.long)
+            extra.append(self.flip_embed(f).unsqueeze(1))
         extra = torch.cat(extra, dim=1) + self.pos_embed[:, :cfg.extras]
         x = torch.cat([extra.to(tokens.dtype), tokens], dim=1)
 
@@ -218,6 +248,8 @@ class UViT(nn.Module):
         x = self._run(half, self.mid_block, x)
         for i, blk in enumerate(self.out_blocks):
             x = self._run(half + 1 + i, blk, x, skips.pop())
+        if cfg.decoder_depth:
+            return self._decode(self.norm(x), keep_idx)
         x = self.norm(x[:, cfg.extras:])
         if self.split:
             return self._split_head(x, keep_idx)
@@ -225,6 +257,24 @@ class UViT(nn.Module):
         if keep_idx is not None:
             return out
         return unpatchify(out, p, cfg.in_channels, cfg.grid)
+
+    def _decode(self, x: torch.Tensor, keep_idx: torch.Tensor | None) -> torch.Tensor:
+        """Encoder output [B, E+S, D] -> the decoder's prediction of every token: [B, N, K] with
+        keep_idx (mask tokens at the masked positions), else [B, C, H, W]."""
+        cfg = self.cfg
+        E = cfg.extras
+        y = self.decoder_embed(x)
+        extra, tokens = y[:, :E], y[:, E:]
+        if keep_idx is not None:
+            full = self.mask_token.to(y.dtype).expand(len(y), cfg.num_tokens, -1)
+            tokens = full.scatter(1, keep_idx.unsqueeze(-1).expand(-1, -1, y.shape[-1]), tokens)
+        y = torch.cat([extra, tokens], dim=1) + self.decoder_pos.to(y.dtype)
+        for blk in self.decoder_blocks:
+            y = blk(y)
+        out = self.head(self.decoder_norm(y[:, E:]))
+        if keep_idx is not None:
+            return out
+        return unpatchify(out, cfg.patch_size, cfg.in_channels, cfg.grid)
 
     def _split_head(self, x: torch.Tensor, keep_idx: torch.Tensor | None) -> torch.Tensor:
         """LL tokens through ``head``, detail tokens through ``detail_head``: [B, C, H, W], or

@@ -78,6 +78,9 @@ class OptimConfig:
 class TrainConfig:
     stage: Stage = "pretrain"
     init_from: str | None = None  # finetune: a pretrain checkpoint or run folder
+    # MaskDiT: the weight of the reconstruction loss on the masked tokens (0.1 in MaskDiT); needs
+    # a model with a decoder (model.decoder_depth > 0, e.g. preset MaskDiT-B) and a mask.
+    mae_weight: float = 0.0
     steps: int = 1000
     global_batch: int = 128
     grad_accum: int = 1
@@ -328,6 +331,18 @@ def validate(cfg: Config) -> None:
         if not t.init_from:
             raise ConfigError("train.stage=finetune needs train.init_from: a pretrain checkpoint "
                               "or run folder")
+    if t.mae_weight < 0:
+        raise ConfigError(f"train.mae_weight must be >= 0, got {t.mae_weight}")
+    if t.mae_weight > 0:
+        if not cfg.model.architecture().decoder_depth:
+            raise ConfigError("train.mae_weight > 0 (MaskDiT's reconstruction loss) needs a "
+                              "decoder that predicts the masked tokens: set model.decoder_depth "
+                              "(e.g. 2) or model.preset: MaskDiT-B")
+        if not cfg.mask.is_masked:
+            raise ConfigError("train.mae_weight > 0 reconstructs the masked tokens, but "
+                              f"mask.kind={cfg.mask.kind} masks none: set a mask (MaskDiT: "
+                              "kind patch, ratio 0.5) or train.mae_weight=0 (the unmasking "
+                              "fine-tune)")
     for name in ("steps", "global_batch", "grad_accum", "ckpt_every", "log_every", "sample_n",
                  "keep_last"):
         if getattr(t, name) < 1:

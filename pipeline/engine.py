@@ -29,14 +29,17 @@ def warmup_lambda(warmup_steps: int):
 
 
 def build_engine(cfg: Config, mcfg: ModelConfig, device: torch.device, ds_config: dict,
-                 init_weights: dict[str, torch.Tensor] | None = None):
-    """-> (engine, net). ``init_weights`` (fine-tuning) are loaded with strict key matching."""
+                 init_weights: dict[str, torch.Tensor] | None = None,
+                 init_fresh: set[str] = frozenset()):
+    """-> (engine, net). ``init_weights`` (fine-tuning) are loaded with strict key matching; the
+    keys in ``init_fresh`` keep their initial values (``weights.transfer_weights``)."""
     import deepspeed
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     net = build_model(mcfg, device=device)
     if init_weights is not None:
-        load_strict(net, init_weights, f"the weights of train.init_from={cfg.train.init_from}")
+        load_strict(net, init_weights, f"the weights of train.init_from={cfg.train.init_from}",
+                    init_fresh)
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(net, o.weight_decay, o.weight_decay_on), lr=o.lr,
                                   betas=tuple(o.betas), eps=o.eps,

@@ -41,7 +41,7 @@ from .randomness import draw_step, rank_seed
 EXIT_NONFINITE = 3
 EXIT_DATA = 4
 FIXED_ON_RESUME = ("model.", "diffusion.", "mask.", "data.space", "train.stage", "train.seed",
-                   "train.global_batch", "train.grad_accum")
+                   "train.global_batch", "train.grad_accum", "train.mae_weight")
 
 
 class TrainingStopped(RuntimeError):
@@ -109,6 +109,7 @@ class Trainer:
         self.run_dir = Path(self.t.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.log = dist.print0
+        self.init_fresh: set[str] = set()
         self.init_weights, self.parent = self._init_source()
         # Cumulative training FLOPs (logged as train_flops): the init_from chain's, then this run's
         self.flops_per_step = step_flops(self.mcfg, cfg.mask, self.t.global_batch)
@@ -135,13 +136,14 @@ class Trainer:
             raise ConfigError(f"train.init_from: {e}") from None
         from maskdm.model import ModelConfig
 
-        from .weights import transfer_resolution
-        try:  # pre-trained at another image size: the positional embedding is interpolated
-            weights, note = transfer_resolution(weights, ModelConfig(**meta.model), self.mcfg,
-                                                f"train.init_from={self.t.init_from}")
+        from .weights import transfer_weights
+        try:  # another image size (positional embedding interpolated) or a dropped decoder
+            weights, notes, self.init_fresh = transfer_weights(
+                weights, ModelConfig(**meta.model), self.mcfg,
+                f"train.init_from={self.t.init_from}")
         except RuntimeError as e:
             raise ConfigError(str(e)) from None
-        if note:
+        for note in notes:
             self.log(note)
         return weights, meta
 
@@ -163,7 +165,8 @@ class Trainer:
         from .engine import build_engine
         cfg, t, mcfg = self.cfg, self.t, self.mcfg
         dist.init(self.device)
-        self.engine, _ = build_engine(cfg, mcfg, self.device, self.ds_config, self.init_weights)
+        self.engine, _ = build_engine(cfg, mcfg, self.device, self.ds_config, self.init_weights,
+                                      self.init_fresh)
         self.diffusion = GaussianDiffusion(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
         self.fid_eval = None
         if cfg.eval.fid_every:
@@ -179,7 +182,7 @@ class Trainer:
         o = cfg.optim
         self.ema = EMA(self.engine.module, o.ema_decay, every=o.ema_every, warmup=o.ema_warmup,
                        power=o.ema_power, start=o.ema_start)
-        self.objective = DiffusionObjective(self.diffusion, mcfg.patch_size, mcfg.group_channels)
+        self.objective = DiffusionObjective.for_model(self.diffusion, mcfg, t.mae_weight)
         try:
             self.loader = Loader(self.reader, global_batch=self.micro_global, rank=self.rank,
                                  world_size=self.world, seed=t.seed, device=self.device,
@@ -262,8 +265,12 @@ class Trainer:
 
     def _banner(self) -> str:
         t, mcfg, spec = self.t, self.mcfg, self.cfg.mask
-        return (f"{t.stage}: {mcfg.preset} ({mcfg.depth}+1 blocks, dim {mcfg.dim}), "
-                f"{self._num_parameters() / 1e6:.1f}M parameters, attention "
+        decoder = (f" + decoder {mcfg.decoder_depth} blocks, dim {mcfg.decoder_dim}"
+                   if mcfg.decoder_depth else "")
+        extras = "".join([f", MAE weight {t.mae_weight}" if t.mae_weight else "",
+                          ", flip-conditioned" if mcfg.flip_condition else ""])
+        return (f"{t.stage}: {mcfg.preset} ({mcfg.depth}+1 blocks, dim {mcfg.dim}{decoder}), "
+                f"{self._num_parameters() / 1e6:.1f}M parameters{extras}, attention "
                 f"{self.engine.module.attention_backend} ({self.engine.module.attention_reason}); "
                 f"mask {spec} -> {spec.num_visible(mcfg.grid) * mcfg.token_groups}/"
                 f"{mcfg.num_tokens} visible tokens; "

@@ -51,6 +51,8 @@ def _same(a, b):
     for x, y in zip(a, b):
         assert x.keys == y.keys
         assert torch.equal(x.x0, y.x0)
+        assert (x.flips is None) == (y.flips is None)
+        assert x.flips is None or torch.equal(x.flips, y.flips)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
@@ -117,9 +119,10 @@ def test_flip_in_the_dwt_domain_is_the_dwt_of_the_flipped_image(dwt_set):
     off = _take(Loader(dwt_set, global_batch=8, hflip=False, seed=1, workers=0), 4)
     flipped = 0
     for a, b in zip(on, off):
-        assert a.keys == b.keys
-        for xa, xb in zip(a.x0, b.x0):
-            if torch.equal(xa, xb):
+        assert a.keys == b.keys and b.flips is None
+        for xa, xb, flag in zip(a.x0, b.x0, a.flips.tolist()):  # the batch says which it flipped
+            assert flag == (not torch.equal(xa, xb))  # (the flip conditioning's input)
+            if not flag:
                 continue
             img = tdwt.image_from_model(xb[None])  # unflipped uint8 image
             assert torch.equal(xa[None], tdwt.model_from_image(img.flip(-1)))

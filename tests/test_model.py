@@ -282,3 +282,126 @@ def test_resize_pos_embed_keeps_the_extras_and_each_group_apart():
     assert row[0, 0] < row[0, -1] < row[-1, -1]  # the layout survives: left < right, top < bottom
     with pytest.raises(ValueError, match="pos_embed has 17 tokens"):
         resize_pos_embed(const, 1, 2, (4, 4), (8, 8))
+
+
+# ----------------------------------------------------------------------------- MaskDiT decoder
+
+def _maskdit(**kw) -> torch.nn.Module:
+    return _tiny(in_channels=3, decoder_depth=2, decoder_dim=64, **kw)
+
+
+def test_decoder_sees_mask_tokens_exactly_at_the_masked_positions():
+    net = _maskdit()
+    cfg = net.cfg
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([7, 600])
+    keep = torch.tensor([[0, 3, 5, 6, 9, 14], [1, 2, 4, 8, 12, 15]])
+    seen = {}
+    net.decoder_blocks[0].register_forward_pre_hook(lambda m, a: seen.setdefault("y", a[0]))
+    with torch.no_grad():
+        out = net(x, t, keep)
+    assert out.shape == (2, cfg.num_tokens, 3 * 4)  # every token predicted
+    tokens = seen["y"][:, cfg.extras:]
+    empty = (net.mask_token + net.decoder_pos[:, cfg.extras:])[0]  # a mask token and its position
+    for b in range(2):
+        for i in range(cfg.num_tokens):
+            is_mask = torch.allclose(tokens[b, i], empty[i], atol=1e-6)
+            assert is_mask == (i not in keep[b].tolist()), (b, i)
+    # the masked patches' content never reaches any prediction
+    x2 = x.clone()
+    masked = patchify(x2, 2)
+    for b in range(2):
+        hide = [i for i in range(cfg.num_tokens) if i not in keep[b].tolist()]
+        masked[b, hide] = torch.randn(len(hide), masked.shape[-1])
+    with torch.no_grad():
+        out2 = net(unpatchify(masked, 2, 3, cfg.grid), t, keep)
+    assert torch.allclose(out, out2, atol=1e-6)
+    with torch.no_grad():  # without a mask the decoder gets every encoder token: an image out
+        assert net(x, t).shape == x.shape
+
+
+def test_mae_loss_covers_only_the_masked_tokens():
+    from maskdm.model.objective import mae_loss, masked_positions
+    keep = torch.tensor([[0, 2, 3], [1, 4, 5]])
+    assert masked_positions(keep, 6).tolist() == [[False, True, False, False, True, True],
+                                                  [True, False, True, True, False, False]]
+    x_t = torch.randn(2, 3, 4, 6)  # 2x3 tokens of patch 2
+    pred = torch.randn(2, 6, 12, requires_grad=True)
+    loss = mae_loss(pred, x_t, keep, 2)
+    loss.backward()
+    grad_nonzero = pred.grad.abs().sum(-1) > 0
+    assert torch.equal(grad_nonzero, masked_positions(keep, 6))
+    # target: the masked patches of x_t, each normalised to zero mean and unit variance
+    target = patchify(x_t, 2)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** .5
+    m = masked_positions(keep, 6)
+    assert torch.allclose(mae_loss(target, x_t, keep, 2), torch.tensor(0.0), atol=1e-10)
+    assert torch.allclose(loss, ((pred - target) ** 2).mean(-1)[m].mean())
+
+
+def test_maskdit_objective_is_dsm_on_visible_plus_weighted_mae_on_masked():
+    from maskdm.model.diffusion import GaussianDiffusion
+    from maskdm.model.objective import DiffusionObjective, mae_loss
+    net = _maskdit()
+    diffusion = GaussianDiffusion("linear", 100)
+    x0, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 50])
+    noise = torch.randn_like(x0)
+    keep = torch.tensor([[0, 3, 5, 6, 9, 14], [1, 2, 4, 8, 12, 15]])
+
+    class B:
+        labels, flips = None, None
+    B.x0 = x0
+    with torch.no_grad():
+        x_t = diffusion.q_sample(x0, t, noise)
+        pred = net(x_t, t, keep)
+        dsm = ((gather_tokens(pred, keep) - gather_tokens(patchify(noise, 2), keep)) ** 2).mean()
+        mae = mae_loss(pred, x_t, keep, 2)
+        plain = DiffusionObjective.for_model(diffusion, net.cfg)(net, B, keep, t, noise)
+        weighted = DiffusionObjective.for_model(diffusion, net.cfg, 0.1)(net, B, keep, t, noise)
+    assert torch.allclose(plain, dsm) and torch.allclose(weighted, dsm + 0.1 * mae)
+    with pytest.raises(ValueError, match="decoder"):
+        DiffusionObjective.for_model(diffusion, _tiny().cfg, 0.1)
+
+
+def test_decoder_presets_flops_and_config_errors():
+    from maskdm.model.config import DECODERS
+    from maskdm.model.flops import forward_flops
+    cfg = ModelConfig(preset="MaskDiT-B", in_channels=12, input_size=128, patch_size=4)
+    r = cfg.resolved()
+    assert (r.decoder_depth, r.decoder_dim, r.decoder_heads) == (*DECODERS["MaskDiT-B"], 6)
+    plain = ModelConfig(preset="MaskDM-B", in_channels=12, input_size=128, patch_size=4)
+    assert plain.resolved().decoder_depth == 0
+    # the decoder adds a cost that does not shrink with the mask: projection, blocks, head
+    D, Dd, N, L = 768, 384, 32 * 32, 32 * 32 + 1
+    blk = 2 * L * Dd * 3 * Dd + 4 * L * L * Dd + 2 * L * Dd * Dd + 4 * L * Dd * 4 * Dd
+    head_diff = 2 * N * Dd * 192 - 2 * N * D * 192
+    assert forward_flops(cfg) - forward_flops(plain) == 2 * L * D * Dd + 4 * blk + head_diff
+    for visible in (100, 500):
+        extra = forward_flops(cfg, visible) - forward_flops(plain, visible)
+        head = 2 * N * Dd * 192 - 2 * visible * D * 192
+        assert extra == 2 * (visible + 1) * D * Dd + 4 * blk + head
+    with pytest.raises(ValueError, match="decoder_dim .* multiple of the head width"):
+        ModelConfig(preset="tiny", decoder_depth=1, decoder_dim=100).architecture()
+    with pytest.raises(ValueError, match="dwt_tokens: joint"):
+        ModelConfig(preset="tiny", in_channels=12, input_size=8, decoder_depth=1,
+                    dwt_tokens="split").resolved()
+    net = _maskdit()
+    n_dec = sum(p.numel() for n, p in net.named_parameters() if n.startswith("decoder"))
+    assert n_dec > 0 and "mask_token" in dict(net.named_parameters())
+
+
+def test_flip_condition_changes_the_output_and_defaults_to_unflipped():
+    net = _tiny(flip_condition=True)
+    assert net.cfg.extras == 2
+    x, t = torch.randn(2, 12, 8, 8), torch.tensor([5, 900])
+    with torch.no_grad():
+        net.flip_embed.weight.normal_()  # a trained-sized difference between the two flags
+        unflipped = net(x, t, None, None, torch.tensor([0, 0]))
+        flipped = net(x, t, None, None, torch.tensor([1, 1]))
+        default = net(x, t)
+        mixed = net(x, t, None, None, torch.tensor([True, False]))
+    assert not torch.allclose(unflipped, flipped, atol=1e-3)
+    assert torch.equal(default, unflipped)  # sampling passes no flags: flip = 0
+    assert torch.allclose(mixed[0], flipped[0]) and torch.allclose(mixed[1], unflipped[1])
+    plain = _tiny()
+    with torch.no_grad():  # a model without flip conditioning ignores the flags
+        assert torch.equal(plain(x, t, None, None, torch.tensor([1, 1])), plain(x, t))

@@ -200,6 +200,11 @@ def test_finetune_at_another_image_size_interpolates_the_positional_embedding(sh
     (["train.stage=finetune", "mask.kind=none"], {}, "needs train.init_from"),
     (["mask.block_size=3"], {}, "block_size 3 must divide the token grid 8x8"),
     (["train.steps=abc"], {}, "train.steps must be an integer"),
+    (["train.mae_weight=0.1"], {}, "needs a decoder that predicts the masked tokens"),
+    (["train.mae_weight=0.1", "model.decoder_depth=1", "mask.kind=none"], {},
+     "masks none: set a mask"),
+    (["model.decoder_depth=1", "model.dwt_tokens=split", "model.patch_size=4"], {},
+     "use model.dwt_tokens: joint"),
 ])
 def test_bad_configs_fail_before_training(shards, tmp_path, capsys, sets, env, message):
     from maskdm.pipeline.cli import main
@@ -332,6 +337,42 @@ def test_split_dwt_tokens_train_resume_and_sample(shards, tmp_path):
                         "--n", "2", "--out", str(tmp_path / "smp")], cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=300)
     assert s.returncode == 0 and len(list((tmp_path / "smp").glob("*.png"))) == 2, s.stderr
+
+
+def test_maskdit_pretrain_unmasking_finetune_and_sampling(shards, tmp_path):
+    """MaskDiT end to end, with the flip conditioning: 50% patch masking, DSM on the visible tokens
+    + 0.1 x MAE on the masked ones through a 2-block decoder, then the unmasking fine-tune (mask 0,
+    the decoder kept) and sampling (flip = 0)."""
+    arch = ("model.decoder_depth=2", "model.decoder_dim=64", "model.flip_condition=true")
+    pre = run_train(shards, tmp_path / "pre", *arch, "mask.kind=patch", "mask.ratio=0.5",
+                    "train.mae_weight=0.1", "train.steps=2")
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    assert "+ decoder 2 blocks, dim 64" in pre.stdout and "MAE weight 0.1" in pre.stdout
+    assert "flip-conditioned" in pre.stdout and "-> 32/64 visible tokens" in pre.stdout
+    ft = run_train(shards, tmp_path / "ft", *arch, "train.stage=finetune", "mask.kind=none",
+                   f"train.init_from={tmp_path / 'pre'}", "train.steps=2")
+    assert ft.returncode == 0, ft.stderr[-3000:]
+    w = ema(tmp_path / "ft")
+    assert w["mask_token"].shape == (1, 1, 64) and w["flip_embed.weight"].shape == (2, 128)
+    assert not torch.equal(w["decoder_blocks.0.mlp.fc1.weight"],
+                           ema(tmp_path / "pre")["decoder_blocks.0.mlp.fc1.weight"])
+    s = subprocess.run([sys.executable, "-m", "maskdm", "sample", "--ckpt", str(tmp_path / "ft"),
+                        "--n", "2", "--steps", "3", "--out", str(tmp_path / "smp")], cwd=ROOT,
+                       env=_env(), capture_output=True, text=True, timeout=300)
+    assert s.returncode == 0 and len(list((tmp_path / "smp").glob("*.png"))) == 2, s.stderr
+    # fine-tuned without the decoder: dropped, the head starts fresh on the encoder
+    bare = run_train(shards, tmp_path / "bare", "model.flip_condition=true",
+                     "train.stage=finetune", "mask.kind=none",
+                     f"train.init_from={tmp_path / 'pre'}", "train.steps=1")
+    assert bare.returncode == 0, bare.stderr[-3000:]
+    assert "its MaskDiT decoder (2 blocks) is dropped" in bare.stdout
+    w = ema(tmp_path / "bare")
+    assert not [k for k in w if k.startswith(("decoder", "mask_token"))]
+    assert w["head.weight"].shape == (48, 128)
+    other = run_train(shards, tmp_path / "bad", "model.decoder_depth=2", "model.decoder_dim=128",
+                      "model.flip_condition=true", "train.stage=finetune", "mask.kind=none",
+                      f"train.init_from={tmp_path / 'pre'}", "train.steps=1")
+    assert other.returncode == 2 and "decoder_dim: 64 -> 128" in other.stderr
 
 
 def test_a_first_launch_says_that_deepspeed_compiles_an_op(tmp_path, monkeypatch):

@@ -128,7 +128,8 @@ class Loader:
         x0 = to_model_space(raw["data"], self.reader.encoding, raw["flips"], self.space,
                             self.device)
         labels = raw["labels"].to(self.device, non_blocking=True) if raw["labels"] is not None else None
-        return Batch(x0=x0, labels=labels, keys=raw["keys"])
+        flips = raw["flips"].to(self.device, non_blocking=True) if raw["flips"] is not None else None
+        return Batch(x0=x0, labels=labels, keys=raw["keys"], flips=flips)
 
     def close(self) -> None:
         self._it = None
