@@ -71,6 +71,23 @@ MUTANTS: list[tuple[str, str, str, str]] = [
      "            return n - round(self.ratio * n) + 1", "patch mask keeps one token too many"),
     ("model/dwt.py", "a - b + c - d, a - b - c + d], dim=-3) * 0.5",
      "a - b - c + d, a - b + c - d], dim=-3) * 0.5", "Haar V and D bands swapped"),
+    ("model/uvit.py", "tokens = full.scatter(1, keep_idx.unsqueeze(-1)",
+     "tokens = full.scatter(1, keep_idx.flip(-1).unsqueeze(-1)",
+     "MaskDiT decoder: visible tokens scattered to the wrong positions"),
+    ("model/uvit.py", "            y = blk(y)\n", "            y = blk(y) * 0 + y\n",
+     "MaskDiT decoder: its blocks are skipped"),
+    ("model/objective.py", "return (per_token * masked).sum() / masked.sum().clamp_min(1)",
+     "return per_token.mean()", "MAE loss averages the visible tokens too"),
+    ("model/objective.py", "(target.var(-1, keepdim=True) + 1e-6) ** .5", "1.0",
+     "MAE target not normalised per patch"),
+    ("model/objective.py", "return dsm + self.mae_weight * mae_loss(", "return dsm + mae_loss(",
+     "MAE loss weight ignored"),
+    ("model/uvit.py", "extra.append(self.flip_embed(f).unsqueeze(1))",
+     "extra.append(self.flip_embed(torch.zeros_like(f)).unsqueeze(1))",
+     "flip conditioning: the flag never reaches the model"),
+    ("model/flops.py", "+ 2 * N * Dd * per_token)  # head on every token",
+     "+ 2 * S * Dd * per_token)  # head on every token",
+     "FLOPs: the decoder's head counted on the visible tokens only"),
 ]
 
 

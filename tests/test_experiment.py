@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -111,6 +112,11 @@ def test_toy_quick_writes_the_figure_and_results(tmp_path):
     assert "speed-up" in (tmp_path / "toy_results.md").read_text()
 
 
+def c_first(res: dict, arm: str) -> float:
+    """The FLOPs of an arm's first evaluation point."""
+    return res["curves"]["heldout_loss"][arm]["0"]["flops"][0]
+
+
 def test_fast_learner_quick_runs_every_arm_at_equal_flops_and_resumes(tmp_path):
     out = tmp_path / "exp"
     cmd = [sys.executable, "-m", "maskdm", "experiment", "fast-learner", "--config",
@@ -119,8 +125,9 @@ def test_fast_learner_quick_runs_every_arm_at_equal_flops_and_resumes(tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     res = json.loads((out / "results.json").read_text())
-    assert list(res["arms"]) == ["scratch", "block50", "patch90"]
-    assert [s["stage"] for s in res["arms"]["block50"]["stages"]] == ["pretrain", "finetune"]
+    assert list(res["arms"]) == ["scratch", "block50", "patch90", "maskdit", "lowres16"]
+    for arm in ("block50", "maskdit", "lowres16"):
+        assert [s["stage"] for s in res["arms"][arm]["stages"]] == ["pretrain", "finetune"]
     # equal FLOPs, read back from what the runs logged (train_flops of the last point)
     dsm = res["arms"]["scratch"]["stages"][0]["flops_per_step"]
     finals = {}
@@ -135,10 +142,18 @@ def test_fast_learner_quick_runs_every_arm_at_equal_flops_and_resumes(tmp_path):
     # MSM steps are cheaper: the two-stage arms take more pre-training steps per FLOP
     pre = res["arms"]["patch90"]["stages"][0]
     assert pre["flops_per_step"] < res["arms"]["block50"]["stages"][0]["flops_per_step"] < dsm
-    assert set(res["speedup"]) == {"block50", "patch90"}
+    assert set(res["speedup"]) == {"block50", "patch90", "maskdit", "lowres16"}
+    # MaskDiT's decoder costs FLOPs in both stages; the 16 px DSM stage a quarter of a 32 px step
+    # and it is not scored (the held-out references are 32 px)
+    assert res["arms"]["maskdit"]["stages"][1]["flops_per_step"] > dsm
+    low = res["arms"]["lowres16"]["stages"][0]
+    assert 0.2 < low["flops_per_step"] / dsm < 0.3
+    assert c_first(res, "lowres16") >= low["steps"] * low["flops_per_step"]
+    log = (out / "runs" / "lowres16" / "seed0" / "finetune.log").read_text()
+    assert "trained on 4x4 tokens, this model has 8x8" in log
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "| block50 |" in (out / "results.md").read_text()
-    # MLflow: one parent run with the five training runs nested under it, table and plot attached
+    # MLflow: one parent run with the nine training runs nested under it, table and plot attached
     from mlflow.tracking import MlflowClient
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     exp = client.get_experiment_by_name("fast-learner-cpu")
@@ -146,7 +161,7 @@ def test_fast_learner_quick_runs_every_arm_at_equal_flops_and_resumes(tmp_path):
     parents = [x for x in runs if x.data.tags.get("maskdm.kind") == "experiment"]
     assert len(parents) == 1
     children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(children) == 5 and all(x.info.status == "FINISHED" for x in children)
+    assert len(children) == 9 and all(x.info.status == "FINISHED" for x in children)
     assert all("train_flops" in x.data.metrics and "swd_image" in x.data.metrics
                for x in children)
     arts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
@@ -154,7 +169,7 @@ def test_fast_learner_quick_runs_every_arm_at_equal_flops_and_resumes(tmp_path):
     # re-running continues: every run is already finished, nothing is trained again
     r2 = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    assert r2.stdout.count("already finished") == 5 and "$ maskdm train" not in r2.stdout
+    assert r2.stdout.count("already finished") == 9 and "$ maskdm train" not in r2.stdout
     assert json.loads((out / "results.json").read_text())["curves"] == res["curves"]
     # ... but not with other settings: the folder's runs were planned for this switch point
     r3 = subprocess.run(cmd + ["--switch", "0.3"], cwd=ROOT, env=_env(), capture_output=True,
@@ -178,3 +193,40 @@ def test_fast_learner_refuses_a_bad_experiment_file(tmp_path):
                         str(bad)], cwd=ROOT, env=_env(), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "arm a: mask" in r.stderr and "ratoi" in r.stderr, r.stderr
+
+
+def test_an_experiment_folder_takes_new_arms_but_not_changed_ones(tmp_path, capsys):
+    """More arms continue an experiment (finished runs kept); an arm whose definition changed
+    does not; plans written when arms were only a mask still compare."""
+    from maskdm.pipeline.experiment.fast_learner import ExperimentError, Spec, _check_same_plan
+    exp = tmp_path / "e.yaml"
+    (tmp_path / "t.yaml").write_text("model: {preset: tiny}\n")
+    head = "name: e\ntrain_config: t.yaml\narms:\n  scratch: {}\n"
+    exp.write_text(head + "  block50: {mask: {kind: block, ratio: 0.5, block_size: 2}}\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = Spec.load(exp)
+    old = {"budget_steps": spec.budget_steps, "switch": spec.switch, "evals": spec.evals,
+           "arms": {"scratch": {"kind": "none"},
+                    "block50": {"kind": "block", "ratio": 0.5, "block_size": 2}},
+           "train_config": str(spec.train_config), "sets": ["data.image_size=32"]}
+    (out / "plan.json").write_text(json.dumps(old))
+    _check_same_plan(spec, out, ["data.image_size=32"])  # the old format, same arms: fine
+    exp.write_text(exp.read_text() + "  lowres16: {pretrain_size: 16}\n  maskdit: {mask: "
+                   "{kind: patch, ratio: 0.5}, sets: [model.decoder_depth=1], pretrain_sets: "
+                   "[train.mae_weight=0.1]}\n")
+    _check_same_plan(Spec.load(exp), out, ["data.image_size=32"])
+    assert "adding arm(s) lowres16, maskdit" in capsys.readouterr().out
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["arms"]["lowres16"] == {"mask": {"kind": "none"}, "pretrain_size": 16}
+    assert plan["arms"]["maskdit"]["pretrain_sets"] == ["train.mae_weight=0.1"]
+    exp.write_text(head + "  block50: {mask: {kind: block, ratio: 0.7, block_size: 2}}\n")
+    with pytest.raises(ExperimentError, match=r"\(arm block50 differ\)"):
+        _check_same_plan(Spec.load(exp), out, ["data.image_size=32"])
+    from maskdm.pipeline.config import ConfigError
+    for arm, message in (("{pretrain_size: 15}", "pretrain_size must be an even image size"),
+                         ("{pretrain_size: 32}", "must be below the image size 32"),
+                         ("{mask: {kind: none}, set: [a=b]}", "unknown key(s) set")):
+        exp.write_text(head + f"  x: {arm}\n")
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            Spec.load(exp)

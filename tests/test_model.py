@@ -296,9 +296,12 @@ def test_decoder_sees_mask_tokens_exactly_at_the_masked_positions():
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([7, 600])
     keep = torch.tensor([[0, 3, 5, 6, 9, 14], [1, 2, 4, 8, 12, 15]])
     seen = {}
-    net.decoder_blocks[0].register_forward_pre_hook(lambda m, a: seen.setdefault("y", a[0]))
+    def grab(module, args):  # returns None: the block's input stays as it is
+        seen["y"] = args[0]
+    hook = net.decoder_blocks[0].register_forward_pre_hook(grab)
     with torch.no_grad():
         out = net(x, t, keep)
+    hook.remove()
     assert out.shape == (2, cfg.num_tokens, 3 * 4)  # every token predicted
     tokens = seen["y"][:, cfg.extras:]
     empty = (net.mask_token + net.decoder_pos[:, cfg.extras:])[0]  # a mask token and its position
@@ -315,6 +318,15 @@ def test_decoder_sees_mask_tokens_exactly_at_the_masked_positions():
     with torch.no_grad():
         out2 = net(unpatchify(masked, 2, 3, cfg.grid), t, keep)
     assert torch.allclose(out, out2, atol=1e-6)
+    # ... while the masked positions' predictions are read from the visible tokens (the
+    # decoder's attention): change one visible patch and every masked prediction moves
+    x3 = patchify(x.clone(), 2)
+    x3[:, keep[:, 0]] += 1.0
+    with torch.no_grad():
+        out3 = net(unpatchify(x3, 2, 3, cfg.grid), t, keep)
+    for b in range(2):
+        hide = [i for i in range(cfg.num_tokens) if i not in keep[b].tolist()]
+        assert ((out3[b, hide] - out[b, hide]).abs().amax(-1) > 1e-6).all()
     with torch.no_grad():  # without a mask the decoder gets every encoder token: an image out
         assert net(x, t).shape == x.shape
 

@@ -2,9 +2,11 @@
 
 Every arm gets the same budget of cumulative training FLOPs (``model/flops.py``, pre-training
 included): the reference arm trains with DSM from scratch for ``budget_steps`` steps; a two-stage
-arm spends the fraction ``switch`` of that budget on MSM pre-training with its mask (cheaper
-steps: the encoder sees only the visible tokens, so it takes more of them) and the rest on DSM
-fine-tuning from the pre-trained EMA weights. Each stage is an ordinary ``maskdm train`` run, so
+arm spends the fraction ``switch`` of that budget on pre-training (cheaper steps: MSM with its mask,
+where the encoder sees only the visible tokens, or DSM at a lower resolution, ``pretrain_size``)
+and the rest on DSM fine-tuning from the pre-trained EMA weights. An arm may also change the
+model or the objective (``sets`` for both stages, ``pretrain_sets`` for the first): MaskDiT is
+``sets: [model.decoder_depth=2, ...]`` with ``pretrain_sets: [train.mae_weight=0.1]``. Each stage is an ordinary ``maskdm train`` run, so
 the experiment exercises the real pipeline (shards, loader, DeepSpeed, EMA, checkpoints, MLflow).
 
 All runs log the weight-free metrics (``eval.score_every``) against a held-out set at points
@@ -43,11 +45,41 @@ QUICK = {"budget_steps": 24, "evals": 2, "seeds": [0], "count": 192, "heldout_co
 @dataclass
 class Arm:
     name: str
-    mask: dict  # MaskSpec fields; kind none = DSM from scratch (the reference arm)
+    mask: dict  # MaskSpec fields of the pre-training; kind none: DSM
+    sets: list[str] = field(default_factory=list)  # --set overrides of both stages
+    pretrain_sets: list[str] = field(default_factory=list)  # ... of the pre-training only
+    pretrain_size: int | None = None  # pre-train at this image size (resolution transfer)
 
     @property
     def two_stage(self) -> bool:
-        return MaskSpec(**self.mask).is_masked
+        """False for DSM from scratch (the reference arm)."""
+        return MaskSpec(**self.mask).is_masked or self.pretrain_size is not None
+
+    def as_dict(self) -> dict:
+        out = {"mask": self.mask}
+        for k in ("sets", "pretrain_sets", "pretrain_size"):
+            if getattr(self, k):
+                out[k] = getattr(self, k)
+        return out
+
+    @classmethod
+    def parse(cls, name: str, value, where) -> "Arm":
+        value = dict(value or {})
+        known = {"mask", "sets", "pretrain_sets", "pretrain_size"}
+        if set(value) - known:
+            raise ConfigError(f"{where}: arm {name}: unknown key(s) "
+                              f"{', '.join(sorted(set(value) - known))}; known: "
+                              f"{', '.join(sorted(known))}")
+        for k in ("sets", "pretrain_sets"):
+            if not isinstance(value.get(k, []), list):
+                raise ConfigError(f"{where}: arm {name}: {k} must be a list of key=value")
+        size = value.get("pretrain_size")
+        if size is not None and (not isinstance(size, int) or size < 2 or size % 2):
+            raise ConfigError(f"{where}: arm {name}: pretrain_size must be an even image size "
+                              f"in pixels, got {size!r}")
+        return cls(name, dict(value.get("mask") or {"kind": "none"}),
+                   [str(x) for x in value.get("sets", [])],
+                   [str(x) for x in value.get("pretrain_sets", [])], size)
 
 
 @dataclass
@@ -91,7 +123,7 @@ class Spec:
         arms_in = data.pop("arms")
         if not isinstance(arms_in, dict) or not arms_in:
             raise ConfigError(f"{path}: arms must map arm names to {{mask: {{...}}}}")
-        arms = [Arm(n, dict((a or {}).get("mask") or {"kind": "none"})) for n, a in arms_in.items()]
+        arms = [Arm.parse(n, a, path) for n, a in arms_in.items()]
         data["train_config"] = (path.parent / data["train_config"]).resolve()
         spec = cls(arms=arms, **data)
         spec.check(path)
@@ -106,7 +138,11 @@ class Spec:
         refs = [a for a in self.arms if not a.two_stage]
         if len(refs) != 1:
             raise ConfigError(f"{where}: exactly one arm must be DSM from scratch (mask kind "
-                              f"none), found {len(refs)}")
+                              f"none, no pretrain_size), found {len(refs)}")
+        for a in self.arms:
+            if a.pretrain_size is not None and a.pretrain_size >= self.size:
+                raise ConfigError(f"{where}: arm {a.name}: pretrain_size {a.pretrain_size} must "
+                                  f"be below the image size {self.size}")
         if not 0 < self.switch < 1:
             raise ConfigError(f"{where}: switch must be in (0, 1) (the fraction of the FLOPs "
                               f"spent on MSM pre-training), got {self.switch}")
@@ -151,40 +187,48 @@ def plan(spec: Spec, out: Path, base_sets: list[str]) -> list[list[Stage]]:
     """-> the runs of every (seed, arm), seed by seed: equal FLOPs for every arm."""
     per_step = {}
 
-    def flops(mask: dict) -> float:
+    def flops(sets: list[str], size: int) -> float:
         from maskdm.model.flops import step_flops
-        key = json.dumps(mask, sort_keys=True)
+        key = json.dumps([sets, size])
         if key not in per_step:
-            cfg = load_config([str(spec.train_config)], base_sets + mask_sets(mask))
-            mcfg = check_shapes(cfg, spec.size)
+            cfg = load_config([str(spec.train_config)], base_sets + sets)
+            mcfg = check_shapes(cfg, size)
             per_step[key] = float(step_flops(mcfg, cfg.mask, cfg.train.global_batch))
         return per_step[key]
 
-    dsm = flops({"kind": "none"})
+    dsm = flops(mask_sets({"kind": "none"}), spec.size)
     budget = spec.budget_steps * dsm
     every = max(1, round(spec.budget_steps / spec.evals))
     runs = []
     for seed in spec.seeds:
         for arm in spec.arms:
             root = out / "runs" / arm.name / f"seed{seed}"
-            common = [f"train.seed={seed}"]
+            common = [f"train.seed={seed}"] + arm.sets
             if not arm.two_stage:
                 runs.append([Stage(arm.name, seed, "pretrain", root / "scratch",
                                    common + mask_sets(arm.mask) +
                                    [f"train.run_dir={root / 'scratch'}"], spec.budget_steps,
                                    every, dsm)])
                 continue
-            msm = flops(arm.mask)
-            pre = max(1, round(spec.switch * budget / msm))
-            fine = max(1, round((budget - pre * msm) / dsm))
-            pre_every = max(1, round(budget / spec.evals / msm))
+            pre_sets = arm.sets + mask_sets(arm.mask) + arm.pretrain_sets
+            size = spec.size
+            if arm.pretrain_size is not None:  # its own shards; the scores need spec.size
+                size = arm.pretrain_size
+                pre_sets += [f"data.shards={out / 'data' / f'train{size}'}",
+                             f"data.image_size={size}"]
+            pre_cost = flops(pre_sets, size)
+            fine_cost = flops(arm.sets + mask_sets({"kind": "none"}), spec.size)
+            pre_sets = [f"train.seed={seed}"] + pre_sets
+            fine_sets = common + ["train.stage=finetune", "mask.kind=none"]
+            pre = max(1, round(spec.switch * budget / pre_cost))
+            fine = max(1, round((budget - pre * pre_cost) / fine_cost))
+            pre_every = 0 if arm.pretrain_size else max(1, round(budget / spec.evals / pre_cost))
             runs.append([
-                Stage(arm.name, seed, "pretrain", root / "pretrain", common +
-                      mask_sets(arm.mask) + [f"train.run_dir={root / 'pretrain'}"], pre,
-                      pre_every, msm),
-                Stage(arm.name, seed, "finetune", root / "finetune", common + [
-                    "train.stage=finetune", "mask.kind=none", f"train.run_dir={root / 'finetune'}",
-                    f"train.init_from={root / 'pretrain'}"], fine, every, dsm)])
+                Stage(arm.name, seed, "pretrain", root / "pretrain",
+                      pre_sets + [f"train.run_dir={root / 'pretrain'}"], pre, pre_every, pre_cost),
+                Stage(arm.name, seed, "finetune", root / "finetune", fine_sets + [
+                    f"train.run_dir={root / 'finetune'}", f"train.init_from={root / 'pretrain'}"],
+                      fine, max(1, round(budget / spec.evals / fine_cost)), fine_cost)])
     return runs
 
 
@@ -198,8 +242,10 @@ def _finished(stage: Stage) -> bool:
 def _train(spec: Spec, stage: Stage, sets: list[str], log: Path) -> float:
     """One ``maskdm train`` run (resumed if interrupted) -> wall seconds."""
     from ..launch import run_maskdm
+    scores = f"scores every {stage.score_every} steps" if stage.score_every else \
+        "not scored (another image size than the references)"
     print(f"\n=== {stage.label}: {stage.steps} steps ({stage.steps * stage.flops_per_step:.3g} "
-          f"FLOPs), scores every {stage.score_every} steps", flush=True)
+          f"FLOPs), {scores}", flush=True)
     print("$ maskdm train --config " + str(spec.train_config) + " " +
           " ".join(f"--set {s!r}" if " " in s else f"--set {s}" for s in sets) +
           " --resume auto", flush=True)
@@ -235,17 +281,23 @@ def _prepare_data(spec: Spec, out: Path) -> tuple[str, str]:
     from maskdm.preprocessing.shard_job import ShardOptions
     from maskdm.preprocessing.shard_job import run as shard
     made = []
-    for name, given, count, gen_seed in (("train", spec.shards, spec.count, 0),
-                                         ("heldout", spec.heldout, spec.heldout_count, 1)):
+    jobs = [("train", spec.shards, spec.count, 0, spec.size),
+            ("heldout", spec.heldout, spec.heldout_count, 1, spec.size)]
+    for size in sorted({a.pretrain_size for a in spec.arms if a.pretrain_size}):
+        if spec.shards:
+            raise ConfigError(f"arms with pretrain_size need the procedural set (the experiment "
+                              f"renders it at {size} px); shards: {spec.shards} cannot be resized")
+        jobs.append((f"train{size}", None, spec.count, 0, size))  # the same faces, smaller
+    for name, given, count, gen_seed, size in jobs:
         if given:
             made.append(given)
             continue
         folder = out / "data" / name
         if not (folder / "manifest.json").exists():
-            print(f"$ maskdm shard procedural {folder} --size {spec.size} --count {count} "
+            print(f"$ maskdm shard procedural {folder} --size {size} --count {count} "
                   f"--gen-seed {gen_seed}", flush=True)
             shard(ShardOptions(src="procedural", out=str(folder), source="procedural",
-                               size=spec.size, count=count, gen_seed=gen_seed,
+                               size=size, count=count, gen_seed=gen_seed,
                                samples_per_shard=1000), progress=show_progress())
         made.append(str(folder))
     return made[0], made[1]
@@ -281,7 +333,7 @@ def run(spec: Spec, out: Path, *, quick: bool = False, extra_sets: list[str] | N
     if previous_id is None:  # MLflow refuses a changed param value: log them once
         parent.log_params({"budget_steps": spec.budget_steps, "switch": spec.switch,
                            "evals": spec.evals, "train_config": str(spec.train_config),
-                           "arms": json.dumps({a.name: a.mask for a in spec.arms}),
+                           "arms": json.dumps({a.name: a.as_dict() for a in spec.arms}),
                            "quick": quick})
     walls = _load_walls(out)
     for stages in runs:
@@ -315,19 +367,32 @@ def run(spec: Spec, out: Path, *, quick: bool = False, extra_sets: list[str] | N
 
 def _check_same_plan(spec: Spec, out: Path, base: list[str]) -> None:
     """A folder holds one plan: continuing it with other settings would mix runs of different
-    budgets (more seeds are fine)."""
+    budgets. More seeds and more arms are fine (the finished runs are kept); an arm that exists
+    must be unchanged."""
     now = {"budget_steps": spec.budget_steps, "switch": spec.switch, "evals": spec.evals,
-           "arms": {a.name: a.mask for a in spec.arms}, "train_config": str(spec.train_config),
+           "arms": {a.name: a.as_dict() for a in spec.arms},
+           "train_config": str(spec.train_config),
            "sets": [s for s in base if not s.startswith("tracking.parent_run_id=")]}
     path = out / "plan.json"
     if path.exists():
         before = json.loads(path.read_text())
-        diff = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+        # plans written before arms had more than a mask hold {name: mask}
+        before["arms"] = {n: a if "mask" in a else {"mask": a}
+                          for n, a in before.get("arms", {}).items()}
+        diff = sorted(k for k in set(now) | set(before)
+                      if k != "arms" and now.get(k) != before.get(k))
+        diff += [f"arm {n}" for n, a in before["arms"].items()
+                 if n in now["arms"] and now["arms"][n] != a]
         if diff:
             raise ExperimentError(f"{out} holds an experiment with other settings "
                                   f"({', '.join(diff)} differ); use another --out, or the "
                                   f"settings it was run with")
-        return
+        added = [n for n in now["arms"] if n not in before["arms"]]
+        if not added:
+            return
+        print(f"{out}: adding arm(s) {', '.join(added)}; the finished runs of the others are "
+              f"kept", flush=True)
+        now["arms"] = {**before["arms"], **now["arms"]}
     atomic_write_json(path, now)
 
 
@@ -352,7 +417,7 @@ def summarize(spec: Spec, runs: list[list[Stage]], walls: dict, *, quick: bool) 
     ref = spec.reference.name
     out = {"name": spec.name, "quick": quick, "metric": spec.metric,
            "budget_steps": spec.budget_steps, "switch": spec.switch, "seeds": spec.seeds,
-           "arms": {a.name: {"mask": a.mask, "two_stage": a.two_stage,
+           "arms": {a.name: {**a.as_dict(), "two_stage": a.two_stage,
                              "stages": [{"stage": s.stage, "steps": s.steps,
                                          "flops_per_step": s.flops_per_step}
                                         for s in next(r for r in runs if r[0].arm == a.name)]}
@@ -429,7 +494,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(m)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{results['name']}: equal-FLOP comparison (dotted: MSM -> DSM switch)")
+    fig.suptitle(f"{results['name']}: equal-FLOP comparison (dotted: the switch from pre-training to DSM)")
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
 
