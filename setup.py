@@ -45,6 +45,9 @@ setup(
         # which does nothing where there is no GPU).
         "psutil>=5.9",
         "nvidia-ml-py>=12.0",
+        # shard folders in object storage (s3://, gs://, http(s)://): the filesystem layer; each
+        # store's driver is an extra below.
+        "fsspec>=2024.3",
     ],
     extras_require={
         # GPU decode. `dali` follows NVIDIA's CUDA 12 build; `dali-cuda13` is the CUDA 13 build
@@ -52,10 +55,16 @@ setup(
         "dali": ["nvidia-dali-cuda120>=1.40"],
         "dali-cuda13": ["nvidia-dali-cuda130>=2.0"],
         "xformers": ["xformers>=0.0.28"],
+        # object storage drivers for fsspec (credentials come from each store's own environment)
+        "s3": ["s3fs>=2024.3"],
+        "gcs": ["gcsfs>=2024.3"],
+        "http": ["aiohttp>=3.9"],
         # webdataset: the tests read our shards with it, proving any WebDataset reader can.
         "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "webdataset>=0.2.86",
                 # the MLflow UI check (tests/ui_check.py; needs Chromium + ChromeDriver too)
-                "selenium>=4.20"],
+                "selenium>=4.20",
+                # object storage tests: a real S3-compatible server (moto's) on 127.0.0.1
+                "s3fs>=2024.3", "moto[server]>=5.0", "aiohttp>=3.9"],
     },
     entry_points={"console_scripts": ["maskdm = maskdm.pipeline.cli:main"]},
 )

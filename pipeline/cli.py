@@ -98,11 +98,27 @@ def _dry_run_data_check(cfg) -> tuple[list[str], str | None]:
 
     from maskdm.pipeline.config import ConfigError, check_shapes
     from maskdm.shardformat.fsutil import url_refusal
-    if cfg.data.shards and (refused := url_refusal(cfg.data.shards, "data.shards")):
+    from maskdm.shardformat.manifest import DatasetError, load_manifest
+    from maskdm.shardformat.remote import is_remote
+    if cfg.data.shards and (refused := url_refusal(cfg.data.shards, "data.shards",
+                                                    remote_ok=True)):
         raise ConfigError(refused)
-    shards = Path(cfg.data.shards) if cfg.data.shards else None
     lines, missing = [], None
-    if shards is None or not (shards / "manifest.json").exists():
+    if cfg.data.shards and is_remote(cfg.data.shards):  # one read of the remote manifest
+        try:
+            size = load_manifest(cfg.data.shards).image_size
+            lines.append(f"# data: {cfg.data.shards} ({size}px; cached in "
+                         f"{cfg.data.cache_dir or 'the default cache folder'})")
+        except DatasetError as e:
+            missing = (f"data.shards: {e}: training would stop here; the shapes below are "
+                       f"checked against data.image_size={cfg.data.image_size} instead")
+            size = cfg.data.image_size
+        shards = None
+    else:
+        shards = Path(cfg.data.shards) if cfg.data.shards else None
+    if missing or (shards is None and is_remote(cfg.data.shards or "")):
+        pass
+    elif shards is None or not (shards / "manifest.json").exists():
         where = (f"data.shards={cfg.data.shards}" if shards is not None else "data.shards")
         state = ("is not set" if shards is None else "has no manifest.json" if shards.is_dir()
                  else "does not exist")
@@ -112,7 +128,6 @@ def _dry_run_data_check(cfg) -> tuple[list[str], str | None]:
                    f"data.image_size={cfg.data.image_size} instead of the data")
         size = cfg.data.image_size
     else:
-        from maskdm.shardformat.manifest import load_manifest
         size = load_manifest(shards).image_size
         lines.append(f"# data: {shards} ({size}px)")
     if size:

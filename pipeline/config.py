@@ -48,6 +48,13 @@ class DataConfig:
     space: Space = "dwt"  # dwt: Haar subbands (12 x S/2 x S/2); pixel: 3 x S x S
     hflip: bool = True
     strict: bool = False  # damaged samples: replace and count (false) or stop (true)
+    # data.shards may be an s3://, gs:// or http(s):// folder: each node keeps the shards it reads
+    # in cache_dir (default $MASKDM_CACHE or ~/.cache/maskdm/shards; shared by the node's ranks),
+    # at most cache_limit_gb (0: no limit; it must hold cache_lookahead + 1 shards), downloading
+    # cache_lookahead shards ahead of the one being read.
+    cache_dir: str | None = None
+    cache_limit_gb: float = 0.0
+    cache_lookahead: int = 2
 
 
 @dataclass
@@ -317,6 +324,9 @@ def validate(cfg: Config) -> None:
     d, t, o = cfg.data, cfg.train, cfg.optim
     if d.workers < 0:
         raise ConfigError("data.workers must be >= 0")
+    if d.cache_limit_gb < 0 or d.cache_lookahead < 0:
+        raise ConfigError("data.cache_limit_gb must be >= 0 (0: no limit) and "
+                          "data.cache_lookahead >= 0")
     if d.image_size is not None and (d.image_size < 2 or d.image_size % 2):
         raise ConfigError(f"data.image_size must be a positive even number, got {d.image_size}")
     try:

@@ -60,8 +60,10 @@ def prepare(cfg: Config):
     from maskdm.shardformat.reader import ShardReader
     if not cfg.data.shards:
         raise ConfigError("data.shards is not set: point it at a folder made by `maskdm shard`")
+    from maskdm.shardformat.remote import CacheOptions
+    d = cfg.data
     try:
-        reader = ShardReader(cfg.data.shards)
+        reader = ShardReader(d.shards, cache=CacheOptions(d.cache_dir, d.cache_limit_gb))
     except DatasetError as e:
         raise ConfigError(f"data.shards: {e}") from None
     m = reader.manifest
@@ -188,7 +190,8 @@ class Trainer:
                                  world_size=self.world, seed=t.seed, device=self.device,
                                  backend=cfg.data.backend, workers=cfg.data.workers,
                                  space=cfg.data.space, hflip=cfg.data.hflip,
-                                 strict=cfg.data.strict, dali_threads=max(cfg.data.workers, 1))
+                                 strict=cfg.data.strict, dali_threads=max(cfg.data.workers, 1),
+                                 lookahead=cfg.data.cache_lookahead)
         except SampleError as e:
             raise ConfigError(f"data.shards: {e}") from None
         amp_on = self.precision != "fp32"
@@ -385,6 +388,14 @@ class Trainer:
         }
         if self.precision == "fp16":
             rates["skipped_steps"] = float(engine.skipped_steps)
+        pre = self.loader.prefetcher  # shards from object storage: this rank's cache view
+        cache = ""
+        if pre is not None:
+            rates["shard_downloads"] = float(pre.stats["downloads"])
+            rates["download_retries"] = float(pre.remote.stats["retries"])
+            if pre.hit_rate is not None:
+                rates["shard_cache_hit_rate"] = pre.hit_rate
+                cache = f"  cache hits {pre.hit_rate:.0%}"
         if records and records[-1]["step"] == step:
             records[-1].update(rates)
         else:
@@ -397,7 +408,7 @@ class Trainer:
                      float("nan"))
         line = (f"step {step}/{t.steps}  loss {loss_avg:.4f}  lr {engine.get_lr()[0]:.2e}  "
                 f"grad {gnorm:.3f}  {rates['img_per_s']:.1f} img/s  "
-                f"data-wait {rates['data_wait_frac']:.0%}  epoch {self.loader.epoch:.2f}")
+                f"data-wait {rates['data_wait_frac']:.0%}{cache}  epoch {self.loader.epoch:.2f}")
         self.bar.write(line) if not self.bar.disable else self.log(line)
         self.loss_sum.zero_()
         self.n_logged, self.data_wait, self.t_log = 0, 0.0, time.perf_counter()

@@ -14,7 +14,11 @@ examples:
   maskdm shard /data/vggface2 shards/vgg256 --source vggface2 --bbox-csv loose_bb_train.csv
   maskdm shard /data/CelebA-HQ-img shards/celebahq256-10pct --source celebahq --subset 0.1 --seed 0
   maskdm shard procedural shards/demo --size 32 --count 4000
+  maskdm shard /data/CelebA-HQ-img s3://bucket/shards/celebahq256 --source celebahq
   maskdm shard --verify shards/celebahq256
+
+OUT may be an s3:// or gs:// URL: the shards are written to a local staging folder (--stage),
+uploaded, and the manifest is uploaded last. Credentials come from the store's usual environment.
 
 A killed or interrupted run resumes when re-run with the same arguments. Bad images never stop the
 job: each is skipped and listed with its reason in OUT/skipped.jsonl. Images smaller than --size
@@ -75,6 +79,12 @@ def add_shard_parser(sub) -> None:
                    "default 64,000,000)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard whatever OUT holds and start over")
+    p.add_argument("--stage", default=None, metavar="DIR",
+                   help="OUT in object storage (s3://, gs://): the local folder the shards are "
+                   "written to before their upload (needs the dataset's size free; default "
+                   "~/.cache/maskdm/staging/NAME-HASH, or under $MASKDM_CACHE's parent)")
+    p.add_argument("--keep-stage", action="store_true",
+                   help="keep the staging folder after a complete upload (default: remove it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_shard)
 
@@ -85,7 +95,7 @@ def run_shard(args) -> int:
             raise SystemExit("error: --verify takes one argument: the shard folder "
                              "(maskdm shard --verify OUT)")
         from maskdm.shardformat.fsutil import url_refusal
-        if (refused := url_refusal(args.paths[0], "shard folder")) is not None:
+        if (refused := url_refusal(args.paths[0], "shard folder", remote_ok=True)) is not None:
             print(f"error: {refused}", file=sys.stderr)
             return 2
         from .verify import print_report, verify
@@ -105,10 +115,19 @@ def run_shard(args) -> int:
             kind = "celebahq"
         else:
             kind = "folder"
+    from maskdm.shardformat.fsutil import url_refusal
+    from maskdm.shardformat.remote import is_remote
+    if (refused := url_refusal(src, "SRC")) is not None:
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
     if kind != "procedural" and not os.path.exists(src):
         raise SystemExit(f"error: source {src} does not exist")
+
     from .shard_job import ShardJobError, ShardOptions, run
     from .sources import SourceError
+    remote_out = is_remote(out) and url_refusal(out, "OUT", remote_ok=True) is None
+    if (args.stage or args.keep_stage) and not remote_out:
+        raise SystemExit("error: --stage and --keep-stage apply when OUT is an s3:// or gs:// URL")
     opts = ShardOptions(
         src=src, out=out, source=kind, size=args.size, encoding=args.encoding,
         keep_jpeg=args.keep_jpeg, subset=args.subset, seed=args.seed, shuffle=not args.no_shuffle,
@@ -117,7 +136,12 @@ def run_shard(args) -> int:
         min_side=args.min_side, max_pixels=args.max_pixels, jpeg_quality=args.jpeg_quality,
         overwrite=args.overwrite)
     try:
-        run(opts, progress=not args.quiet)
+        if remote_out:
+            from .upload import run_remote
+            run_remote(opts, out, stage=args.stage, keep_stage=args.keep_stage,
+                       progress=not args.quiet)
+        else:
+            run(opts, progress=not args.quiet)
     except (ShardJobError, SourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -130,7 +154,9 @@ def add_inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="summarise a shard folder and write a preview grid",
                        description="Print the manifest summary of a shard folder and write a PNG "
                        "grid of samples reconstructed from their stored DWT tensors.")
-    p.add_argument("dir", metavar="SHARDS", help="shard folder (holds manifest.json)")
+    p.add_argument("dir", metavar="SHARDS", help="shard folder (holds manifest.json), or an "
+                   "s3:// / gs:// / http(s):// URL of one (the preview is then written to "
+                   "NAME-preview.png here)")
     p.add_argument("-n", type=int, default=16, help="samples in the preview (default 16)")
     p.add_argument("--seed", type=int, default=None,
                    help="pick samples at random with this seed (default: the first ones)")
@@ -150,7 +176,13 @@ def run_inspect(args) -> int:
         return 1
     print(summary(m, args.dir))
     if not args.no_preview:
-        out = Path(args.out) if args.out else Path(args.dir) / "preview.png"
+        from maskdm.shardformat.remote import is_remote
+        if args.out:
+            out = Path(args.out)
+        elif is_remote(args.dir):  # never write into the bucket: next to the user
+            out = Path(f"{args.dir.rstrip('/').rsplit('/', 1)[-1]}-preview.png")
+        else:
+            out = Path(args.dir) / "preview.png"
         try:
             path = write_preview(args.dir, out, n=args.n, seed=args.seed)
         except PermissionError:

@@ -18,8 +18,10 @@ from .images import decode_jpeg
 def summary(m: ShardManifest, directory: str | Path) -> str:
     src = m.source
     total_bytes = sum(s.bytes for s in m.shards)
+    from maskdm.shardformat.remote import is_remote
+    where = directory if is_remote(directory) else Path(directory).resolve()
     lines = [
-        f"dataset      {Path(directory).resolve()}",
+        f"dataset      {where}",
         f"format       {m.format} v{m.format_version}, written {m.created_at} by {m.tool}",
         f"source       {src['kind']}: {src['path']}",
         f"counts       found {src['found']}, selected {src['selected']}, written {src['written']}, "

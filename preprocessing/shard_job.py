@@ -275,15 +275,18 @@ def _load_done(out: Path, n_chunks: int) -> dict[int, dict]:
     return done
 
 
-def run(opts: ShardOptions, *, progress: bool = True, log=print) -> ShardManifest:
-    """Run (or resume, or confirm) the sharding job described by ``opts``."""
+def run(opts: ShardOptions, *, progress: bool = True, log=print,
+        before_write=None) -> ShardManifest:
+    """Run (or resume, or confirm) the sharding job described by ``opts``. ``before_write(job)``
+    (the upload's check of its bucket) runs once the job record is known; a manifest it returns
+    ends the job there."""
     opts.validate()
     out = Path(opts.out).expanduser().resolve()
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
     try:
-        return _run_locked(opts, out, progress, log)
+        return _run_locked(opts, out, progress, log, before_write)
     except BaseException:
         # a job refused before writing anything (no images, bad source) leaves no folder behind
         if created and [p.name for p in out.iterdir()] == [".lock"]:
@@ -294,7 +297,8 @@ def run(opts: ShardOptions, *, progress: bool = True, log=print) -> ShardManifes
         lock.close()
 
 
-def _run_locked(opts: ShardOptions, out: Path, progress: bool, log) -> ShardManifest:
+def _run_locked(opts: ShardOptions, out: Path, progress: bool, log,
+                before_write=None) -> ShardManifest:
     t0 = time.time()
     source = scan(opts.source, opts.src, exclude=str(out), count=opts.count,
                   gen_seed=opts.gen_seed, image_size=opts.size, split=opts.split,
@@ -305,6 +309,8 @@ def _run_locked(opts: ShardOptions, out: Path, progress: bool, log) -> ShardMani
                             f"files; ignored: {source.ignored or 'nothing'})")
     planned = plan_items(source, opts)
     job = job_record(opts, source, len(planned))
+    if before_write is not None and (done := before_write(job)) is not None:
+        return done
 
     job_path = out / JOB
     if opts.overwrite:

@@ -12,17 +12,24 @@ from typing import Any
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def url_refusal(location: str | os.PathLike, what: str) -> str | None:
-    """A message refusing ``location`` if it is a URL (s3://, gs://, http(s)://, ...), else None.
-    Object storage is not supported (yet): a URL must never be taken as a local path (it would
-    silently become a folder named ``s3:``)."""
+def url_refusal(location: str | os.PathLike, what: str, *, remote_ok: bool = False) -> str | None:
+    """A message refusing ``location`` if it is a URL that cannot be used here, else None. A URL
+    is never taken as a local path (it would silently become a folder named ``s3:``). With
+    ``remote_ok``, s3://, gs:// and http(s):// folders pass (``shardformat.remote``)."""
     text = str(location)
     if not _URL.match(text):
         return None
-    scheme = text.split("://", 1)[0]
-    return (f"{what}: {text}: {scheme}:// locations are not supported; maskdm reads and writes "
-            f"shards on a local or shared filesystem. Copy them to a local folder first (e.g. "
-            f"`aws s3 sync` / `gcloud storage rsync`) and pass that folder")
+    from .remote import SCHEMES
+    scheme = text.split("://", 1)[0].lower()
+    if remote_ok and scheme in SCHEMES:
+        return None
+    if scheme in SCHEMES:
+        return (f"{what}: {text}: object storage is not supported here (it is for shard "
+                f"folders: `maskdm shard ... OUT`, data.shards, --verify, inspect, fid-stats, "
+                f"bench data, FID/score references); copy it to a local folder first (e.g. "
+                f"`aws s3 sync` / `gcloud storage rsync`) and pass that")
+    return (f"{what}: {text}: {scheme}:// locations are not supported; use a local or shared "
+            f"filesystem path, or an {', '.join(s + '://' for s in SCHEMES)} URL")
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:

@@ -94,9 +94,26 @@ class ShardManifest:
         return m
 
 
-def load_manifest(directory: str | Path) -> ShardManifest:
-    """Read and check ``DIR/manifest.json``; errors say how to fix the directory."""
+def load_manifest(directory: str | Path, *, remote=None) -> ShardManifest:
+    """Read and check ``DIR/manifest.json`` (``DIR`` may be an s3://, gs:// or http(s):// URL;
+    ``remote``: its ``RemoteShards``, if made already); errors say how to fix the directory."""
     from .fsutil import url_refusal
+    from .remote import RemoteError, RemoteShards, is_remote
+    if is_remote(directory):
+        try:
+            remote = remote or RemoteShards(str(directory))
+            text = remote.read_text(MANIFEST)
+        except FileNotFoundError:
+            raise DatasetError(f"{directory}/{MANIFEST} does not exist: not a shard folder (an "
+                               f"interrupted `maskdm shard ... {directory}` writes it last; "
+                               f"re-run it to finish)") from None
+        except (ValueError, RemoteError) as e:
+            raise DatasetError(str(e)) from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{directory}/{MANIFEST}: invalid JSON ({e})") from None
+        return ShardManifest.from_json(data, f"{str(directory).rstrip('/')}/{MANIFEST}")
     if (refused := url_refusal(directory, "shard folder")) is not None:
         raise DatasetError(refused)
     directory = Path(directory)

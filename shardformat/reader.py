@@ -18,6 +18,7 @@ from pathlib import Path
 from .fsutil import url_refusal
 from .haar import dwt16_nbytes
 from .manifest import DatasetError, ShardManifest, load_manifest
+from .remote import CacheOptions, RemoteError, RemoteShards, is_remote
 from .tarfmt import BadIndex, Component, check_index, read_index, sample_key
 
 
@@ -26,11 +27,28 @@ class SampleError(RuntimeError):
 
 
 class ShardReader:
-    def __init__(self, directory: str | os.PathLike, manifest: ShardManifest | None = None):
-        if (refused := url_refusal(directory, "shard folder")) is not None:
-            raise DatasetError(refused)
-        self.directory = Path(directory).resolve()
-        self.manifest = manifest or load_manifest(self.directory)
+    MAX_OPEN_REMOTE = 4  # open descriptors per process on cached shards (evicted ones free space)
+
+    def __init__(self, directory: str | os.PathLike, manifest: ShardManifest | None = None,
+                 cache: CacheOptions | None = None):
+        """``directory``: a local shard folder or an object-storage URL (s3://, gs://,
+        http(s)://), read through the node's cache (``cache``, see ``shardformat.remote``)."""
+        self.remote: RemoteShards | None = None
+        if is_remote(directory):
+            try:
+                self.remote = RemoteShards(str(directory), cache)
+            except ValueError as e:
+                raise DatasetError(str(e)) from None
+            self.location = self.remote.url
+            self.directory = self.remote.dir
+            self.manifest = manifest or load_manifest(self.location, remote=self.remote)
+            self._fetch_indexes()
+        else:
+            if (refused := url_refusal(directory, "shard folder")) is not None:
+                raise DatasetError(refused)
+            self.directory = Path(directory).resolve()
+            self.location = str(self.directory)
+            self.manifest = manifest or load_manifest(self.directory)
         m = self.manifest
         self.encoding = m.encoding
         self.image_size = m.image_size
@@ -45,15 +63,48 @@ class ShardReader:
             else:
                 self.excluded[s.name] = why
         if not self.used:
-            raise SampleError(f"{self.directory}: no usable shard ({next(iter(self.excluded.values()))}"
-                              f"); run `maskdm shard --verify {self.directory}`")
+            raise SampleError(f"{self.location}: no usable shard ({next(iter(self.excluded.values()))}"
+                              f"); run `maskdm shard --verify {self.location}`")
         self.order_sizes = [m.shards[i].samples for i in self.used]
         self.shard_problems: dict[int, str] = {}
         self._index: dict[int, list[list[Component]]] = {}
         self._fds: dict[int, int] = {}
         self._sizes: dict[int, int] = {}
 
+    def _fetch_indexes(self) -> None:
+        """Remote: every shard's index into the cache (small; needed to read any sample), many at
+        a time. A shard whose index cannot be had is left out (``_shard_problem``)."""
+        from concurrent.futures import ThreadPoolExecutor
+        listing = self.remote.listing()
+        self._index_problems: dict[str, str] = {}
+
+        def get(s):
+            if s.index not in listing:
+                return
+            try:
+                self.remote.fetch(s.index, listing[s.index])
+            except RemoteError as e:
+                self._index_problems[s.index] = str(e)
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(get, self.manifest.shards))
+
     def _shard_problem(self, s) -> str | None:
+        if self.remote is not None:  # sizes from the store's listing; the index is cached
+            listing = self.remote.listing()
+            if s.name not in listing:
+                return f"{s.name} is missing in {self.location}"
+            if listing[s.name] != s.bytes:
+                return (f"{s.name} has {listing[s.name]} bytes in {self.location}, the manifest "
+                        f"{s.bytes}")
+            if s.index not in listing:
+                return f"{s.index} is missing in {self.location}"
+            if s.index in self._index_problems:
+                return self._index_problems[s.index]
+            try:
+                check_index(self.directory / s.index, s.samples, s.bytes)
+            except BadIndex as e:
+                return str(e)
+            return None
         tar, idx = self.directory / s.name, self.directory / s.index
         try:
             size = os.stat(tar).st_size
@@ -93,7 +144,18 @@ class ShardReader:
         return self.manifest.shards[self.used[shard]]
 
     def tar_path(self, shard: int) -> Path:
-        return self.directory / self.shard_entry(shard).name
+        """The shard's tar on this machine (remote: its verified copy in the cache, downloaded
+        first if needed; a shard that cannot be had raises SampleError, like a damaged one)."""
+        entry = self.shard_entry(shard)
+        if self.remote is None:
+            return self.directory / entry.name
+        if shard in self.shard_problems:
+            raise SampleError(self.shard_problems[shard])
+        try:
+            return self.remote.fetch(entry.name, entry.bytes, entry.sha256)
+        except RemoteError as e:
+            self.shard_problems[shard] = str(e)
+            raise SampleError(str(e)) from None
 
     def index(self, shard: int) -> list[list[Component]]:
         if shard not in self._index:
@@ -137,6 +199,9 @@ class ShardReader:
 
     def _fd(self, shard: int) -> int:
         if shard not in self._fds:
+            if self.remote is not None and len(self._fds) >= self.MAX_OPEN_REMOTE:
+                oldest = next(iter(self._fds))  # let the cache's eviction free its space
+                os.close(self._fds.pop(oldest))
             self._fds[shard] = os.open(self.tar_path(shard), os.O_RDONLY)
         return self._fds[shard]
 

@@ -307,25 +307,36 @@ def test_empty_source_leaves_no_output_folder(tmp_path, capsys):
     assert existing.is_dir()
 
 
-@pytest.mark.parametrize("args", [
-    ["shard", "procedural", "s3://bucket/prefix", "--count", "4", "--size", "32"],
-    ["shard", "--verify", "gs://bucket/prefix"],
-    ["inspect", "https://example.com/shards"],
-    ["bench", "data", "s3://bucket/prefix"],
-    ["fid-stats", "s3://bucket/prefix"],
-    ["score", "--samples", "docs/img", "--ref", "s3://bucket/prefix"],
-    ["train", "--config", "configs/test_tiny.yaml", "--set", "data.shards=s3://b/x", "--dry-run"],
-    ["train", "--config", "configs/test_tiny.yaml", "--set", "data.shards=s3://b/x"],
+@pytest.mark.parametrize("args,message", [
+    (["shard", "procedural", "ftp://bucket/prefix", "--count", "4", "--size", "32"],
+     "ftp:// locations are not supported"),
+    (["shard", "--verify", "hdfs://nn/prefix"], "hdfs:// locations are not supported"),
+    (["inspect", "file:///tmp/shards"], "file:// locations are not supported"),
+    (["bench", "data", "ftp://bucket/prefix"], "ftp:// locations are not supported"),
+    (["fid-stats", "ftp://bucket/prefix"], "ftp:// locations are not supported"),
+    (["score", "--samples", "docs/img", "--ref", "ftp://bucket/prefix"],
+     "ftp:// locations are not supported"),
+    (["fid", "--samples", "s3://bucket/samples", "--ref", "docs/img"],
+     "object storage is not supported here"),
+    (["shard", "s3://bucket/images", "out", "--count", "4", "--size", "32"],
+     "object storage is not supported here"),
+    (["shard", "procedural", "https://example.com/x", "--count", "4", "--size", "32"],
+     "https:// folders are read-only"),
+    (["train", "--config", "configs/test_tiny.yaml", "--set", "data.shards=ftp://b/x",
+      "--dry-run"], "ftp:// locations are not supported"),
+    (["train", "--config", "configs/test_tiny.yaml", "--set", "data.shards=ftp://b/x"],
+     "ftp:// locations are not supported"),
 ])
-def test_object_storage_urls_are_refused_never_taken_as_paths(args, tmp_path, capsys,
-                                                              monkeypatch):
-    """Object storage is not supported yet: a URL is refused with a clear error, and nothing named
-    `s3:` appears in the working folder."""
+def test_unsupported_urls_are_refused_never_taken_as_paths(args, message, tmp_path, capsys,
+                                                           monkeypatch):
+    """s3://, gs:// and http(s):// shard folders are read (tests/test_object_storage.py); any other
+    URL, or object storage where it is not read, is refused with a clear error, and nothing named
+    `ftp:` or `s3:` appears in the working folder."""
     from maskdm.pipeline.cli import main
     root = Path(__file__).resolve().parent.parent
     monkeypatch.chdir(tmp_path)
     args = [str(root / a) if a.startswith(("configs/", "docs/")) else a for a in args]
     assert main(args) != 0
     err = capsys.readouterr().err
-    assert ":// locations are not supported" in err and "Copy them to a local folder" in err
+    assert message in err, err
     assert list(tmp_path.iterdir()) == []

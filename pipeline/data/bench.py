@@ -17,6 +17,7 @@ import platform
 import resource
 import sys
 import time
+from pathlib import Path
 
 
 def _cpu_seconds() -> float:
@@ -146,6 +147,80 @@ def run_one(shards: str, backend: str, workers: int, batch: int, batches: int, d
             "wait": wait / dt}
 
 
+def run_remote(url: str, args, device) -> int:
+    """Object storage: one epoch with an empty cache (cold: every shard downloaded while the
+    consumer trains), the same epoch again (warm: read from the cache), and the warm cache against
+    the same shards read as a local folder (the cache folder itself), each with and without a
+    consumer taking ``--step-ms`` per batch."""
+    import shutil
+    import tempfile
+
+    from maskdm.shardformat.manifest import DatasetError
+    from maskdm.shardformat.reader import ShardReader
+    from maskdm.shardformat.remote import CacheOptions
+
+    from .loader import Loader
+    cache_dir = Path(args.cache_dir or tempfile.mkdtemp(prefix="maskdm-bench-cache-"))
+    try:
+        reader = ShardReader(url, cache=CacheOptions(str(cache_dir)))
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for p in reader.directory.glob("*.tar"):  # cold means cold
+        p.unlink()
+    epoch = max(1, reader.num_samples // args.batch)
+    step = args.step_ms if args.step_ms is not None else 20.0
+    total_mb = sum(s.bytes for s in reader.manifest.shards) / 1e6
+    w = (args.workers or [min(4, len(os.sched_getaffinity(0)))])[0]
+
+    def one(source, what, step_ms, epochs=1):
+        loader = Loader(source, global_batch=args.batch, workers=w, device=device, seed=0,
+                        dali_threads=max(w, 1), backend=(args.backends or ["torch"])[0])
+        t0, wait = time.perf_counter(), 0.0
+        for _ in range(epoch * epochs):
+            w0 = time.perf_counter()
+            next(loader)
+            _sync(device)
+            wait += time.perf_counter() - w0
+            if step_ms:
+                time.sleep(step_ms / 1e3)
+        dt = time.perf_counter() - t0
+        pre = loader.prefetcher
+        hit = "-" if pre is None or pre.hit_rate is None else f"{pre.hit_rate:.0%}"
+        downloads = "-" if pre is None else str(pre.remote.stats["downloads"])
+        loader.close()
+        rate = epoch * epochs * args.batch / dt
+        row = (what, str(epochs), f"{step_ms:.0f}", f"{rate:.0f}", f"{wait / dt:.0%}", hit,
+               downloads)
+        print(f"  measured {what} step {step_ms:.0f} ms: {rate:.0f} img/s", file=sys.stderr,
+              flush=True)
+        return row, rate
+
+    def remote():
+        return ShardReader(url, cache=CacheOptions(str(cache_dir)))
+    rows = []
+    rows.append(one(remote(), "remote, cold cache", step)[0])
+    rows.append(one(remote(), "remote, warm cache", step, 3)[0])
+    warm_row, warm = one(remote(), "remote, warm cache", 0, 3)
+    rows.append(warm_row)
+    local_row, local = one(ShardReader(reader.directory), "local folder (the cache)", 0, 3)
+    rows.append(local_row)
+    print(f"\nobject storage: {url} ({reader.num_samples} samples, {len(reader.used)} shards, "
+          f"{total_mb:.0f} MB), batch {args.batch}, {w} worker(s), "
+          f"{datetime.date.today().isoformat()}")
+    head = ("read from", "epochs", "step ms", "img/s", "data wait", "cache hits", "downloads")
+    widths = [max(len(str(r[i])) for r in rows + [head]) + 2 for i in range(len(head))]
+    for r in [head] + rows:
+        print("".join(str(v).rjust(wd) if i else str(v).ljust(wd)
+                      for i, (v, wd) in enumerate(zip(r, widths))))
+    print(f"warm cache / local folder: {warm / local:.1%} of the local rate. cache hits: shards "
+          f"already cached when they entered the download window; data wait: share of the time a "
+          f"consumer taking 'step ms' per batch waited for data")
+    if not args.cache_dir:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="maskdm bench data", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("shards", nargs="+", metavar="SHARDS", help="shard folders to read")
+    ap.add_argument("shards", nargs="+", metavar="SHARDS",
+                    help="shard folders to read; an s3:// / gs:// / http(s):// folder is measured "
+                    "cold (empty cache), warm, and against the same shards on local disk")
+    ap.add_argument("--cache-dir", default=None,
+                    help="object storage: the cache folder (default: a temporary one, removed)")
     ap.add_argument("--backends", nargs="+", default=None, choices=["torch", "dali"],
                     help="default: torch, plus dali when installed")
     ap.add_argument("--workers", type=int, nargs="+", default=None,
@@ -179,6 +258,14 @@ def run(args) -> int:
     backends = args.backends or (["torch", "dali"] if dali_available() else ["torch"])
     workers = args.workers or sorted({1, cores})
     rows, checks = [], []
+    from maskdm.shardformat.remote import is_remote
+    for url in [s for s in args.shards if is_remote(s)]:
+        code = run_remote(url, args, device)
+        if code:
+            return code
+    args.shards = [s for s in args.shards if not is_remote(s)]
+    if not args.shards:
+        return 0
     for shards in args.shards:
         try:
             reader = ShardReader(shards)

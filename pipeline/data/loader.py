@@ -28,7 +28,10 @@ class Loader:
                  rank: int = 0, world_size: int = 1, seed: int = 0, device="cpu",
                  backend: str = "torch", workers: int = 2, space: str = "dwt", hflip: bool = True,
                  strict: bool = False, samples_seen: int = 0, dali_threads: int = 4,
-                 segment_batches: int | None = None):
+                 segment_batches: int | None = None, lookahead: int = 2):
+        """``shards``: a folder, an s3:// / gs:// / http(s):// URL (read through the default
+        cache; pass a ``ShardReader`` for other cache settings) or a reader. ``lookahead``: shards
+        downloaded ahead of the one being read (remote shards only)."""
         if backend not in BACKENDS:
             raise ValueError(f"data.backend must be one of {BACKENDS}, got {backend!r}")
         if space not in SPACES:
@@ -39,21 +42,20 @@ class Loader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.reader = shards if isinstance(shards, ShardReader) else ShardReader(shards)
+        where = self.reader.location
         excluded = self.reader.excluded
         if excluded and strict:
-            raise SampleError(f"{len(excluded)} damaged shard(s) in {self.reader.directory}: "
+            raise SampleError(f"{len(excluded)} damaged shard(s) in {where}: "
                               f"{'; '.join(excluded.values())} (data.strict: fix the shards, or "
                               f"set data.strict: false to train without them)")
         if excluded:
             lost = self.reader.manifest.num_samples - self.reader.num_samples
             log.warning("%d damaged shard(s) left out of the order (%d of %d samples): %s; run "
                         "`maskdm shard --verify %s`", len(excluded), lost,
-                        self.reader.manifest.num_samples, "; ".join(excluded.values()),
-                        self.reader.directory)
+                        self.reader.manifest.num_samples, "; ".join(excluded.values()), where)
         if self.reader.manifest.shuffle_seed is None:
             log.warning("%s was sharded with --no-shuffle: each shard holds neighbouring source "
-                        "files, so batches are correlated; re-shard without --no-shuffle",
-                        self.reader.directory)
+                        "files, so batches are correlated; re-shard without --no-shuffle", where)
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
         self.local_batch = global_batch // world_size
         self.seed = int(seed)
@@ -61,6 +63,11 @@ class Loader:
         self.backend, self.workers, self.space = backend, workers, space
         self.hflip, self.strict = hflip, strict
         self.dali_threads, self.segment_batches = dali_threads, segment_batches
+        if self.reader.remote is not None and segment_batches is None:
+            # a DALI segment opens every shard it spans: keep it within the cache window
+            self.segment_batches = max(1, min(self.reader.order_sizes) // self.local_batch)
+        self.lookahead = lookahead
+        self.prefetcher = None
         self.start = int(samples_seen)
         self.batches_done = 0
         self.skipped_samples = 0
@@ -90,6 +97,15 @@ class Loader:
 
     # ------------------------------------------------------------------ iteration
     def _raw_iter(self):
+        it = self._source_iter()
+        # after the DataLoader has forked its workers: a fork while the prefetch thread holds a
+        # lock (an import, a logging handler) would leave that lock held in the worker forever
+        if self.reader.remote is not None and self.prefetcher is None:
+            from .prefetch import Prefetcher
+            self.prefetcher = Prefetcher(self.reader, self.seed, self.lookahead, self.start)
+        return it
+
+    def _source_iter(self):
         common = dict(seed=self.seed, start=self.start, global_batch=self.global_batch,
                       rank=self.rank, world_size=self.world_size, hflip=self.hflip,
                       strict=self.strict)
@@ -108,6 +124,8 @@ class Loader:
     def __next__(self) -> Batch:
         if self._it is None:
             self._it = self._raw_iter()
+        if self.prefetcher is not None:
+            self.prefetcher.advance(self.samples_seen)
         try:
             raw = next(self._it)
         except SampleError as e:  # from a DataLoader worker: keep the message, drop the wrapping
@@ -133,6 +151,9 @@ class Loader:
 
     def close(self) -> None:
         self._it = None
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
         if self._dali is not None:
             self._dali.close()
             self._dali = None

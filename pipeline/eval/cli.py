@@ -189,16 +189,15 @@ def _net(args):
 
 
 def run_fid_stats(args) -> int:
-    from pathlib import Path
 
     from maskdm.shardformat.fsutil import url_refusal
 
-    from .fid import FIDError, shard_stats, stats_path
+    from .fid import FIDError, is_shard_folder, shard_stats, stats_path
     from .inception import MissingWeights
     try:
-        if (refused := url_refusal(args.shards, "SHARDS")) is not None:
+        if (refused := url_refusal(args.shards, "SHARDS", remote_ok=True)) is not None:
             raise FIDError(refused)
-        if not (Path(args.shards) / "manifest.json").exists():
+        if not is_shard_folder(args.shards):
             raise FIDError(f"{args.shards} is not a shard folder (no manifest.json); make one with "
                            f"`maskdm shard SRC {args.shards}`")
         net, feature_id, device = _net(args)
@@ -220,7 +219,10 @@ def run_fid_stats(args) -> int:
 def run_fid(args) -> int:
     from .fid import FIDError, folder_stats, frechet_distance, reference_stats
     from .inception import MissingWeights
+    from maskdm.shardformat.fsutil import url_refusal
     try:
+        if (refused := url_refusal(args.samples, "--samples")) is not None:
+            raise FIDError(refused)
         net, feature_id, device = _net(args)
         ref = reference_stats(args.ref, net, feature_id, batch=args.batch, device=device)
         gen = folder_stats(net, feature_id, args.samples, batch=args.batch, device=device,

@@ -211,7 +211,19 @@ def net_dim(net) -> int:
 # ----------------------------------------------------------------------------- shard folders
 
 def stats_path(shards: str | os.PathLike, feature_id: str) -> Path:
+    """Where a shard folder's reference statistics are kept: beside its manifest, or for a folder
+    in object storage in its cache folder on this machine."""
+    from maskdm.shardformat.remote import RemoteShards, is_remote
+    if is_remote(shards):
+        return RemoteShards(str(shards)).dir / f"fid_stats-{feature_id}.npz"
     return Path(shards) / f"fid_stats-{feature_id}.npz"
+
+
+def is_shard_folder(ref: str | os.PathLike) -> bool:
+    """A local folder with a manifest, or any s3:// / gs:// / http(s):// folder (whose manifest is
+    read, with its own errors, when it is used)."""
+    from maskdm.shardformat.remote import is_remote
+    return is_remote(ref) or (Path(ref) / "manifest.json").exists()
 
 
 def shard_batches(reader, batch: int, rank: int = 0, world: int = 1,
@@ -270,7 +282,9 @@ def shard_stats(net, feature_id: str, shards, *, batch: int, device, rank: int =
               f"(run `maskdm shard --verify {shards}`): {'; '.join(skipped[:5])}"
               f"{' ...' if len(skipped) > 5 else ''}", file=sys.stderr)
     n_skipped = int(dist.all_sum(len(skipped)))
-    stats = acc.stats(feature_id, str(Path(shards).resolve()), n_skipped)
+    from maskdm.shardformat.remote import is_remote
+    where = str(shards) if is_remote(shards) else str(Path(shards).resolve())
+    stats = acc.stats(feature_id, where, n_skipped)
     if rank == 0 and progress:
         print(f"reference statistics of {stats.n} images in {time.perf_counter() - t0:.0f} s",
               file=sys.stderr)
@@ -282,8 +296,18 @@ def reference_stats(ref: str | os.PathLike, net, feature_id: str, *, batch: int,
     """``ref`` is a shard folder (statistics cached beside its manifest), a statistics ``.npz``
     or a folder of images."""
     from maskdm.shardformat.fsutil import url_refusal
-    if (refused := url_refusal(ref, "--ref")) is not None:
+    if (refused := url_refusal(ref, "--ref", remote_ok=True)) is not None:
         raise FIDError(refused)
+    if is_shard_folder(ref):
+        path = stats_path(ref, feature_id)
+        if path.exists() and not recompute:
+            return FIDStats.load(path)
+        if progress:
+            print(f"computing reference statistics for {ref} (stored as {path}; done once)",
+                  file=sys.stderr)
+        stats = shard_stats(net, feature_id, ref, batch=batch, device=device, progress=progress)
+        stats.save(path)
+        return stats
     ref = Path(ref)
     if ref.suffix == ".npz":
         if not ref.is_file():
@@ -293,16 +317,6 @@ def reference_stats(ref: str | os.PathLike, net, feature_id: str, *, batch: int,
             raise FIDError(f"{ref} was computed with the feature network '{stats.feature_id}', "
                            f"this run uses '{feature_id}'; FIDs across networks are not "
                            f"comparable. Recompute the statistics with this network.")
-        return stats
-    if (ref / "manifest.json").exists():
-        path = stats_path(ref, feature_id)
-        if path.exists() and not recompute:
-            return FIDStats.load(path)
-        if progress:
-            print(f"computing reference statistics for {ref} (stored as {path}; done once)",
-                  file=sys.stderr)
-        stats = shard_stats(net, feature_id, ref, batch=batch, device=device, progress=progress)
-        stats.save(path)
         return stats
     if ref.is_dir():
         return folder_stats(net, feature_id, ref, batch=batch, device=device, progress=progress)

@@ -28,12 +28,17 @@ def load_images(path: str | os.PathLike, n: int | None = None) -> np.ndarray:
     from maskdm.shardformat.fsutil import url_refusal
 
     from .fid import list_images, load_image, shard_batches
-    if (refused := url_refusal(path, "images")) is not None:
+    if (refused := url_refusal(path, "images", remote_ok=True)) is not None:
         raise ScoreError(refused)
-    p = Path(path)
-    if (p / "manifest.json").exists():
-        from maskdm.shardformat.reader import ShardReader
-        reader = ShardReader(p)
+    from maskdm.shardformat.remote import is_remote
+    p = path if is_remote(path) else Path(path)
+    if is_remote(path) or (p / "manifest.json").exists():
+        from maskdm.shardformat.manifest import DatasetError
+        from maskdm.shardformat.reader import SampleError, ShardReader
+        try:
+            reader = ShardReader(p)
+        except (DatasetError, SampleError) as e:
+            raise ScoreError(str(e)) from None
         out = [img for batch in shard_batches(reader, 256, limit=n) for img in batch]
     elif p.is_dir():
         files = list_images(p)

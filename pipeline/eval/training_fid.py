@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from maskdm.shardformat.remote import is_remote
+
 from .. import dist
 from .fid import (
     Accumulator,
@@ -17,6 +19,7 @@ from .fid import (
     FIDStats,
     features,
     frechet_distance,
+    is_shard_folder,
     shard_stats,
     stats_path,
 )
@@ -34,8 +37,11 @@ def check(cfg) -> Path | None:
     except MissingWeights as err:
         raise ConfigError(f"eval.fid_every={e.fid_every} needs the FID Inception weights: "
                           f"{err}") from None
-    ref = Path(e.fid_ref or cfg.data.shards)
-    if not ref.exists():
+    ref = e.fid_ref or cfg.data.shards
+    from maskdm.shardformat.fsutil import url_refusal
+    if (refused := url_refusal(ref, "eval.fid_ref", remote_ok=True)) is not None:
+        raise ConfigError(refused)
+    if not is_remote(ref) and not Path(ref).exists():
         raise ConfigError(f"eval.fid_ref: {ref} does not exist")
     return path
 
@@ -45,13 +51,13 @@ class TrainingFID:
         self.cfg, self.mcfg, self.diffusion, self.device = cfg, mcfg, diffusion, device
         self.log = log
         self.net, self.feature_id = load_inception(weights_path, device)
-        self.ref = self._reference(Path(cfg.eval.fid_ref or cfg.data.shards))
+        self.ref = self._reference(cfg.eval.fid_ref or cfg.data.shards)
         self.generator = None  # the EMA model, built on the first evaluation
 
-    def _reference(self, ref: Path) -> FIDStats | None:
+    def _reference(self, ref: str) -> FIDStats | None:
         """Collective. Returns the statistics on rank 0, None elsewhere."""
         batch = self.cfg.eval.batch
-        if (ref / "manifest.json").exists():
+        if is_shard_folder(ref):
             path = stats_path(ref, self.feature_id)
             exists = dist.broadcast_object(path.exists() if dist.is_main() else None)
             if not exists:

@@ -27,12 +27,13 @@ def check(cfg) -> None:
         return
     from maskdm.shardformat.fsutil import url_refusal
     for key, value in (("eval.score_ref", e.score_ref), ("eval.heldout", e.heldout)):
-        if value and (refused := url_refusal(value, key)) is not None:
+        if value and (refused := url_refusal(value, key, remote_ok=True)) is not None:
             raise ConfigError(refused)
-    ref = Path(e.score_ref or cfg.data.shards)
-    if not ref.exists():
+    from maskdm.shardformat.remote import is_remote
+    ref = e.score_ref or cfg.data.shards
+    if not is_remote(ref) and not Path(ref).exists():
         raise ConfigError(f"eval.score_ref: {ref} does not exist")
-    if e.heldout and not (Path(e.heldout) / "manifest.json").exists():
+    if e.heldout and not is_remote(e.heldout) and not (Path(e.heldout) / "manifest.json").exists():
         raise ConfigError(f"eval.heldout: {e.heldout} is not a shard folder (no manifest.json)")
     if e.score_samples < 2:
         raise ConfigError("eval.score_samples must be >= 2")

@@ -1,0 +1,122 @@
+"""Download ahead: a background thread that keeps the next shards of the order in the node's cache.
+
+The sample order is a pure function of (seed, epoch) and an epoch visits shard after shard
+(``order.py``), so from the loader's stream position the prefetcher knows the shard being read and
+the ones after it. It keeps that window (the current shard + ``lookahead``) downloaded and
+verified, evicting shards outside it when the cache is over ``data.cache_limit_gb``. Readers never
+wait on it: a shard that is not there yet is fetched by whoever needs it first (the per-file lock
+makes the other one wait for that download instead of starting a second). A resumed loader starts
+its window at the resumed position, so the cache refills from where training stopped.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from maskdm.shardformat.remote import CacheFull, RemoteError
+
+from .order import StreamOrder
+
+
+class Prefetcher:
+    def __init__(self, reader, seed: int, lookahead: int, position: int):
+        self.reader, self.remote = reader, reader.remote
+        self.order = StreamOrder(reader.order_sizes, seed)
+        self.lookahead = max(0, int(lookahead))
+        self.error: BaseException | None = None
+        self.stats = {"shards": 0, "hits": 0, "downloads": 0, "unreachable": 0}
+        self._seq: dict[int, np.ndarray] = {}
+        self._pos = int(position)
+        self._stop = False
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="maskdm-prefetch", daemon=True)
+        self._thread.start()
+
+    def advance(self, position: int) -> None:
+        """The loader reached stream ``position``; raises what stopped the prefetcher, if any."""
+        if self.error is not None:
+            raise self.error
+        with self._cv:
+            self._pos = int(position)
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    @property
+    def hit_rate(self) -> float | None:
+        """Share of the shards that were already in the cache when they entered the window (a
+        warm cache: 1; the first epoch of a cold one: 0 even when every download came in
+        time; the data-wait share says whether they did)."""
+        n = self.stats["shards"]
+        return self.stats["hits"] / n if n else None
+
+    # ------------------------------------------------------------------ the window
+    def _sequence(self, epoch: int) -> np.ndarray:
+        """The shards (positions in ``reader.used``) in the order epoch ``epoch`` visits them."""
+        if epoch not in self._seq:
+            shards = self.order.locate(self.order.epoch(epoch))[0]
+            starts = np.r_[True, shards[1:] != shards[:-1]]
+            self._seq = {k: v for k, v in self._seq.items() if k >= epoch - 1}
+            self._seq[epoch] = shards[starts]
+        return self._seq[epoch]
+
+    def window(self, position: int) -> list[int]:
+        """The shard holding stream ``position`` and the ``lookahead`` shards after it."""
+        epoch, within = divmod(int(position), self.order.num_samples)
+        current = int(self.order.locate(self.order.epoch(epoch)[within:within + 1])[0][0])
+        seq = list(self._sequence(epoch))
+        out = seq[seq.index(current):]
+        while len(out) < self.lookahead + 1:
+            epoch += 1
+            out += list(self._sequence(epoch))
+        out = out[:self.lookahead + 1]
+        return list(dict.fromkeys(int(s) for s in out))  # a 1-shard dataset repeats itself
+
+    # ------------------------------------------------------------------ the thread
+    def _run(self) -> None:
+        seen: set[int] = set()  # shards counted for the hit rate (each once per visit)
+        failed: set[int] = set()  # unreachable after the retries: not tried again
+        done = None
+        while True:
+            with self._cv:
+                while not self._stop and self._pos == done:
+                    self._cv.wait(timeout=1.0)
+                if self._stop:
+                    return
+                position = self._pos
+            try:
+                window = self.window(position)
+                keep = {self.reader.shard_entry(s).name for s in window}
+                seen &= set(window)
+                for s in window:
+                    e = self.reader.shard_entry(s)
+                    cached = self.remote.cached(e.name, e.bytes, e.sha256) is not None
+                    if s not in seen:
+                        seen.add(s)
+                        self.stats["shards"] += 1
+                        self.stats["hits"] += cached
+                    if cached or s in failed:
+                        continue
+                    self.remote.evict(keep, need=e.bytes)
+                    try:
+                        self.remote.fetch(e.name, e.bytes, e.sha256)
+                        self.stats["downloads"] += 1
+                    except RemoteError:
+                        failed.add(s)  # the reader reports it (a damaged shard) when it gets there
+                        self.stats["unreachable"] += 1
+                    with self._cv:
+                        if self._stop:
+                            return
+                done = position
+            except CacheFull as e:
+                self.error = e
+                return
+            except BaseException as e:  # never die silently: the loader raises it
+                self.error = e
+                return
