@@ -104,6 +104,7 @@ def _dry_run_data_check(cfg) -> tuple[list[str], str | None]:
                                                     remote_ok=True)):
         raise ConfigError(refused)
     lines, missing = [], None
+    shards = Path(cfg.data.shards) if cfg.data.shards else None
     if cfg.data.shards and is_remote(cfg.data.shards):  # one read of the remote manifest
         try:
             size = load_manifest(cfg.data.shards).image_size
@@ -113,11 +114,6 @@ def _dry_run_data_check(cfg) -> tuple[list[str], str | None]:
             missing = (f"data.shards: {e}: training would stop here; the shapes below are "
                        f"checked against data.image_size={cfg.data.image_size} instead")
             size = cfg.data.image_size
-        shards = None
-    else:
-        shards = Path(cfg.data.shards) if cfg.data.shards else None
-    if missing or (shards is None and is_remote(cfg.data.shards or "")):
-        pass
     elif shards is None or not (shards / "manifest.json").exists():
         where = (f"data.shards={cfg.data.shards}" if shards is not None else "data.shards")
         state = ("is not set" if shards is None else "has no manifest.json" if shards.is_dir()

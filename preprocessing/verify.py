@@ -188,7 +188,7 @@ def _verify_remote(url: str, *, workers: int, quick: bool, progress: bool,
         if name.startswith(".") or not name.startswith(("shard-", "manifest", SKIPPED)):
             continue
         try:
-            remote.fetch(name, listing[name])
+            remote.fetch(name, listing[name], fresh=True)
         except RemoteError as e:
             report.problems.append(str(e))
         bar.update(listing[name])

@@ -220,16 +220,19 @@ class RemoteShards:
                 return None
         return path
 
-    def fetch(self, name: str, size: int, sha256: str | None = None) -> Path:
+    def fetch(self, name: str, size: int, sha256: str | None = None, *,
+              fresh: bool = False) -> Path:
         """The path of a verified local copy of ``name`` (``size`` bytes, and ``sha256`` if given),
-        downloaded first if needed. Raises RemoteError or CacheFull."""
-        found = self.cached(name, size, sha256)
+        downloaded first if needed (always with ``fresh``: ``--verify`` checks the store, not an
+        older copy). Raises RemoteError or CacheFull."""
+        found = None if fresh else self.cached(name, size, sha256)
         if found is not None:
             self._count("hits")
             _touch(found)  # eviction goes least recently used first
             return found
         with self._lock(name):
-            found = self.cached(name, size, sha256)  # another process got it meanwhile
+            # another process got it meanwhile
+            found = None if fresh else self.cached(name, size, sha256)
             if found is not None:
                 self._count("hits")
                 return found
@@ -267,6 +270,7 @@ class RemoteShards:
                                       f"manifest's {sha256[:12]}... (changed or damaged in "
                                       f"{self.url}; re-shard it, or check it with `maskdm shard "
                                       f"--verify {self.url}`)")
+            self._marker(name).unlink(missing_ok=True)  # the old copy's, if any
             os.replace(part, self.dir / name)
             if sha256 is not None:
                 self._marker(name).write_text(sha256 + "\n")

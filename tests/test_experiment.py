@@ -134,8 +134,8 @@ def test_fast_learner_quick_runs_every_arm_at_equal_flops_and_resumes(tmp_path):
     for arm in res["arms"]:
         c = res["curves"]["heldout_loss"][arm]["0"]
         finals[arm] = c["flops"][-1]
-        for m in ("swd_patch", "swd_image", "heldout_loss"):
-            assert len(res["curves"][m][arm]["0"]["values"]) >= 2
+        for m in ("swd_patch", "swd_image", "heldout_loss"):  # lowres16's 16 px stage: unscored
+            assert len(res["curves"][m][arm]["0"]["values"]) >= (1 if arm == "lowres16" else 2)
     budget = res["budget_steps"] * dsm
     for arm, f in finals.items():
         assert abs(f - budget) <= dsm / 2 + 1, (arm, f, budget)
@@ -162,8 +162,10 @@ def test_fast_learner_quick_runs_every_arm_at_equal_flops_and_resumes(tmp_path):
     assert len(parents) == 1
     children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(children) == 9 and all(x.info.status == "FINISHED" for x in children)
-    assert all("train_flops" in x.data.metrics and "swd_image" in x.data.metrics
-               for x in children)
+    assert all("train_flops" in x.data.metrics for x in children)
+    scored = [x for x in children  # all but lowres16's 16 px stage
+              if x.data.tags.get("mlflow.runName") != "lowres16 seed 0 (pretrain)"]
+    assert len(scored) == 8 and all("swd_image" in x.data.metrics for x in scored)
     arts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"results.json", "results.md", "curves.png"} <= arts
     # re-running continues: every run is already finished, nothing is trained again

@@ -290,6 +290,19 @@ def _maskdit(**kw) -> torch.nn.Module:
     return _tiny(in_channels=3, decoder_depth=2, decoder_dim=64, **kw)
 
 
+def test_decoder_full_keep_idx_in_any_order_equals_the_unmasked_forward():
+    """Each visible token's encoding reaches the decoder at its own position: keeping every token,
+    listed in any order, gives the unmasked prediction of every token."""
+    net = _maskdit()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([7, 600])
+    n = net.cfg.num_tokens
+    with torch.no_grad():
+        full = patchify(net(x, t), 2)
+        for keep in (torch.arange(n).expand(2, -1), torch.stack([torch.randperm(n)
+                                                                 for _ in range(2)])):
+            assert torch.allclose(net(x, t, keep), full, atol=1e-5)
+
+
 def test_decoder_sees_mask_tokens_exactly_at_the_masked_positions():
     net = _maskdit()
     cfg = net.cfg

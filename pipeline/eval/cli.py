@@ -217,9 +217,10 @@ def run_fid_stats(args) -> int:
 
 
 def run_fid(args) -> int:
+    from maskdm.shardformat.fsutil import url_refusal
+
     from .fid import FIDError, folder_stats, frechet_distance, reference_stats
     from .inception import MissingWeights
-    from maskdm.shardformat.fsutil import url_refusal
     try:
         if (refused := url_refusal(args.samples, "--samples")) is not None:
             raise FIDError(refused)
