@@ -255,6 +255,15 @@ def test_training_from_a_bucket_equals_local_and_resumes_exactly_on_a_new_node(s
         assert losses(dali.stdout) == losses(ref.stdout)[:2]
 
 
+def test_score_references_read_from_a_bucket(s3, monkeypatch, tmp_path):
+    """eval.score_ref / eval.heldout / `maskdm score --ref` take a bucket: the same images."""
+    import numpy as np
+
+    from maskdm.pipeline.eval.score import load_images
+    monkeypatch.setenv("MASKDM_CACHE", str(tmp_path / "cache"))
+    assert np.array_equal(load_images(s3["url"], 20), load_images(s3["local"], 20))
+
+
 def test_a_dry_run_reads_the_remote_manifest(s3, capsys):
     from maskdm.pipeline.cli import main
     from tests.test_train import CONFIG
