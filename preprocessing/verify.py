@@ -180,13 +180,11 @@ def _verify_remote(url: str, *, workers: int, quick: bool, progress: bool,
     except (ValueError, RemoteError, DatasetError) as e:
         report.problems.append(str(e))
         return report
-    names = sorted(listing) if not quick else \
-        sorted(n for n in listing if not n.endswith(".tar"))
+    names = sorted(n for n in listing if n.startswith(("shard-", "manifest", SKIPPED))
+                   and not (quick and n.endswith(".tar")))
     bar = tqdm(total=sum(listing[n] for n in names), unit="B", unit_scale=True,
                desc="downloading", disable=not progress, file=sys.stderr)
     for name in names:
-        if name.startswith(".") or not name.startswith(("shard-", "manifest", SKIPPED)):
-            continue
         try:
             remote.fetch(name, listing[name], fresh=True)
         except RemoteError as e:
