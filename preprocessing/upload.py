@@ -25,6 +25,7 @@ from maskdm.shardformat.remote import (
     RemoteError,
     default_cache_dir,
     filesystem,
+    list_files,
     url_scheme,
     with_retries,
 )
@@ -66,13 +67,7 @@ class _Bucket:
         return f"{self.root}/{name}"
 
     def listing(self) -> dict[str, int]:
-        def ls():
-            try:
-                return self.fs.ls(self.root, detail=True, refresh=True)
-            except FileNotFoundError:
-                return []
-        return {Path(e["name"]).name: int(e.get("size") or 0)
-                for e in self._do("listing", ls) if e.get("type", "file") == "file"}
+        return list_files(self.fs, self.root, self._do)
 
     def read_json(self, name: str) -> dict | None:
         try:

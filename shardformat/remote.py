@@ -155,23 +155,7 @@ class RemoteShards:
     def listing(self) -> dict[str, int]:
         """Name -> size of every file in the folder (one listing, remembered)."""
         if self._listing is None:
-            def ls():
-                return self.fs.ls(self.root, detail=True, refresh=True)
-            try:
-                entries = self._retry("", ls)
-            except FileNotFoundError:
-                entries = []
-            files = {Path(e["name"]).name: e.get("size") for e in entries
-                     if e.get("type", "file") == "file"}
-            unknown = [n for n, size in files.items() if size is None]
-            if unknown:  # an http(s):// index page lists names only: ask each file (HEAD)
-                from concurrent.futures import ThreadPoolExecutor
-
-                def size_of(name):
-                    return self._retry(name, lambda: self.fs.info(self.remote(name)))["size"]
-                with ThreadPoolExecutor(16) as pool:
-                    files.update(zip(unknown, pool.map(size_of, unknown)))
-            self._listing = {n: int(size or 0) for n, size in files.items()}
+            self._listing = list_files(self.fs, self.root, self._retry)
         return self._listing
 
     def read_text(self, name: str) -> str:
@@ -312,6 +296,27 @@ class RemoteShards:
                             f"shards training needs at once ({len(keep)} shards, "
                             f"{(total + need) / 2 ** 30:.2f} GiB in {self.dir}): raise the limit "
                             f"or lower data.cache_lookahead")
+
+
+def list_files(fs, root: str, retry) -> dict[str, int]:
+    """Name -> size of the files directly in ``root`` ({} if it does not exist); ``retry(what,
+    fn)`` runs each request (``RemoteShards._retry``, or the upload's own)."""
+    def ls():
+        try:
+            return fs.ls(root, detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+    files = {Path(e["name"]).name: e.get("size") for e in retry("listing", ls)
+             if e.get("type", "file") == "file"}
+    unknown = [n for n, size in files.items() if size is None]
+    if unknown:  # an http(s):// index page lists names only: ask each file (HEAD)
+        from concurrent.futures import ThreadPoolExecutor
+
+        def size_of(name):
+            return retry(name, lambda: fs.info(f"{root.rstrip('/')}/{name}"))["size"]
+        with ThreadPoolExecutor(16) as pool:
+            files.update(zip(unknown, pool.map(size_of, unknown)))
+    return {n: int(size or 0) for n, size in files.items()}
 
 
 def with_retries(fn, what: str, url: str, options: CacheOptions, on_retry=None):
