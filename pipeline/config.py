@@ -55,6 +55,12 @@ class DataConfig:
     cache_dir: str | None = None
     cache_limit_gb: float = 0.0
     cache_lookahead: int = 2
+    # An unreachable store (refused, reset, timed out, 5xx, throttled, a listed object missing) is
+    # waited out this long (training pauses, the data never changes), then the run stops with
+    # exit code 4 and `--resume auto` continues exactly. Every request times out after
+    # remote_timeout_s (a stalled connection is an outage, not a hang).
+    remote_patience_s: float = 1800.0
+    remote_timeout_s: float = 60.0
 
 
 @dataclass
@@ -327,6 +333,9 @@ def validate(cfg: Config) -> None:
     if d.cache_limit_gb < 0 or d.cache_lookahead < 0:
         raise ConfigError("data.cache_limit_gb must be >= 0 (0: no limit) and "
                           "data.cache_lookahead >= 0")
+    if d.remote_patience_s < 0 or d.remote_timeout_s <= 0:
+        raise ConfigError("data.remote_patience_s must be >= 0 and data.remote_timeout_s > 0 "
+                          "(seconds)")
     if d.image_size is not None and (d.image_size < 2 or d.image_size % 2):
         raise ConfigError(f"data.image_size must be a positive even number, got {d.image_size}")
     try:

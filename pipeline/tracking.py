@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -73,10 +74,26 @@ RECORD = "mlflow.json"
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 
 
+_REQUEST = re.compile(r"API request to (\S+) failed with exception")
+_CAUSE = re.compile(r"(\[Errno -?\d+\][^'\"()]*|Read timed out[^'\"()]*|timed out|"
+                    r"Connection (?:refused|reset|aborted)[^'\"()]*)")
+
+
 def reason(e: Exception, limit: int = 200) -> str:
-    """The first line of an exception's message (its type if it has none), for one-line reports."""
-    text = str(e).strip()
-    return text.splitlines()[0][:limit] if text else type(e).__name__
+    """An exception as one short line (its type if it has no message): for a failed MLflow
+    request, the address and the network cause ("http://.../runs/log-batch unreachable: [Errno
+    111] Connection refused"), never cut in the middle of a word."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    if not text:
+        return type(e).__name__
+    request = _REQUEST.search(text)
+    if request:
+        cause = _CAUSE.search(text)
+        return (f"{request.group(1)} unreachable: "
+                f"{cause.group(1).strip() if cause else type(e).__name__}")
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return text
 
 
 def read_record(run_dir: str | os.PathLike) -> dict | None:

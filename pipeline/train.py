@@ -31,6 +31,7 @@ from maskdm.model.flops import step_flops
 from maskdm.model.objective import DiffusionObjective
 from maskdm.shardformat.manifest import DatasetError
 from maskdm.shardformat.reader import SampleError
+from maskdm.shardformat.remote import RemoteError, RemoteUnreachable
 
 from . import checkpoint as ckpt
 from . import dist
@@ -63,7 +64,8 @@ def prepare(cfg: Config):
     from maskdm.shardformat.remote import CacheOptions
     d = cfg.data
     try:
-        reader = ShardReader(d.shards, cache=CacheOptions(d.cache_dir, d.cache_limit_gb))
+        reader = ShardReader(d.shards, cache=CacheOptions(d.cache_dir, d.cache_limit_gb,
+                                                          d.remote_patience_s, d.remote_timeout_s))
     except DatasetError as e:
         raise ConfigError(f"data.shards: {e}") from None
     m = reader.manifest
@@ -289,11 +291,14 @@ class Trainer:
             w0 = time.perf_counter()
             try:
                 batch = next(self.loader)
-            except SampleError as e:
+            except (SampleError, RemoteError) as e:
                 where = (f"{self.ckpt_root / self.last_ckpt}" if self.last_ckpt
                          else "none was written yet")
+                then = ("; `--resume auto` continues exactly once it answers again"
+                        if isinstance(e, RemoteUnreachable) else "")
                 raise TrainingStopped(f"data: {e}. Stopped at step {self.step} without saving; "
-                                      f"the last good checkpoint: {where}", EXIT_DATA) from None
+                                      f"the last good checkpoint: {where}{then}",
+                                      EXIT_DATA) from None
             self.data_wait += time.perf_counter() - w0
             r = draw_step(t.seed, self.step * t.grad_accum + a, self.micro_global,
                           self.rank * self.local, (self.rank + 1) * self.local,
@@ -319,6 +324,7 @@ class Trainer:
         self.point_every = max(1, t.steps // cfg.tracking.points)
         self.nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
         self.n_logged, self.data_wait, self.t_log = 0, 0.0, time.perf_counter()
+        self.t_start = time.time()  # store outages are counted from here (this process's run)
         self.engine.train()
         while self.step < t.steps:
             self._step()
@@ -393,6 +399,8 @@ class Trainer:
         if pre is not None:
             rates["shard_downloads"] = float(pre.stats["downloads"])
             rates["download_retries"] = float(pre.remote.stats["retries"])
+            down, outages = pre.remote.patience.unreachable_seconds(self.t_start)
+            rates["store_unreachable_s"], rates["store_outages"] = down, float(outages)
             if pre.hit_rate is not None:
                 rates["shard_cache_hit_rate"] = pre.hit_rate
                 cache = f"  cache hits {pre.hit_rate:.0%}"
@@ -521,7 +529,7 @@ class Trainer:
             seen = ", ".join(self.loader.damaged_shards)
             self.log(f"data: {len(left_out)} damaged shard(s) left out of the order, {replaced} "
                      f"damaged sample(s) replaced" + (f" (found in {seen})" if seen else "")
-                     + f"; run `maskdm shard --verify {self.reader.directory}`")
+                     + f"; run `maskdm shard --verify {self.reader.location}`")
         eid = self.tracker.experiment_id
         if self.device.type == "cuda":
             self.log(f"peak GPU memory allocated by torch: "

@@ -21,13 +21,13 @@ from pathlib import Path
 
 from maskdm.shardformat.manifest import MANIFEST, SKIPPED, ShardManifest
 from maskdm.shardformat.remote import (
-    CacheOptions,
+    Patience,
     RemoteError,
+    StoreOptions,
     default_cache_dir,
     filesystem,
     list_files,
     url_scheme,
-    with_retries,
 )
 
 from .shard_job import JOB, ShardJobError, ShardOptions, run
@@ -44,21 +44,22 @@ def default_stage(url: str) -> Path:
 class _Bucket:
     """The destination folder: listing, small reads, uploads and deletes, with retries."""
 
-    def __init__(self, url: str, retry: CacheOptions):
+    def __init__(self, url: str, store: StoreOptions):
         self.url = url.rstrip("/")
         try:
-            self.fs, root = filesystem(self.url)
+            self.fs, root = filesystem(self.url, store.timeout_s)
         except ValueError as e:
             raise ShardJobError(str(e)) from None
         self.root = root.rstrip("/")
-        self.retry = retry
-        self.retries = 0
+        self.patience = Patience(self.url, store, what_pauses="the upload")
+
+    @property
+    def retries(self) -> int:
+        return self.patience.retries
 
     def _do(self, what: str, fn):
-        def count():
-            self.retries += 1
         try:
-            return with_retries(fn, what, self.url, self.retry, on_retry=count)
+            return self.patience.call(fn, what)
         except RemoteError as e:
             raise ShardJobError(f"{e}; re-run the same command to go on (finished uploads are "
                                 f"kept)") from None
@@ -87,13 +88,13 @@ class _Bucket:
 
 def run_remote(opts: ShardOptions, url: str, *, stage: str | None = None,
                keep_stage: bool = False, progress: bool = True, log=print,
-               retry: CacheOptions | None = None) -> ShardManifest:
+               store: StoreOptions | None = None) -> ShardManifest:
     """Shard ``opts.src`` into ``url`` (s3:// or gs://) through a local staging folder."""
     scheme = url_scheme(url)
     if scheme in READ_ONLY:
         raise ShardJobError(f"OUT: {url}: {scheme}:// folders are read-only; shard into s3:// or "
                             f"gs:// (or a local folder your web server serves)")
-    bucket = _Bucket(url, retry or CacheOptions())
+    bucket = _Bucket(url, store or StoreOptions())
     stage_dir = Path(stage).expanduser() if stage else default_stage(url)
     opts.out = str(stage_dir)
     found = {}

@@ -32,6 +32,8 @@ class VerifyReport:
     samples: int = 0
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    checked: str = ""  # what an OK means, said in the report
+
 
     @property
     def ok(self) -> bool:
@@ -40,18 +42,19 @@ class VerifyReport:
 
 def _check_shard(args) -> tuple[str, int, list[str]]:
     """Verify one shard; returns (name, samples checked, problems)."""
-    directory, entry, image_size, components, quick = args
+    directory, entry, image_size, components, quick, where = args
     entry = ShardEntry(**entry)
     tar, idx = Path(directory) / entry.name, Path(directory) / entry.index
     problems: list[str] = []
     if not tar.exists():
-        return entry.name, 0, [f"{entry.name}: missing (listed in the manifest)"]
+        return entry.name, 0, [f"{entry.name}: missing {where} (listed in the manifest)"]
     size = tar.stat().st_size
     if size != entry.bytes:
-        problems.append(f"{entry.name}: {size} bytes, manifest says {entry.bytes} (truncated or "
-                        f"overwritten)")
+        problems.append(f"{entry.name}: {size} bytes {where}, manifest says {entry.bytes} "
+                        f"(truncated or overwritten)")
     elif sha256_file(tar) != entry.sha256:
-        problems.append(f"{entry.name}: sha256 mismatch (contents changed on disk)")
+        problems.append(f"{entry.name}: sha256 mismatch (its contents {where} changed since it "
+                        f"was written)")
     try:
         on_disk = scan_tar(tar)
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -106,7 +109,9 @@ def _check_shard(args) -> tuple[str, int, list[str]]:
 
 
 def verify(directory: str | os.PathLike, *, workers: int = 0, quick: bool = False,
-           progress: bool = True) -> VerifyReport:
+           progress: bool = True, where: str = "on disk") -> VerifyReport:
+    """``where``: how problems name the place the bytes came from (a bucket's cached copy is
+    verified as a local folder, its problems said to be "in the bucket ...")."""
     from tqdm import tqdm
 
     from maskdm.shardformat.fsutil import url_refusal
@@ -118,7 +123,7 @@ def verify(directory: str | os.PathLike, *, workers: int = 0, quick: bool = Fals
     if is_remote(directory):
         return _verify_remote(str(directory), workers=workers, quick=quick, progress=progress)
     directory = Path(directory).resolve()
-    report = VerifyReport(str(directory))
+    report = VerifyReport(str(directory), checked="checksums, counts and indexes" if quick else "")
     try:
         m = load_manifest(directory)
     except DatasetError as e:
@@ -141,7 +146,8 @@ def verify(directory: str | os.PathLike, *, workers: int = 0, quick: bool = Fals
         report.problems.append(f"manifest: source.written={m.source.get('written')} but the shards "
                                f"hold {m.num_samples}")
 
-    tasks = [(str(directory), s.__dict__, m.image_size, m.components, quick) for s in m.shards]
+    tasks = [(str(directory), s.__dict__, m.image_size, m.components, quick, where)
+             for s in m.shards]
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
     bar = tqdm(total=len(tasks), unit="shard", desc="verifying", disable=not progress,
                file=sys.stderr)
@@ -166,13 +172,15 @@ def verify(directory: str | os.PathLike, *, workers: int = 0, quick: bool = Fals
 
 def _verify_remote(url: str, *, workers: int, quick: bool, progress: bool,
                    cache=None) -> VerifyReport:
-    """A folder in object storage: every file is downloaded into the node's shard cache (as
-    training would read it; size-checked, the sha256 checked by the verification itself), the
-    cached copy is verified, and the shards that pass are marked verified for training."""
+    """A folder in object storage. Full: every file is downloaded into the node's shard cache (as
+    training would read it), the copy is verified, and the shards that pass are marked verified
+    for training. Quick: the store's listing (sizes), the manifest's counts and every index
+    against them; the shards' bytes are not read, so their checksums are not compared."""
     from tqdm import tqdm
 
     from maskdm.shardformat.remote import RemoteError, RemoteShards
     report = VerifyReport(url)
+    where = f"in the bucket {url}"
     try:
         remote = RemoteShards(url, cache)
         listing = remote.listing()
@@ -186,29 +194,53 @@ def _verify_remote(url: str, *, workers: int, quick: bool, progress: bool,
                desc="downloading", disable=not progress, file=sys.stderr)
     for name in names:
         try:
-            remote.fetch(name, listing[name], fresh=True)
+            remote.fetch(name, listing[name], fresh=True, wait_for_missing=False)
+        except FileNotFoundError:
+            report.problems.append(f"{name}: listed, then missing {where}")
         except RemoteError as e:
             report.problems.append(str(e))
         bar.update(listing[name])
     bar.close()
-    if quick:  # the shards' sha256 needs their bytes: compare sizes with the listing only
-        local = VerifyReport(url)
-        local.shards = len(m.shards)
-        for s in m.shards:
-            if listing.get(s.name) != s.bytes:
-                local.problems.append(f"{s.name}: {listing.get(s.name, 'no')} bytes in {url}, "
-                                      f"the manifest {s.bytes}")
-        local.problems[:0] = report.problems
-        return local
-    local = verify(remote.dir, workers=workers, quick=False, progress=progress)
+    if quick:
+        return _quick_remote(url, m, listing, remote.dir, report)
+    local = verify(remote.dir, workers=workers, quick=False, progress=progress, where=where)
     damaged = " ".join(local.problems)
     for s in m.shards:  # verified here: training need not hash them again
         if s.name not in damaged and (remote.dir / s.name).exists():
-            remote._marker(s.name).write_text(s.sha256 + "\n")
+            remote.mark_verified(s.name, s.sha256)
     local.directory = url
     local.problems[:0] = report.problems
     local.warnings = [w for w in local.warnings if "SOURCE" not in w]
     return local
+
+
+def _quick_remote(url, m, listing, cached: Path, report: VerifyReport) -> VerifyReport:
+    from maskdm.shardformat.tarfmt import check_index
+    where = f"in the bucket {url}"
+    report.shards = len(m.shards)
+    report.checked = ("sizes, counts and indexes in the bucket; the shards' bytes were not read, "
+                      "so their checksums were not compared: run without --quick for that")
+    for s in m.shards:
+        if s.name not in listing:
+            report.problems.append(f"{s.name}: missing {where} (listed in the manifest)")
+        elif listing[s.name] != s.bytes:
+            report.problems.append(f"{s.name}: {listing[s.name]} bytes {where}, the manifest "
+                                   f"{s.bytes}")
+        elif s.index not in listing:
+            report.problems.append(f"{s.index}: missing {where}")
+        else:
+            try:
+                check_index(cached / s.index, s.samples, s.bytes)
+            except (BadIndex, OSError) as e:
+                report.problems.append(f"{s.index} {where}: {e}")
+    try:
+        n_skipped = sum(1 for ln in (cached / SKIPPED).read_text().splitlines() if ln.strip())
+        if n_skipped != m.source.get("skipped"):
+            report.problems.append(f"{SKIPPED}: {n_skipped} lines, manifest says "
+                                   f"{m.source.get('skipped')} skipped")
+    except OSError:
+        report.problems.append(f"{SKIPPED}: missing {where}")
+    return report
 
 
 def print_report(report: VerifyReport, quick: bool, file=None) -> None:
@@ -216,8 +248,8 @@ def print_report(report: VerifyReport, quick: bool, file=None) -> None:
     for w in report.warnings:
         print(f"warning: {w}", file=file)
     if report.ok:
-        what = "checksums, counts and indexes" if quick else \
-            f"{report.samples} samples decoded and inverted losslessly"
+        what = report.checked or (f"{report.samples} samples decoded and inverted losslessly"
+                                  if not quick else "checksums, counts and indexes")
         print(f"OK: {report.directory}: {report.shards} shards verified ({what})", file=file)
     else:
         print(f"DAMAGED: {report.directory}: {len(report.problems)} problem(s):", file=file)

@@ -18,7 +18,7 @@ from pathlib import Path
 from .fsutil import url_refusal
 from .haar import dwt16_nbytes
 from .manifest import DatasetError, ShardManifest, load_manifest
-from .remote import CacheOptions, RemoteError, RemoteShards, is_remote
+from .remote import CacheOptions, RemoteDamaged, RemoteShards, is_remote
 from .tarfmt import BadIndex, Component, check_index, read_index, sample_key
 
 
@@ -78,12 +78,12 @@ class ShardReader:
         listing = self.remote.listing()
         self._index_problems: dict[str, str] = {}
 
-        def get(s):
+        def get(s):  # an unreachable store is waited out and then raised, never a left-out shard
             if s.index not in listing:
                 return
             try:
                 self.remote.fetch(s.index, listing[s.index])
-            except RemoteError as e:
+            except RemoteDamaged as e:
                 self._index_problems[s.index] = str(e)
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(get, self.manifest.shards))
@@ -145,7 +145,9 @@ class ShardReader:
 
     def tar_path(self, shard: int) -> Path:
         """The shard's tar on this machine (remote: its verified copy in the cache, downloaded
-        first if needed; a shard that cannot be had raises SampleError, like a damaged one)."""
+        first if needed, waiting out an unreachable store; a shard whose bytes in the store are
+        not the manifest's raises SampleError, like a damaged one; a store unreachable for longer
+        than the patience raises RemoteUnreachable, which stops training)."""
         entry = self.shard_entry(shard)
         if self.remote is None:
             return self.directory / entry.name
@@ -153,7 +155,7 @@ class ShardReader:
             raise SampleError(self.shard_problems[shard])
         try:
             return self.remote.fetch(entry.name, entry.bytes, entry.sha256)
-        except RemoteError as e:
+        except RemoteDamaged as e:
             self.shard_problems[shard] = str(e)
             raise SampleError(str(e)) from None
 
@@ -194,7 +196,11 @@ class ShardReader:
 
     def _tar_size(self, shard: int) -> int:
         if shard not in self._sizes:
-            self._sizes[shard] = os.stat(self.tar_path(shard)).st_size
+            if self.remote is not None:  # a cached copy exists only with the manifest's size
+                self.tar_path(shard)
+                self._sizes[shard] = self.shard_entry(shard).bytes
+            else:
+                self._sizes[shard] = os.stat(self.tar_path(shard)).st_size
         return self._sizes[shard]
 
     def _fd(self, shard: int) -> int:
@@ -202,7 +208,13 @@ class ShardReader:
             if self.remote is not None and len(self._fds) >= self.MAX_OPEN_REMOTE:
                 oldest = next(iter(self._fds))  # let the cache's eviction free its space
                 os.close(self._fds.pop(oldest))
-            self._fds[shard] = os.open(self.tar_path(shard), os.O_RDONLY)
+            for attempt in range(3):
+                try:
+                    self._fds[shard] = os.open(self.tar_path(shard), os.O_RDONLY)
+                    break
+                except FileNotFoundError:  # evicted by another process between check and open
+                    if self.remote is None or attempt == 2:
+                        raise
         return self._fds[shard]
 
     def read_dwt_into(self, shard: int, j: int, dst) -> tuple[str, bytes]:

@@ -5,12 +5,17 @@ A remote folder holds exactly what a local one does (``manifest.json``, ``shard-
 verified copy in the node's cache folder, downloading it first if it is not there. A download goes
 to a hidden ``.part`` file, is checked against the manifest (size, and sha256 for shards) and only
 then renamed to its name, so a reader never sees a partial or wrong file. Every process of a node
-(ranks, DataLoader workers) shares one cache folder: a per-file lock (``fcntl.flock``) makes one of
-them download while the others wait and then find the file. Transient errors are retried with
-exponential backoff and counted; a file that stays unreachable raises ``RemoteError`` (the reader
-treats its shard as damaged). Eviction is explicit (``evict(keep)``, called by the loader's
-prefetcher, which knows the shards it needs next); a file evicted while a reader holds it open
-stays readable through that descriptor.
+(ranks, DataLoader workers, the download-ahead thread) shares one cache folder.
+
+Shards are downloaded one at a time per cache folder (a node-wide lock, the *slot*), and the slot
+holder evicts least recently used shards before it downloads, so the shards in the cache never
+exceed ``data.cache_limit_gb`` and the folder holds at most that plus the one shard being
+downloaded, whoever downloads (the download-ahead thread, a reader, a retry after an outage).
+Indexes and the manifest are small, never evicted and fetched in parallel.
+
+Faults (``patience.py``): an unreachable store is waited out for ``data.remote_patience_s``, never
+skipped; an object that is not what the manifest says raises ``RemoteDamaged`` (the reader treats
+its shard as damaged, ``data.strict`` decides).
 
 Filesystems come from fsspec: s3:// needs ``s3fs`` (``pip install 'maskdm[s3]'``), gs:// ``gcsfs``
 (``maskdm[gcs]``), http(s):// ``aiohttp``. Credentials come from each store's usual environment and
@@ -26,12 +31,19 @@ import hashlib
 import os
 import re
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .fsutil import sha256_file
+from .patience import (  # noqa: F401  (re-exported: the errors callers catch)
+    CacheFull,
+    Patience,
+    RemoteDamaged,
+    RemoteError,
+    RemoteUnreachable,
+    StoreOptions,
+)
 
 # scheme -> (the package fsspec needs for it, the extra that installs it)
 SCHEMES = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"),
@@ -56,29 +68,29 @@ def default_cache_dir() -> Path:
 @dataclass
 class CacheOptions:
     """Where a node keeps the shards it reads from object storage (``data.cache_dir``,
-    ``data.cache_limit_gb``; 0: no limit)."""
+    ``data.cache_limit_gb``; 0: no limit) and how long it waits for the store
+    (``data.remote_patience_s``, ``data.remote_timeout_s``)."""
 
     dir: str | None = None
     limit_gb: float = 0.0
-    retries: int = 5  # attempts after the first, with backoff 0.5 s, 1 s, 2 s, ...
-    backoff: float = 0.5
+    patience_s: float = 1800.0
+    timeout_s: float = 60.0
+    backoff: float = 0.5  # the first wait between attempts; doubles up to backoff_cap
+    backoff_cap: float = 30.0
 
     @property
     def limit_bytes(self) -> int | None:
         return int(self.limit_gb * 2 ** 30) if self.limit_gb > 0 else None
 
-
-class RemoteError(RuntimeError):
-    """A remote file could not be had (unreachable after the retries, or not what the manifest
-    says)."""
-
-
-class CacheFull(RuntimeError):
-    """The cache's disk is full: the message names the folder and the limit."""
+    @property
+    def store(self) -> StoreOptions:
+        return StoreOptions(self.patience_s, self.timeout_s, self.backoff, self.backoff_cap)
 
 
-def filesystem(url: str):
-    """-> (fsspec filesystem, path inside it) for ``url``, or ValueError saying what to install."""
+def filesystem(url: str, timeout_s: float = 60.0):
+    """-> (fsspec filesystem, path inside it) for ``url``, or ValueError saying what to install.
+    Every request has a timeout (connect, and each read): a stalled connection fails, never
+    hangs; retries are ours (``Patience``), not the client's."""
     scheme = url_scheme(url)
     if scheme not in SCHEMES:
         raise ValueError(f"{url}: {scheme}:// locations are not supported; use a local or shared "
@@ -86,9 +98,15 @@ def filesystem(url: str):
     try:
         import fsspec
         kwargs = {"skip_instance_cache": True}  # each folder its own client (endpoint, env)
-        if scheme == "s3":  # one attempt per call: the retries and their backoff are ours
-            kwargs["config_kwargs"] = {"retries": {"max_attempts": 1}, "connect_timeout": 10,
-                                       "read_timeout": 120}
+        if scheme == "s3":
+            kwargs["config_kwargs"] = {"retries": {"max_attempts": 1},
+                                       "connect_timeout": timeout_s, "read_timeout": timeout_s}
+        elif scheme in ("http", "https", "gs", "gcs"):
+            import aiohttp
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s,
+                                            sock_read=timeout_s)
+            kwargs["client_kwargs" if scheme.startswith("http") else "session_kwargs"] = \
+                {"timeout": timeout}
         fs, path = fsspec.core.url_to_fs(url, **kwargs)
         if hasattr(fs, "retries"):
             fs.retries = 1
@@ -105,7 +123,7 @@ class RemoteShards:
     def __init__(self, url: str, cache: CacheOptions | None = None):
         self.url = str(url).rstrip("/")
         self.options = cache or CacheOptions()
-        self._fs, self.root = filesystem(self.url)
+        self._fs, self.root = filesystem(self.url, self.options.timeout_s)
         self._pid = os.getpid()
         key = hashlib.sha256(self.url.encode()).hexdigest()[:12]
         base = Path(self.options.dir) if self.options.dir else default_cache_dir()
@@ -119,6 +137,7 @@ class RemoteShards:
         if not source.exists():
             source.write_text(self.url + "\n")
         self.limit = self.options.limit_bytes
+        self.patience = Patience(self.url, self.options.store, self.dir)
         self.stats = {"hits": 0, "downloads": 0, "bytes": 0, "retries": 0, "evictions": 0}
         self._listing: dict[str, int] | None = None
         self._mutex = threading.Lock()
@@ -139,7 +158,7 @@ class RemoteShards:
         """The filesystem client of this process: fsspec's async clients refuse to be used after a
         fork (DataLoader workers), so a forked process makes its own."""
         if self._pid != os.getpid():
-            self._fs = filesystem(self.url)[0]
+            self._fs = filesystem(self.url, self.options.timeout_s)[0]
             self._pid = os.getpid()
         return self._fs
 
@@ -147,15 +166,15 @@ class RemoteShards:
         return f"{self.root.rstrip('/')}/{name}"
 
     # ------------------------------------------------------------------ remote metadata
-    def _retry(self, what: str, fn):
-        """``fn()`` with retries and backoff on transient errors -> its result, or RemoteError."""
-        return with_retries(fn, what, self.url, self.options,
-                            on_retry=lambda: self._count("retries"))
+    def call(self, what: str, fn, *, wait_for_missing: bool = False):
+        """``fn()`` with an unreachable store waited out (``Patience``) -> its result."""
+        return self.patience.call(fn, what, wait_for_missing=wait_for_missing,
+                                  on_retry=lambda: self._count("retries"))
 
     def listing(self) -> dict[str, int]:
         """Name -> size of every file in the folder (one listing, remembered)."""
         if self._listing is None:
-            self._listing = list_files(self.fs, self.root, self._retry)
+            self._listing = list_files(self.fs, self.root, self.call)
         return self._listing
 
     def read_text(self, name: str) -> str:
@@ -163,7 +182,7 @@ class RemoteShards:
         folder (which is then itself a readable shard folder)."""
         def cat():
             return self.fs.cat_file(self.remote(name))
-        text = self._retry(name, cat).decode("utf-8")
+        text = self.call(name, cat).decode("utf-8")
         from .fsutil import atomic_write_text
         try:
             atomic_write_text(self.dir / name, text)
@@ -178,6 +197,8 @@ class RemoteShards:
 
     @contextmanager
     def _lock(self, name: str):
+        """A node-wide lock (every process and thread opens its own descriptor, so ``flock``
+        excludes threads of one process too)."""
         with open(self.dir / ".locks" / f"{name}.lock", "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
@@ -187,6 +208,10 @@ class RemoteShards:
 
     def _marker(self, name: str) -> Path:
         return self.dir / f".{name}.sha256"
+
+    def mark_verified(self, name: str, sha256: str) -> None:
+        """``maskdm shard --verify`` checked the cached copy: training need not hash it again."""
+        self._marker(name).write_text(sha256 + "\n")
 
     def cached(self, name: str, size: int, sha256: str | None = None) -> Path | None:
         """The cached copy of ``name`` if it is complete and verified, else None."""
@@ -204,77 +229,97 @@ class RemoteShards:
                 return None
         return path
 
-    def fetch(self, name: str, size: int, sha256: str | None = None, *,
-              fresh: bool = False) -> Path:
+    def fetch(self, name: str, size: int, sha256: str | None = None, *, fresh: bool = False,
+              keep: set[str] | frozenset[str] = frozenset(),
+              wait_for_missing: bool = True) -> Path:
         """The path of a verified local copy of ``name`` (``size`` bytes, and ``sha256`` if given),
         downloaded first if needed (always with ``fresh``: ``--verify`` checks the store, not an
-        older copy). Raises RemoteError or CacheFull."""
+        older copy). A shard (``.tar``) is downloaded in the node's one download slot after making
+        room (least recently used first, never ``name`` or ``keep``). An object missing from the
+        store is waited for like an outage unless ``wait_for_missing`` is False (then
+        FileNotFoundError). Raises RemoteDamaged, RemoteUnreachable, RemoteError or CacheFull."""
         found = None if fresh else self.cached(name, size, sha256)
         if found is not None:
             self._count("hits")
             _touch(found)  # eviction goes least recently used first
             return found
-        with self._lock(name):
-            # another process got it meanwhile
+        shard = name.endswith(".tar")
+        with self._lock(SLOT if shard else name):
             found = None if fresh else self.cached(name, size, sha256)
-            if found is not None:
+            if found is not None:  # another process got it meanwhile
                 self._count("hits")
                 return found
-            part = self.dir / f".{name}.{os.getpid()}.part"
-
-            def get():
-                try:
-                    self.fs.get_file(self.remote(name), str(part))
-                except OSError as e:
-                    if e.errno == errno.ENOSPC:
-                        part.unlink(missing_ok=True)
-                        raise CacheFull(
-                            f"no space left on the disk of the shard cache {self.dir} while "
-                            f"downloading {name} ({size / 2 ** 20:.0f} MiB; data.cache_limit_gb="
-                            f"{self.options.limit_gb or 'unlimited'}): free space, lower "
-                            f"data.cache_limit_gb or set data.cache_dir to a larger disk") from None
-                    raise
-                got = part.stat().st_size
-                if got != size:
-                    part.unlink(missing_ok=True)
-                    raise OSError(f"{name}: got {got} bytes, the manifest says {size}")
+            if shard:
+                self._make_room(size, set(keep) | {name})
+            part = self.dir / f".{name}.{os.getpid()}.{threading.get_ident()}.part"
             try:
-                self._retry(name, get)
-            except FileNotFoundError:
-                part.unlink(missing_ok=True)
-                raise RemoteError(f"{name} does not exist in {self.url}") from None
+                self.call(name, lambda: self._download(name, size, part),
+                          wait_for_missing=wait_for_missing)
+                if sha256 is not None:
+                    digest = sha256_file(part)
+                    if digest != sha256:
+                        raise RemoteDamaged(
+                            f"{name}: sha256 {digest[:12]}... differs from the manifest's "
+                            f"{sha256[:12]}... (changed or damaged in the bucket {self.url}; "
+                            f"re-shard it, or check it with `maskdm shard --verify {self.url}`)")
+                self._marker(name).unlink(missing_ok=True)  # the old copy's, if any
+                os.replace(part, self.dir / name)
             finally:
-                if part.exists() and part.stat().st_size != size:
-                    part.unlink(missing_ok=True)
-            if sha256 is not None:
-                digest = sha256_file(part)
-                if digest != sha256:
-                    part.unlink(missing_ok=True)
-                    raise RemoteError(f"{name}: sha256 {digest[:12]}... differs from the "
-                                      f"manifest's {sha256[:12]}... (changed or damaged in "
-                                      f"{self.url}; re-shard it, or check it with `maskdm shard "
-                                      f"--verify {self.url}`)")
-            self._marker(name).unlink(missing_ok=True)  # the old copy's, if any
-            os.replace(part, self.dir / name)
+                part.unlink(missing_ok=True)
             if sha256 is not None:
                 self._marker(name).write_text(sha256 + "\n")
             self._count("downloads")
             self._count("bytes", size)
         return self.dir / name
 
-    def cached_bytes(self) -> dict[str, int]:
-        """Name -> size of the complete shards in the cache."""
+    def _download(self, name: str, size: int, part: Path) -> None:
+        """One attempt: the object into ``part``. A short copy is an interrupted transfer unless
+        the store itself holds another size (then the object is damaged)."""
+        try:
+            self.fs.get_file(self.remote(name), str(part))
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                part.unlink(missing_ok=True)
+                raise CacheFull(
+                    f"no space left on the disk of the shard cache {self.dir} while downloading "
+                    f"{name} ({size / 2 ** 20:.0f} MiB; data.cache_limit_gb="
+                    f"{self.options.limit_gb or 'unlimited'}): free space, lower "
+                    f"data.cache_limit_gb or set data.cache_dir to a larger disk") from None
+            raise
+        got = part.stat().st_size
+        if got != size:
+            part.unlink(missing_ok=True)
+            stored = self.fs.info(self.remote(name)).get("size")
+            if stored is not None and int(stored) != size:
+                raise RemoteDamaged(f"{name}: {stored} bytes in the bucket {self.url}, the "
+                                    f"manifest says {size} (re-shard it, or check it with "
+                                    f"`maskdm shard --verify {self.url}`)")
+            raise ConnectionError(f"{name}: the transfer ended after {got} of {size} bytes")
+
+    def cached_bytes(self, parts: bool = False) -> dict[str, int]:
+        """Name -> size of the complete shards in the cache (and of the downloads in progress,
+        with ``parts``)."""
         out = {}
-        for p in self.dir.glob("*.tar"):
+        for p in self.dir.glob(".*.tar.*.part" if parts else "*.tar"):
             try:
                 out[p.name] = p.stat().st_size
             except FileNotFoundError:
                 pass
+        if parts:
+            out.update(self.cached_bytes())
         return out
 
     def evict(self, keep: set[str], need: int = 0) -> None:
+        """Make room for ``need`` more bytes, keeping ``keep`` (in the download slot)."""
+        if self.limit is None:
+            return
+        with self._lock(SLOT):
+            self._make_room(need, keep)
+
+    def _make_room(self, need: int, keep: set[str]) -> None:
         """Delete cached shards not in ``keep``, least recently used first, until the cache
-        holds at most ``limit - need`` bytes. Raises CacheFull if ``keep`` alone is over it."""
+        holds at most ``limit - need`` bytes. Raises CacheFull if ``keep`` alone is over it.
+        Called in the download slot."""
         if self.limit is None:
             return
         files = self.cached_bytes()
@@ -286,9 +331,8 @@ class RemoteShards:
         for n in victims:
             if total + need <= self.limit:
                 break
-            with self._lock(n):
-                (self.dir / n).unlink(missing_ok=True)
-                self._marker(n).unlink(missing_ok=True)
+            (self.dir / n).unlink(missing_ok=True)
+            self._marker(n).unlink(missing_ok=True)
             total -= files[n]
             self._count("evictions")
         if total + need > self.limit:
@@ -298,55 +342,28 @@ class RemoteShards:
                             f"or lower data.cache_lookahead")
 
 
-def list_files(fs, root: str, retry) -> dict[str, int]:
-    """Name -> size of the files directly in ``root`` ({} if it does not exist); ``retry(what,
-    fn)`` runs each request (``RemoteShards._retry``, or the upload's own)."""
+SLOT = ".download-slot"  # the node's one shard download at a time (see the module)
+
+
+def list_files(fs, root: str, call) -> dict[str, int]:
+    """Name -> size of the files directly in ``root`` ({} if it does not exist); ``call(what,
+    fn)`` runs each request (``RemoteShards.call``, or the upload's own)."""
     def ls():
         try:
             return fs.ls(root, detail=True, refresh=True)
         except FileNotFoundError:
             return []
-    files = {Path(e["name"]).name: e.get("size") for e in retry("listing", ls)
+    files = {Path(e["name"]).name: e.get("size") for e in call("listing", ls)
              if e.get("type", "file") == "file"}
     unknown = [n for n, size in files.items() if size is None]
     if unknown:  # an http(s):// index page lists names only: ask each file (HEAD)
         from concurrent.futures import ThreadPoolExecutor
 
         def size_of(name):
-            return retry(name, lambda: fs.info(f"{root.rstrip('/')}/{name}"))["size"]
+            return call(name, lambda: fs.info(f"{root.rstrip('/')}/{name}"))["size"]
         with ThreadPoolExecutor(16) as pool:
             files.update(zip(unknown, pool.map(size_of, unknown)))
     return {n: int(size or 0) for n, size in files.items()}
-
-
-def with_retries(fn, what: str, url: str, options: CacheOptions, on_retry=None):
-    """``fn()``, retried ``options.retries`` times with exponential backoff on transient errors
-    (network, server); a missing object (FileNotFoundError), a full disk and our own errors are
-    not retried. -> fn's result, or RemoteError naming ``what`` and ``url``."""
-    last = None
-    for attempt in range(options.retries + 1):
-        try:
-            return fn()
-        except (FileNotFoundError, CacheFull, RemoteError):
-            raise
-        except PermissionError as e:  # access denied: no retry helps
-            raise RemoteError(f"{what or url}: access to {url} denied ({e}); check the "
-                              f"credentials this machine uses for {url_scheme(url)}://") from None
-        except Exception as e:
-            if "Credentials" in type(e).__name__ or "credentials" in str(e).lower()[:200]:
-                raise RemoteError(
-                    f"{what or url}: no usable credentials for {url} ({type(e).__name__}: {e}); "
-                    f"set them the store's usual way (e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
-                    f" or ~/.aws for s3://, GOOGLE_APPLICATION_CREDENTIALS for gs://)") from None
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                raise
-            last = e
-        if attempt < options.retries:
-            if on_retry is not None:
-                on_retry()
-            time.sleep(options.backoff * 2 ** attempt)
-    raise RemoteError(f"{what or url}: unreachable in {url} after {options.retries + 1} attempts "
-                      f"({type(last).__name__}: {last})")
 
 
 def _touch(path: Path) -> None:

@@ -134,7 +134,7 @@ def test_a_cache_smaller_than_the_dataset_evicts_and_downloads_each_shard_once_p
     for _ in range(12):  # one epoch: 96 samples
         next(loader)
         files = reader.remote.cached_bytes()
-        assert sum(files.values()) <= limit_gb * 2 ** 30 + shard  # + the one a reader fetched
+        assert sum(files.values()) <= limit_gb * 2 ** 30  # complete shards: the limit holds
     loader.close()
     # every shard once in the epoch; the only repeats allowed are the shards the window reaches
     # into the next epoch with (downloaded ahead in the background, evicted since their first use)
@@ -176,8 +176,8 @@ def test_processes_of_a_node_share_one_cache_and_download_each_shard_once(s3, tm
 
 
 def test_a_changed_object_or_a_cut_download_is_never_used(s3, tmp_path, monkeypatch):
-    reader = ShardReader(s3["url"], cache=CacheOptions(str(tmp_path / "c"), retries=1,
-                                                       backoff=0.01))
+    reader = ShardReader(s3["url"], cache=CacheOptions(str(tmp_path / "c"),
+                                                       backoff=0.01, backoff_cap=0.02))
     # a download cut off midway: retried; the partial file never appears under the shard's name
     real = reader.remote.fs.get_file
     calls = []
@@ -336,31 +336,3 @@ def test_shard_into_a_bucket_inspect_verify_and_bench_it(s3, tmp_path, monkeypat
     assert "remote, cold cache" in out and "warm cache / local folder:" in out
     cold, warm = [line.split() for line in out.splitlines() if line.startswith("remote,")][:2]
     assert cold[-1] == "4" and warm[-2:] == ["100%", "0"]  # downloads, then hits only
-
-
-def test_a_dead_server_is_retried_then_named(tmp_path, s3):
-    """Last in the module: stops a second server. The manifest and indexes are read while it is
-    up; then it dies mid-training: each shard is retried with backoff, then reported."""
-    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    port = srv.get_host_and_port()[1]
-    import fsspec
-    old = os.environ["AWS_ENDPOINT_URL"]
-    os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
-    try:
-        fs = fsspec.filesystem("s3", skip_instance_cache=True)
-        fs.mkdir("dead")
-        for f in sorted(s3["local"].iterdir()):
-            if f.is_file():
-                fs.put_file(str(f), f"dead/ds/{f.name}")
-        reader = ShardReader("s3://dead/ds", cache=CacheOptions(str(tmp_path / "c"), retries=2,
-                                                                backoff=0.05))
-        srv.stop()
-        with pytest.raises(SampleError,
-                           match=r"shard-\d+\.tar: unreachable in s3://dead/ds after 3 attempts"):
-            reader.tar_path(0)
-        assert reader.remote.stats["retries"] == 2
-        with pytest.raises(SampleError):  # strict: the first batch stops training, named
-            next(Loader(reader, global_batch=8, workers=0, strict=True))
-    finally:
-        os.environ["AWS_ENDPOINT_URL"] = old

@@ -258,3 +258,22 @@ def test_runs_killed_and_restarted_end_with_a_true_status(shards, tmp_path):
                 assert old.info.status == "FAILED" and "died" in old.data.tags["maskdm.ended"]
     finally:
         server.stop()
+
+
+def test_an_unreachable_server_is_named_in_one_whole_line():
+    """The outage warning names the request's address whole and the network cause (it used to be
+    cut off mid-URL): a real MLflow client against a port nobody listens on."""
+    import socket
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from maskdm.pipeline.tracking import reason
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
+    with pytest.raises(Exception) as caught:
+        MlflowClient(f"http://127.0.0.1:{port}").log_batch("0" * 32, [Metric("a", 1.0, 0, 0)])
+    line = reason(caught.value)
+    assert line.startswith(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/log-batch unreachable: ")
+    assert line.endswith("Connection refused") and "\n" not in line, line

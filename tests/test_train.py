@@ -52,8 +52,8 @@ def train_cmd(shards: Path, run_dir: Path, *sets: str, ranks: int = 1, resume: s
     return cmd
 
 
-def run_train(*args, **kw) -> subprocess.CompletedProcess:
-    r = subprocess.run(train_cmd(*args, **kw), cwd=ROOT, env=_env(), capture_output=True,
+def run_train(*args, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run(train_cmd(*args, **kw), cwd=ROOT, env=env or _env(), capture_output=True,
                        text=True, timeout=600)
     return r
 

@@ -14,6 +14,7 @@ from typing import Literal, get_args
 import torch
 
 from maskdm.shardformat.reader import SampleError, ShardReader
+from maskdm.shardformat.remote import RemoteError
 
 from .batch import Batch
 from .transform import SPACES, model_input_shape, to_model_space
@@ -128,11 +129,11 @@ class Loader:
             self.prefetcher.advance(self.samples_seen)
         try:
             raw = next(self._it)
-        except SampleError as e:  # from a DataLoader worker: keep the message, drop the wrapping
+        except (SampleError, RemoteError) as e:  # from a worker: the message, not the wrapping
             text = str(e)
             if "Traceback" in text:
-                text = text.strip().splitlines()[-1].split("SampleError: ", 1)[-1]
-            raise SampleError(text) from None
+                text = text.strip().splitlines()[-1].split(f"{type(e).__name__}: ", 1)[-1]
+            raise type(e)(text) from None
         if raw["batch_index"] != self.batches_done:  # the round-robin contract, checked
             raise RuntimeError(f"loader produced batch {raw['batch_index']}, expected "
                                f"{self.batches_done}")

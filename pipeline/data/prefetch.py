@@ -3,10 +3,13 @@
 The sample order is a pure function of (seed, epoch) and an epoch visits shard after shard
 (``order.py``), so from the loader's stream position the prefetcher knows the shard being read and
 the ones after it. It keeps that window (the current shard + ``lookahead``) downloaded and
-verified, evicting shards outside it when the cache is over ``data.cache_limit_gb``. Readers never
-wait on it: a shard that is not there yet is fetched by whoever needs it first (the per-file lock
-makes the other one wait for that download instead of starting a second). A resumed loader starts
-its window at the resumed position, so the cache refills from where training stopped.
+verified, marking it recently used so that making room (``RemoteShards.fetch``, bounded by
+``data.cache_limit_gb``) evicts shards outside it first. Readers never wait on it: a shard that is
+not there yet is fetched by whoever needs it first (the node's download slot makes the other one
+wait for that download instead of starting a second). An unreachable store is waited out inside
+the fetch; past the patience the error stops the loader at its next batch. A damaged shard is left
+to the reader, which reports it. A resumed loader starts its window at the resumed position, so
+the cache refills from where training stopped.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import threading
 
 import numpy as np
 
-from maskdm.shardformat.remote import CacheFull, RemoteError
+from maskdm.shardformat.remote import RemoteDamaged, _touch
 
 from .order import StreamOrder
 
@@ -26,7 +29,7 @@ class Prefetcher:
         self.order = StreamOrder(reader.order_sizes, seed)
         self.lookahead = max(0, int(lookahead))
         self.error: BaseException | None = None
-        self.stats = {"shards": 0, "hits": 0, "downloads": 0, "unreachable": 0}
+        self.stats = {"shards": 0, "hits": 0, "downloads": 0, "damaged": 0}
         self._seq: dict[int, np.ndarray] = {}
         self._pos = int(position)
         self._stop = False
@@ -81,7 +84,7 @@ class Prefetcher:
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
         seen: set[int] = set()  # shards counted for the hit rate (each once per visit)
-        failed: set[int] = set()  # unreachable after the retries: not tried again
+        damaged: set[int] = set()  # not what the manifest says: the reader reports them
         done = None
         while True:
             with self._cv:
@@ -96,27 +99,26 @@ class Prefetcher:
                 seen &= set(window)
                 for s in window:
                     e = self.reader.shard_entry(s)
-                    cached = self.remote.cached(e.name, e.bytes, e.sha256) is not None
+                    path = self.remote.cached(e.name, e.bytes, e.sha256)
                     if s not in seen:
                         seen.add(s)
                         self.stats["shards"] += 1
-                        self.stats["hits"] += cached
-                    if cached or s in failed:
+                        self.stats["hits"] += path is not None
+                    if path is not None:
+                        _touch(path)  # in the window: evicted last
                         continue
-                    self.remote.evict(keep, need=e.bytes)
+                    if s in damaged:
+                        continue
                     try:
-                        self.remote.fetch(e.name, e.bytes, e.sha256)
+                        self.remote.fetch(e.name, e.bytes, e.sha256, keep=keep)
                         self.stats["downloads"] += 1
-                    except RemoteError:
-                        failed.add(s)  # the reader reports it (a damaged shard) when it gets there
-                        self.stats["unreachable"] += 1
+                    except RemoteDamaged:
+                        damaged.add(s)
+                        self.stats["damaged"] += 1
                     with self._cv:
                         if self._stop:
                             return
                 done = position
-            except CacheFull as e:
-                self.error = e
-                return
             except BaseException as e:  # never die silently: the loader raises it
                 self.error = e
                 return

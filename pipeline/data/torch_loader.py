@@ -99,7 +99,7 @@ def resolve(reader: ShardReader, positions: np.ndarray, order: StreamOrder, prob
             return shards, js, replace_bad(len(positions), bad), keys, damaged
     raise SampleError(f"all {len(positions)} samples of a batch and of {DETOURS} other batches "
                       f"are unreadable: the shards are badly damaged ({damaged[0][1]}); run "
-                      f"`maskdm shard --verify {reader.directory}`")
+                      f"`maskdm shard --verify {reader.location}`")
 
 
 DETOURS = 8
