@@ -307,6 +307,8 @@ class Trainer:
             with torch.autocast(**self.amp):
                 loss = self.objective(self.engine, batch, r.keep_idx, r.t, r.noise)
             self.engine.backward(loss)
+            if a == t.grad_accum - 1 and self.own_grad_norm and self._point_due(self.step + 1):
+                self.grad_norm = _grad_norm(self.engine.module)  # before step() zeroes them
             self.engine.step()
             self.loss_sum += loss.detach().float()
             self.point_sum += loss.detach().float()
@@ -323,6 +325,10 @@ class Trainer:
         self.n_point, self.points = 0, []
         self.point_every = max(1, t.steps // cfg.tracking.points)
         self.nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
+        # ZeRO 0 with an fp32 optimizer: DeepSpeed clips but keeps no norm; we take the global
+        # norm of the (already all-reduced) gradients ourselves at the steps that log it
+        self.own_grad_norm = self.ds_config["zero_optimization"]["stage"] == 0
+        self.grad_norm = torch.full((), float("nan"), device=self.device)
         self.n_logged, self.data_wait, self.t_log = 0, 0.0, time.perf_counter()
         self.t_start = time.time()  # store outages are counted from here (this process's run)
         self.engine.train()
@@ -330,7 +336,7 @@ class Trainer:
             self._step()
             self.bar.update(1)
             step = self.step
-            if step % self.point_every == 0 or step == t.steps:
+            if self._point_due(step):
                 self._point()
             if step % t.log_every == 0 or step == t.steps:
                 self._log()
@@ -351,9 +357,14 @@ class Trainer:
                 raise TrainingStopped(f"stopped by {name} at step {step}; resume with "
                                       f"`--resume auto`", 128 + (sig or 15))
 
+    def _point_due(self, step: int) -> bool:
+        return step % self.point_every == 0 or step == self.t.steps
+
     def _point(self) -> None:
         """One point of the metric curves, kept on the device until the next console line."""
         gnorm = self.engine.get_global_grad_norm()
+        if gnorm is None and self.own_grad_norm:
+            gnorm = self.grad_norm
         if isinstance(gnorm, torch.Tensor):
             gnorm = gnorm.detach().float().reshape(())
         self.points.append({
@@ -576,6 +587,14 @@ class Trainer:
             self.log(message, file=sys.stderr)
             return {"exit_code": code, "step": self.step, "run_id": self.run_id}
         return self._summary(delivered)
+
+
+def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """The L2 norm of all gradients of ``module``, on the device (no host sync)."""
+    grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.full((), float("nan"))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
 
 
 def _versions() -> dict[str, str]:

@@ -86,6 +86,46 @@ def test_two_ranks_follow_one_rank(shards, tmp_path, zero):
         assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-6), k
 
 
+def _logged(run_dir: Path) -> list[dict]:
+    from maskdm.pipeline.tracking import read_jsonl
+    return read_jsonl(run_dir / "metrics.jsonl")
+
+
+def _all_finite(rows: list[dict]) -> None:
+    import math
+    assert rows
+    for r in rows:
+        bad = {k: v for k, v in r.items() if not math.isfinite(float(v))}
+        assert not bad, f"step {r['step']}: non-finite {bad}"
+
+
+def test_every_logged_metric_is_finite_at_zero_0_and_its_grad_norm_is_the_true_one(shards,
+                                                                                   tmp_path):
+    """ZeRO 0 keeps no gradient norm in DeepSpeed: the trainer takes it itself, and it equals
+    what ZeRO 1 reports for the same training (one rank, fp32: the same arithmetic)."""
+    runs = {}
+    for zero in (0, 1):
+        r = run_train(shards, tmp_path / f"z{zero}", f"train.zero_stage={zero}",
+                      "train.log_every=1")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "grad nan" not in r.stdout
+        runs[zero] = _logged(tmp_path / f"z{zero}")
+        _all_finite(runs[zero])
+    norms = {z: [r["grad_norm"] for r in rows if "grad_norm" in r] for z, rows in runs.items()}
+    assert len(norms[0]) == 6 and all(n > 0 for n in norms[0])
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_every_logged_metric_is_finite_at_zero_2_and_3(shards, tmp_path, zero):
+    r = run_train(shards, tmp_path / "run", f"train.zero_stage={zero}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _logged(tmp_path / "run")
+    _all_finite(rows)
+    assert [r["grad_norm"] > 0 for r in rows if "grad_norm" in r] == [True] * 6
+
+
 def test_the_deepspeed_launcher_runs_two_cpu_ranks_as_documented(shards, tmp_path):
     """README: `DS_ACCELERATOR=cpu deepspeed --num_gpus 2 $(which maskdm) train ...` (the launcher
     passes --local_rank=N ahead of the subcommand)."""
