@@ -26,8 +26,14 @@ def forward_flops(cfg: ModelConfig, visible_tokens: int | None = None) -> int:
     skips = (cfg.depth // 2) * 2 * L * (2 * D) * D
     per_token = cfg.patch_dim // cfg.token_groups  # input values per token (average over groups)
     embed = 2 * S * per_token * D
+    head = 2 * S * D * per_token  # on the visible tokens
+    if cfg.token_groups > 1 and visible_tokens is not None:
+        # split DWT tokens with a mask, as uvit.py computes them: both groups are embedded whole
+        # before the visible tokens are kept, and both heads run on every visible token
+        embed = 2 * cfg.num_tokens * per_token * D
+        head = 2 * S * D * cfg.patch_dim
     if not cfg.decoder_depth:
-        return blocks + skips + embed + 2 * S * D * per_token  # + head on the visible tokens
+        return blocks + skips + embed + head
     Dd, N = cfg.decoder_dim, cfg.num_tokens
     decoder = (2 * L * D * Dd  # projection of the encoder's output
                + cfg.decoder_depth * _block_flops(N + cfg.extras, Dd, cfg.mlp_ratio)

@@ -234,23 +234,93 @@ def read_meta(ckpt: Path) -> CheckpointMeta:
     return CheckpointMeta.from_json(data, f"{ckpt}/meta.json")
 
 
-def load(engine, ema, ckpt: Path) -> CheckpointMeta:
-    """Collective: restore engine, EMA and this rank's RNG from ``ckpt``; returns its meta."""
+def needs_universal(meta: CheckpointMeta, world: int) -> bool:
+    """Resuming ``meta``'s checkpoint on ``world`` ranks needs its ZeRO partitions re-cut (ZeRO 0
+    keeps whole optimizer states: any world size loads them as they are)."""
+    return meta.world_size != world and meta.zero_stage > 0
+
+
+def universal_copy(ckpt: Path, scratch: Path) -> Path:
+    """Collective. ``ckpt`` converted by DeepSpeed's own universal-checkpoint tool
+    (``deepspeed.checkpoint.ds_to_universal``: every ZeRO partition merged into whole
+    per-parameter states that any world size can load) into ``scratch`` -> the folder holding the
+    converted ``step_*`` tag. Local rank 0 of every node converts into its node's scratch folder
+    (kept for a later resume of the same checkpoint); the other ranks wait."""
+    import hashlib
+    import subprocess
+    import sys
+    import time
+    # the folder's path and its meta.json (step, time, world size): a later checkpoint written
+    # under the same name is another conversion
+    key = hashlib.sha256(str(ckpt.resolve()).encode() + (ckpt / "meta.json").read_bytes()
+                         ).hexdigest()[:12]
+    parent = scratch / "universal" / key
+    out = parent / ckpt.name
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not (out / "DONE").exists():
+        tmp = parent / f".tmp-{ckpt.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        log = parent / f"{ckpt.name}.convert.log"
+        t0 = time.time()
+        workers = str(max(1, min(4, os.cpu_count() or 1)))
+        with open(log, "w") as f:
+            r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                                "--input_folder", str(ckpt), "--output_folder", str(tmp),
+                                "--inject_missing_state", "--num_extract_workers", workers,
+                                "--num_merge_workers", workers], stdout=f, stderr=subprocess.STDOUT)
+        if r.returncode != 0:
+            tail = log.read_text()[-1500:]
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"DeepSpeed's universal-checkpoint conversion of {ckpt} failed "
+                                  f"(exit {r.returncode}; its log: {log}):\n{tail}")
+        (tmp / "DONE").write_text(f"{time.time() - t0:.1f}\n")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    dist.barrier()
+    return parent
+
+
+def conversion_seconds(universal: Path, tag_name: str) -> float | None:
+    try:
+        return float((universal / tag_name / "DONE").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def load(engine, ema, ckpt: Path, universal: Path | None = None) -> CheckpointMeta:
+    """Collective: restore engine, EMA and this rank's RNG from ``ckpt``; returns its meta.
+    ``universal``: the folder of its universal copy (``universal_copy``), needed when the world
+    size changed under ZeRO 1-3; the engine must then have been built with
+    ``checkpoint.load_universal``."""
     meta = read_meta(ckpt)
     world = dist.world_size()
-    if meta.world_size != world and meta.zero_stage > 0:
+    if needs_universal(meta, world) and universal is None:
         raise CheckpointError(f"{ckpt} was written by {meta.world_size} ranks with ZeRO "
-                              f"stage {meta.zero_stage}; resume it with {meta.world_size} "
-                              f"ranks (this run has {world})")
+                              f"stage {meta.zero_stage}; this run has {world}: its partitions "
+                              f"must be converted first (universal_copy)")
+    groups = _group_settings(engine)
     with safe_torch_load():
-        path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name,
+        path, _ = engine.load_checkpoint(str(universal or ckpt.parent), tag=ckpt.name,
                                          load_module_strict=True, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt}")
+    if universal is not None:
+        # DeepSpeed 0.19's universal load under ZeRO-3 gives every parameter group the first
+        # group's settings (weight decay on norms and biases too) and one shared `step` tensor
+        # (advanced once per group per step): put the configured settings back, unshare steps
+        opt = _optimizer(engine)
+        for g, settings in zip(opt.param_groups, groups):
+            g.update(settings)
+        for state in opt.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
     rank = dist.rank()
-    ema_file = ckpt / f"ema_rank{rank if ema.zero3 else 0:05d}.pt"
-    ema.load_state_dict(load_pt(ema_file))
+    if ema.zero3 and meta.world_size != world:  # partitions of another world: merged, re-cut
+        ema.load_full(load_ema_weights(ckpt)[0])
+    else:
+        ema_file = ckpt / f"ema_rank{rank if ema.zero3 else 0:05d}.pt"
+        ema.load_state_dict(load_pt(ema_file))
     rng_file = ckpt / f"rng_rank{rank:05d}.pt"
     if rng_file.exists():
         try:
@@ -261,6 +331,20 @@ def load(engine, ema, ckpt: Path) -> CheckpointMeta:
                                   f"restoring the global RNGs (the training draws come from "
                                   f"the seed and step, not from them)") from None
     return meta
+
+
+def _optimizer(engine):
+    """The torch optimizer inside DeepSpeed's wrappers (ZeRO, fp16/bf16)."""
+    opt = engine.optimizer
+    while hasattr(opt, "optimizer") and not isinstance(opt, torch.optim.Optimizer):
+        opt = opt.optimizer
+    return opt
+
+
+def _group_settings(engine) -> list[dict]:
+    """Each parameter group's settings that come from the config (not the LR schedule)."""
+    return [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+            for g in _optimizer(engine).param_groups]
 
 
 def load_ema_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:

@@ -61,6 +61,10 @@ class DataConfig:
     # remote_timeout_s (a stalled connection is an outage, not a hang).
     remote_patience_s: float = 1800.0
     remote_timeout_s: float = 60.0
+    # Audit: every rank appends the sample keys of each of its micro-batches to
+    # RUN_DIR/data_trace_rankNNNNN.jsonl ({"step", "micro", "keys"}), e.g. to check that a run
+    # resumed on another number of ranks saw the same samples at every step.
+    trace: bool = False
 
 
 @dataclass
@@ -102,6 +106,9 @@ class TrainConfig:
     precision: Precision = "bf16"
     deepspeed_config: str | None = None  # explicit JSON instead of zero_stage + precision
     run_dir: str = "runs/maskdm"
+    # This node's local working folder (universal-checkpoint conversions when resuming on another
+    # number of ranks); default: one per run under the system's temporary folder.
+    scratch_dir: str | None = None
     ckpt_every: int = 1000
     keep_last: int = 3
     log_every: int = 50

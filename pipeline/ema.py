@@ -89,6 +89,26 @@ class EMA:
             self.shadow[n].copy_(t)
 
     @torch.no_grad()
+    def load_full(self, full: dict[str, torch.Tensor]) -> None:
+        """Whole EMA weights (``merge_partitions`` of a checkpoint written by another number of
+        ranks) -> this rank's partitions: ZeRO-3 keeps rank r's contiguous slice of each flattened
+        parameter (padded at the end), the layout ``_assemble`` undoes."""
+        missing = set(self.shadow) - set(full)
+        if missing or set(full) - set(self.shadow):
+            raise RuntimeError(f"EMA weights do not match the model: missing {sorted(missing)}, "
+                               f"unexpected {sorted(set(full) - set(self.shadow))}")
+        rank = dist.get_rank() if self.zero3 else 0
+        for n, shadow in self.shadow.items():
+            flat = full[n].float().flatten()
+            if not self.zero3:
+                shadow.copy_(flat.view_as(shadow))
+                continue
+            k = shadow.numel()
+            part = flat[rank * k:(rank + 1) * k]
+            shadow.zero_()
+            shadow.view(-1)[:len(part)].copy_(part)
+
+    @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full fp32 EMA weights (CPU). Under ZeRO-3 this is a collective: call it on all ranks."""
         if not self.zero3:

@@ -106,24 +106,39 @@ class Trainer:
         self.device = dist.setup_env(self.t.device)
         self.world, self.rank = dist.launch_world_size(), dist.launch_rank()
         self.reader, self.mcfg = prepare(cfg)
-        self.ds_config = deepspeed_config(cfg, self.world)
+        self.run_dir = Path(self.t.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.scratch = Path(self.t.scratch_dir) if self.t.scratch_dir else \
+            default_scratch(self.run_dir)
+        self.resume_mode = resume
+        self.resume_from = self._resume_source(resume)
+        self.resume_meta = ckpt.read_meta(self.resume_from) if self.resume_from else None
+        try:
+            self.ds_config = deepspeed_config(cfg, self.world)
+        except ConfigError as e:
+            m = self.resume_meta
+            if m is None or m.world_size == self.world:
+                raise
+            raise ConfigError(f"cannot resume {self.resume_from} (written by {m.world_size} "
+                              f"ranks) on {self.world} ranks: {e}; choose a number of ranks that "
+                              f"divides it") from None
+        if self.resume_meta is not None and ckpt.needs_universal(self.resume_meta, self.world):
+            # ZeRO partitions of another world size: loaded through DeepSpeed's universal format
+            self.ds_config["checkpoint"] = {"load_universal": True}
         self.precision = precision_of(self.ds_config)
         self.micro_global = self.t.global_batch // self.t.grad_accum
         self.local = self.micro_global // self.world
-        self.run_dir = Path(self.t.run_dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
         self.log = dist.print0
         self.init_fresh: set[str] = set()
         self.init_weights, self.parent = self._init_source()
         # Cumulative training FLOPs (logged as train_flops): the init_from chain's, then this run's
         self.flops_per_step = step_flops(self.mcfg, cfg.mask, self.t.global_batch)
         self.flops_base = ckpt.cumulative_flops(self.parent) if self.parent is not None else 0.0
-        self.resume_mode = resume
-        self.resume_from = self._resume_source(resume)
         self.changed = []
         if self.resume_from is not None:
             self.changed = _check_resume_config(ckpt.read_meta(self.resume_from).config, cfg)
         self.step, self.run_id, self.last_ckpt = 0, None, None
+        self.world_change = None  # (old, new, step) when resumed on another number of ranks
         self.stop_signal = None
         self.last_fid = {"step": None, "value": None}
         self.last_score = None
@@ -208,8 +223,15 @@ class Trainer:
             if self.resume_mode == "auto":
                 self.log(f"no checkpoint in {self.ckpt_root}: starting from scratch")
             return
+        universal, old = None, self.resume_meta
         try:
-            meta = ckpt.load(self.engine, self.ema, self.resume_from)
+            if ckpt.needs_universal(old, self.world):
+                self.log(f"the world size changed since {self.resume_from.name}: "
+                         f"{old.world_size} -> {self.world} ranks; converting its ZeRO-"
+                         f"{old.zero_stage} partitions with DeepSpeed's universal checkpoint "
+                         f"(in {self.scratch})")
+                universal = ckpt.universal_copy(self.resume_from, self.scratch)
+            meta = ckpt.load(self.engine, self.ema, self.resume_from, universal)
         except ckpt.CheckpointError as e:
             raise ConfigError(f"--resume: {e}") from None
         self.step, self.run_id = meta.step, meta.mlflow_run_id
@@ -217,6 +239,14 @@ class Trainer:
         self.loader.load_state_dict(meta.loader)
         self.log(f"resumed from {self.resume_from} at step {self.step} ({meta.samples_seen} "
                  f"samples)")
+        if meta.world_size != self.world:
+            took = ckpt.conversion_seconds(universal, meta_tag := ckpt.tag(meta.step)) \
+                if universal is not None else None
+            self.world_change = (meta.world_size, self.world, meta.step)
+            self.log(f"world size {meta.world_size} -> {self.world}: the data stream continues "
+                     f"at sample {meta.samples_seen} (the same global batches), EMA, LR schedule "
+                     f"and train_flops carry on" + (f"; conversion of {meta_tag} took "
+                                                    f"{took:.0f} s" if took is not None else ""))
         for c in self.changed:
             self.log(f"note: config changed since the checkpoint: {c}")
 
@@ -249,6 +279,13 @@ class Trainer:
                 self.tracker.log_text(json.dumps(self.ds_config, indent=2),
                                       "deepspeed_config.json")
         self.run_id = self.tracker.wait_started() if is_main else None
+        if is_main:
+            self.tracker.log_metrics({"world_size": float(self.world)}, self.step)
+            if self.world_change is not None:
+                old, new, at = self.world_change
+                tags = {"maskdm.world_size": str(new),
+                        f"maskdm.world_size_change.step_{at}": f"{old} -> {new}"}
+                self.tracker.set_tags(tags)
         if cfg.tracking.system_metrics_every > 0:
             self.tracker.start_system_metrics(cfg.tracking.system_metrics_every)
         self.log(self._banner())
@@ -300,6 +337,9 @@ class Trainer:
                                       f"the last good checkpoint: {where}{then}",
                                       EXIT_DATA) from None
             self.data_wait += time.perf_counter() - w0
+            if self.trace is not None:
+                self.trace.write(json.dumps({"step": self.step + 1, "micro": a,
+                                             "keys": list(batch.keys)}) + "\n")
             r = draw_step(t.seed, self.step * t.grad_accum + a, self.micro_global,
                           self.rank * self.local, (self.rank + 1) * self.local,
                           self.loader.sample_shape, self.diffusion.num_timesteps, self.cfg.mask,
@@ -331,6 +371,11 @@ class Trainer:
         self.grad_norm = torch.full((), float("nan"), device=self.device)
         self.n_logged, self.data_wait, self.t_log = 0, 0.0, time.perf_counter()
         self.t_start = time.time()  # store outages are counted from here (this process's run)
+        self.trace = None
+        if cfg.data.trace:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.trace = open(self.run_dir / f"data_trace_rank{self.rank:05d}.jsonl", "a",
+                              buffering=1)
         self.engine.train()
         while self.step < t.steps:
             self._step()
@@ -581,12 +626,23 @@ class Trainer:
             for s, h in handlers.items():
                 signal.signal(s, h)
             self.loader.close()
+            if getattr(self, "trace", None) is not None:
+                self.trace.close()
         delivered = self.tracker.finish(status)
         self.run_id = self.tracker.run_id or self.run_id
         if code:
             self.log(message, file=sys.stderr)
             return {"exit_code": code, "step": self.step, "run_id": self.run_id}
         return self._summary(delivered)
+
+
+def default_scratch(run_dir: Path) -> Path:
+    """This node's local working folder for a run (universal-checkpoint conversions, the local
+    copy of a run folder in a bucket): under the system's temporary folder, one per run."""
+    import hashlib
+    import tempfile
+    key = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "maskdm-scratch" / f"{Path(str(run_dir)).name}-{key}"
 
 
 def _grad_norm(module: torch.nn.Module) -> torch.Tensor:

@@ -1,11 +1,12 @@
-"""Mutation check of the science in ``model/``: does some test fail when the code is wrong?
+"""Mutation check of the science (``model/``, the SWD, the speed-up rule): does a test fail when
+the code is wrong?
 
     python -m tests.mutants            # every mutant, against the model tests
     python -m tests.mutants --list     # what each mutant changes
 
-Each mutant is one textual edit of a ``model/`` file (a plausible mistake: a wrong target, a wrong
-index, a missing term, a wrong constant). The script applies it, runs the model and diffusion tests
-(stopping at the first failure), restores the file, and prints a table: a mutant is *killed* when a
+Each mutant is one textual edit of a file (a plausible mistake: a wrong target, a wrong index, a
+missing term, a wrong constant). The script applies it, runs the fast tests of that file (the model
+and diffusion tests for ``model/``; stopping at the first failure), restores the file, and prints a table: a mutant is *killed* when a
 test fails and *survives* when they all pass. Surviving mutants are gaps in the tests (or edits
 that do not change behaviour); they are listed with the reason in the issue notes.
 Not a pytest module (its name does not start with ``test_``): it runs the suite many times.
@@ -21,6 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_masks_dwt_diffusion.py", "tests/test_model.py"]
+# the tests that pin each mutated file's science (fast tier: -m "not slow")
+TESTS_OF = {"pipeline/eval/swd.py": ["tests/test_score.py"],
+            "pipeline/experiment/compare.py": ["tests/test_experiment.py"]}
 
 # (file, original text, mutated text, what the mistake is)
 MUTANTS: list[tuple[str, str, str, str]] = [
@@ -88,6 +92,35 @@ MUTANTS: list[tuple[str, str, str, str]] = [
     ("model/flops.py", "+ 2 * N * Dd * per_token)  # head on every token",
      "+ 2 * S * Dd * per_token)  # head on every token",
      "FLOPs: the decoder's head counted on the visible tokens only"),
+    ("model/flops.py", "        embed = 2 * cfg.num_tokens * per_token * D\n", "",
+     "FLOPs: split tokens embedded only where visible (the model embeds both groups whole)"),
+    ("model/flops.py", "        head = 2 * S * D * cfg.patch_dim\n", "",
+     "FLOPs: split tokens' two heads counted as one on the visible tokens"),
+    ("model/uvit.py", ".reshape(groups, h, w, dim).permute(0, 3, 1, 2)",
+     ".reshape(groups, w, h, dim).permute(0, 3, 2, 1)",
+     "pos-embed resize: the grid read transposed"),
+    ("model/uvit.py", "size=(nh, nw), mode=\"bicubic\"", "size=(nw, nh), mode=\"bicubic\"",
+     "pos-embed resize: target height and width swapped"),
+    ("model/uvit.py", "mode=\"bicubic\", align_corners=False",
+     "mode=\"bilinear\", align_corners=False", "pos-embed resize: bilinear instead of bicubic"),
+    ("model/uvit.py", "mode=\"bicubic\", align_corners=False",
+     "mode=\"bicubic\", align_corners=True", "pos-embed resize: corners aligned"),
+    ("pipeline/eval/swd.py", "sliced_wasserstein(normalise(da, db), normalise(db, db),",
+     "sliced_wasserstein(normalise(da, da), normalise(db, db),",
+     "SWD: each set normalised by its own statistics (blind to colour shifts)"),
+    ("pipeline/eval/swd.py", "    xx = (xs[..., None, None] + off[None, :])",
+     "    xx = (xs[..., None, None] + off[:, None])", "SWD: 7x7 windows transposed"),
+    ("pipeline/eval/swd.py", "NHOOD = 7", "NHOOD = 5", "SWD: 5x5 neighbourhoods"),
+    ("pipeline/eval/swd.py", "reference.std(dim=(0, 1)).clamp_min(1e-8)",
+     "reference.std().clamp_min(1e-8)", "SWD: one std over all channels"),
+    ("pipeline/experiment/compare.py", "    i = above[-1]\n", "    i = above[0]\n",
+     "speed-up: first reach instead of reach-and-stay"),
+    ("pipeline/experiment/compare.py", "r, end = reach_and_stay(reference, target), arm.flops[-1]",
+     "r, end = reach_and_stay(reference, target), reach_and_stay(arm, target).flops",
+     "speed-up: an arm that ends worse is charged only until it gets to its final value"),
+    ("pipeline/experiment/compare.py", "lo, hi = _ratio(r.lo, a.hi), _ratio(r.hi, a.lo)",
+     "lo, hi = _ratio(r.lo, a.lo), _ratio(r.hi, a.hi)",
+     "speed-up: the bracket pairs the wrong ends"),
 ]
 
 
@@ -100,7 +133,8 @@ def run_mutant(path: str, old: str, new: str) -> tuple[str, float]:
     t0 = time.time()
     try:
         r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                            *TESTS], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                            "-m", "not slow", *TESTS_OF.get(path, TESTS)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=900)
     finally:
         f.write_text(text)
     return ("killed" if r.returncode != 0 else "SURVIVED"), time.time() - t0

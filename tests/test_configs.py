@@ -26,9 +26,18 @@ def test_every_experiment_file_plans_equal_flops(path, tmp_path):
     runs = plan(spec, tmp_path, [f"data.image_size={spec.size}"])
     assert len(runs) == len(spec.arms) * len(spec.seeds)
     budget = spec.budget_steps * runs[0][0].flops_per_step
+    arms = {a.name: a for a in spec.arms}
+    steps = {st[0].arm: sum(s.steps for s in st) for st in runs}
     for stages in runs:
+        arm = arms[stages[0].arm]
         total = sum(s.steps * s.flops_per_step for s in stages)
+        if arm.match_images:  # the controlled arm's steps and images, at more FLOPs
+            assert steps[arm.name] == steps[arm.match_images]
+            assert stages[0].batch == runs[0][0].batch and total > budget
+            continue
         assert abs(total - budget) <= stages[-1].flops_per_step, stages[0].arm
+        if arm.match_steps:  # the same FLOPs in about the controlled arm's steps
+            assert abs(steps[arm.name] / steps[arm.match_steps] - 1) < 0.05, arm.name
 
 
 def test_the_recipe_set_covers_the_paper():

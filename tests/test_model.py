@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -430,3 +431,91 @@ def test_flip_condition_changes_the_output_and_defaults_to_unflipped():
     plain = _tiny()
     with torch.no_grad():  # a model without flip conditioning ignores the flags
         assert torch.equal(plain(x, t, None, None, torch.tensor([1, 1])), plain(x, t))
+
+
+# ----------------------------------------------------------------------------- pinned science
+def _cubic(x: float, a: float = -0.75) -> float:
+    """Keys' cubic convolution kernel with PyTorch's a = -0.75."""
+    x = abs(x)
+    if x <= 1:
+        return (a + 2) * x ** 3 - (a + 3) * x ** 2 + 1
+    if x < 2:
+        return a * x ** 3 - 5 * a * x ** 2 + 8 * a * x - 4 * a
+    return 0.0
+
+
+def _bicubic_by_hand(grid: np.ndarray, new: tuple[int, int]) -> np.ndarray:
+    """[h, w] -> [nh, nw], align_corners=False (source x = (i + 0.5) * in / out - 0.5), borders
+    clamped: the interpolation written out point by point."""
+    h, w = grid.shape
+    out = np.zeros(new)
+    for i in range(new[0]):
+        for j in range(new[1]):
+            y, x = (i + 0.5) * h / new[0] - 0.5, (j + 0.5) * w / new[1] - 0.5
+            y0, x0 = int(np.floor(y)), int(np.floor(x))
+            total = 0.0
+            for m in range(-1, 3):
+                for n in range(-1, 3):
+                    yy, xx = min(max(y0 + m, 0), h - 1), min(max(x0 + n, 0), w - 1)
+                    total += grid[yy, xx] * _cubic(y - (y0 + m)) * _cubic(x - (x0 + n))
+            out[i, j] = total
+    return out
+
+
+def test_resize_pos_embed_equals_bicubic_by_hand_on_an_asymmetric_grid():
+    """Every position and channel of a 2x3 grid (two token groups) has its own value; resized to
+    3x5 each group and channel must equal the bicubic interpolation written out by hand, rows
+    along the height and columns along the width (a transposed grid, a swapped target size, or
+    another interpolation mode all fail here)."""
+    from maskdm.model.uvit import resize_pos_embed
+    h, w, nh, nw, dim, groups = 2, 3, 3, 5, 2, 2
+    values = np.arange(groups * h * w * dim, dtype=np.float64) ** 1.5  # distinct, not linear
+    pos = torch.cat([torch.full((1, 1, dim), -7.0),
+                     torch.tensor(values, dtype=torch.float64).reshape(1, groups * h * w, dim)], 1)
+    out = resize_pos_embed(pos, 1, groups, (h, w), (nh, nw))
+    assert out.shape == (1, 1 + groups * nh * nw, dim)
+    assert torch.equal(out[0, 0], pos[0, 0])
+    tokens = out[0, 1:].reshape(groups, nh, nw, dim).numpy()
+    for g in range(groups):
+        for c in range(dim):
+            grid = values.reshape(groups, h, w, dim)[g, :, :, c]  # token index = row * w + col
+            np.testing.assert_allclose(tokens[g, :, :, c], _bicubic_by_hand(grid, (nh, nw)),
+                                       rtol=1e-5, atol=1e-5)  # resized in float32
+
+
+def _counted_flops(cfg, keep_idx) -> int:
+    """Matmul FLOPs of one real forward pass (torch's FlopCounterMode) plus the attention
+    products, which the counter does not see inside CPU SDPA: 2 * L^2 * D * 2 per block."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from maskdm.model.config import build_model
+    model = build_model(cfg)
+    x = torch.randn(1, cfg.in_channels, cfg.input_size, cfg.input_size)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(x, torch.tensor([3]), keep_idx)
+    L = (keep_idx.shape[1] if keep_idx is not None else cfg.num_tokens) + cfg.extras
+    return fc.get_total_flops() + (cfg.depth + 1) * 2 * L * L * cfg.dim * 2
+
+
+@pytest.mark.parametrize("tokens", ["split", "joint"])
+def test_the_flop_count_equals_what_the_model_computes(tokens):
+    """model/flops.py against the real forward pass, masked and not: split DWT tokens (two
+    embeddings and heads), joint tokens. The hand count of the split terms, for this 16x16x12
+    input (patch 2: 64 cells, LL 12 and details 36 values per cell, D = 128): unmasked, each
+    group embedded and predicted on its own tokens, 2*64*(12+36)*128 each way; masked to 32 + 32
+    visible tokens, both groups are embedded whole (2*64*48*128) and both heads run on the 64
+    visible tokens (2*64*128*48)."""
+    from maskdm.model.config import ModelConfig
+    from maskdm.model.flops import forward_flops
+    cfg = ModelConfig(preset="tiny", in_channels=12, input_size=16, patch_size=2,
+                      dwt_tokens=tokens, attention="sdpa").resolved()
+    n = cfg.grid[0] * cfg.grid[1]
+    keep = torch.cat([torch.arange(g * n, (g + 1) * n, 2) for g in range(cfg.token_groups)])
+    assert forward_flops(cfg) == _counted_flops(cfg, None)
+    assert forward_flops(cfg, len(keep)) == _counted_flops(cfg, keep.unsqueeze(0))
+    if tokens == "split":  # by hand: 5 blocks of 24*L*D^2 + 4*L^2*D, 2 long skips of 4*L*D^2
+        D = 128
+        for L, embed, head in ((129, 2 * 64 * (12 + 36) * D, 2 * 64 * D * (12 + 36)),
+                               (65, 2 * 64 * 48 * D, 2 * 64 * D * 48)):
+            hand = 5 * (24 * L * D * D + 4 * L * L * D) + 2 * 4 * L * D * D + embed + head
+            assert forward_flops(cfg, None if L == 129 else 64) == hand

@@ -67,6 +67,43 @@ def test_image_swd_is_zero_for_identical_sets_and_grows_with_corruption():
     assert swd_scores(dark, ref)["swd_image"] > 3 * swd_scores(same_law, ref)["swd_image"]
 
 
+def test_every_corruption_raises_the_patch_swd_well_above_the_real_floor():
+    """A uniform colour shift, a gain change, added noise and blur each put the patch SWD far
+    above the floor of two sets of real faces (descriptors normalised with the reference set's
+    statistics; with each set's own, the shift and the gain left it at the floor)."""
+    from scipy.ndimage import gaussian_filter
+    ref, real = _faces(1, 256), _faces(2, 256)
+    floor = swd_scores(real, ref)["swd_patch"]
+    g = np.random.default_rng(0)
+    x = real.astype(np.float64)
+    shifted, gained, noisy = x.copy(), x.copy(), x + g.normal(0, 20, x.shape)
+    shifted[..., 0] += 40
+    gained[..., 2] *= 0.6
+    blurred = gaussian_filter(x, sigma=(0, 1.0, 1.0, 0))
+    for name, bad in (("red +40", shifted), ("blue x 0.6", gained), ("noise sd 20", noisy),
+                      ("blur sigma 1", blurred)):
+        score = swd_scores(np.clip(bad, 0, 255).astype(np.uint8), ref)["swd_patch"]
+        assert score > 3 * floor, (name, score, floor)
+
+
+def test_patch_descriptors_are_7x7_neighbourhoods_normalised_by_the_reference():
+    """The descriptors against a direct computation: the 7x7 window around each drawn centre
+    (rows along the height), each channel scaled by the reference descriptors' mean and std."""
+    from maskdm.pipeline.eval.swd import _descriptors, normalise
+    level = torch.arange(2 * 3 * 11 * 12, dtype=torch.float32).reshape(2, 3, 11, 12) ** 1.3
+    d = _descriptors(level, 4, np.random.default_rng(5))
+    rng = np.random.default_rng(5)  # the same draws: centres ys, then xs
+    ys, xs = rng.integers(3, 8, size=(2, 4)), rng.integers(3, 9, size=(2, 4))
+    for i in range(2):
+        for k in range(4):
+            window = level[i, :, ys[i, k] - 3:ys[i, k] + 4, xs[i, k] - 3:xs[i, k] + 4]
+            assert torch.equal(d[i * 4 + k], window.permute(1, 2, 0).reshape(49, 3))
+    ref = d.flip(0) * 2 + 1
+    flat = ref.reshape(-1, 3)
+    want = ((d - flat.mean(0)) / flat.std(0)).reshape(len(d), -1)
+    assert torch.allclose(normalise(d, ref), want, atol=1e-6)
+
+
 def test_heldout_loss_is_deterministic_and_exact():
     d = GaussianDiffusion("cosine", 1000)
     x0 = torch.rand(5, 3, 8, 8) * 2 - 1

@@ -5,11 +5,16 @@ Two flavours, both between a set of generated images and a set of reference imag
 - **Laplacian-pyramid patch SWD** (Karras et al., "Progressive Growing of GANs", ICLR 2018, Sec. 5):
   each image is split into a Laplacian pyramid (5-tap binomial filter, factor 2, down to 16x16);
   from every level, ``patches`` random 7x7 neighbourhoods per image become 147-dim descriptors,
-  normalised per colour channel (mean and std of that set and level); the distance between the two
-  descriptor sets is the SWD. Per level and averaged; reported x 1e3 like the paper. The finest
-  level measures detail/texture, the coarsest the overall structure and colour.
+  normalised per colour channel with the mean and std of the *reference* set's descriptors at that
+  level (Karras et al. use each set's own statistics, which makes the score blind to a uniform
+  colour shift or gain: measured on procedural faces, +40 on red or blue x 0.6 left it at the
+  real-vs-real floor; with the reference's statistics both raise it well above); the distance
+  between the two descriptor sets is the SWD. Per level and averaged; reported x 1e3 like the
+  paper. The finest level measures noise, blur and texture; the low-pass residual (the coarsest
+  level) layout and colour.
 - **Whole-image SWD**: the same distance between the images themselves (pixels in [0, 1],
-  flattened), x 1e3. Sensitive to global layout and colour.
+  flattened), x 1e3. Sensitive to global layout and colour; nearly blind to noise and blur (their
+  energy is spread over many directions of the pixel space).
 
 The SWD of two point sets of equal size is the mean, over random unit directions, of the
 1-Wasserstein distance between their 1-D projections (the mean absolute difference of the sorted
@@ -78,8 +83,8 @@ def laplacian_pyramid(images: torch.Tensor, min_size: int = MIN_LEVEL) -> list[t
 
 
 def _descriptors(level: torch.Tensor, patches: int, rng: np.random.Generator) -> torch.Tensor:
-    """Random 7x7 neighbourhoods of every image of a level -> [N * patches, C*49], normalised
-    per channel over the whole set."""
+    """Random 7x7 neighbourhoods of every image of a level -> [N * patches, 49, C] (raw values;
+    ``normalise`` scales them)."""
     n, c, h, w = level.shape
     r = NHOOD // 2
     ys = torch.from_numpy(rng.integers(r, h - r, size=(n, patches)))
@@ -89,9 +94,16 @@ def _descriptors(level: torch.Tensor, patches: int, rng: np.random.Generator) ->
     xx = (xs[..., None, None] + off[None, :])  # [n, p, 1, 7]
     idx = torch.arange(n)[:, None, None, None]
     desc = level.permute(0, 2, 3, 1)[idx, yy, xx]  # [n, p, 7, 7, C]
-    desc = desc.reshape(n * patches, NHOOD * NHOOD, c)
-    desc = (desc - desc.mean(dim=(0, 1))) / desc.std(dim=(0, 1)).clamp_min(1e-8)
-    return desc.reshape(n * patches, -1)
+    return desc.reshape(n * patches, NHOOD * NHOOD, c)
+
+
+def normalise(desc: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """[M, 49, C] descriptors -> [M, 49*C], each channel shifted and scaled by the mean and std
+    of the *reference* set's descriptors (of that level). Karras et al. normalise each set by its
+    own statistics, which cancels a uniform colour shift or gain; with the reference's, both
+    show (a deliberate deviation)."""
+    mean, std = reference.mean(dim=(0, 1)), reference.std(dim=(0, 1)).clamp_min(1e-8)
+    return ((desc - mean) / std).reshape(len(desc), -1)
 
 
 def _to_float(images: np.ndarray) -> torch.Tensor:
@@ -119,7 +131,7 @@ def swd_scores(samples: np.ndarray, reference: np.ndarray, *, patches: int = 64,
         # scored against itself gives exactly 0
         da = _descriptors(xa, patches, np.random.default_rng([seed, i]))
         db = _descriptors(xb, patches, np.random.default_rng([seed, i]))
-        d = sliced_wasserstein(da, db,
+        d = sliced_wasserstein(normalise(da, db), normalise(db, db),
                                directions=directions, repeats=repeats, seed=seed + i) * 1e3
         out[f"swd_{xa.shape[-1]}"] = d
         per_level.append(d)

@@ -1,20 +1,25 @@
 """Curves of a metric against cumulative training FLOPs, and the speed-up between two of them.
 
 Every metric here is lower-is-better (SWD, held-out loss, FID). A curve is the metric at the
-evaluation points of one arm, pre-training included, in FLOP order.
+evaluation points of one arm, pre-training included, in FLOP order; each point knows which model
+it scored (``stages``: the pre-trained, e.g. masked, model or the fine-tuned one).
 
-Speed-up of arm A over the reference arm R (DSM from scratch) at their final values: take the
-worse of the two final values, ``target = max(final_R, final_A)``; the speed-up is the FLOPs R
-needs to first reach ``target`` divided by the FLOPs A needs to first reach it (linear
-interpolation between evaluation points). When A ends better than R, that is "the FLOPs the
-scratch arm needs to reach its final metric / the FLOPs the two-stage arm needs to reach the same
-value" (> 1); when A ends worse, the same rule gives a value < 1 instead of "never".
+Speed-up of arm A over the reference arm R (DSM from scratch), by construction never above 1 for
+an arm that ends worse:
 
-Two limits of a speed-up read off evaluation points, reported with it (``speedup_detail``):
-- resolution: a curve can only reach the target at an evaluation point or between two; when an
-  arm is already at the target at its first point, the true crossing may be earlier, so the ratio
-  is a bound (>= when it is the two-stage arm, <= when it is the reference);
-- noise: when the reference arm's metric does not improve along its curve by more than its final
+- A ends at least as good as R: the target is R's final value; the speed-up is the FLOPs R needs
+  to *reach and stay* at or below it (until its end) over the FLOPs A needs to reach and stay
+  there (> 1: A is faster). "And stay" matters for curves that are not monotone: a point that
+  dips below the target and comes back up does not count.
+- A ends worse: the target is A's final value; the speed-up is the FLOPs R needs to reach and stay
+  there over *all* of A's FLOPs (<= 1 whenever A spent at least R's FLOPs: equal budgets).
+
+Two limits of a speed-up read off evaluation points, reported with it:
+- resolution: the crossing lies somewhere between the last evaluation point above the target and
+  the next one (between 0 and the first point when a curve is there from its first point), so
+  each speed-up comes with a bracket ``[lo, hi]`` (``hi`` infinite: a lower bound) next to the
+  interpolated value;
+- noise: when the reference's metric does not improve along its curve by more than its final
   values differ between seeds, "the FLOPs it needs to reach its final value" is set by noise, and
   the speed-up is reported as not resolved (``resolved_by``).
 """
@@ -29,16 +34,33 @@ from dataclasses import dataclass
 class Curve:
     flops: list[float]
     values: list[float]
+    stages: list[str] | None = None  # per point: "pretrain" | "finetune" | "dsm" (None: dsm)
 
     def __post_init__(self):
         if len(self.flops) != len(self.values) or not self.flops:
             raise ValueError("a curve needs one value per FLOP count, and at least one point")
         if any(b < a for a, b in zip(self.flops, self.flops[1:])):
             raise ValueError("a curve's FLOP counts must not decrease")
+        if self.stages is not None and len(self.stages) != len(self.flops):
+            raise ValueError("a curve needs one stage per point")
 
     @property
     def final(self) -> float:
         return self.values[-1]
+
+    def stage(self, i: int) -> str:
+        return self.stages[i] if self.stages else "dsm"
+
+
+@dataclass
+class Crossing:
+    """Where a curve gets to a target for good: ``flops`` (interpolated), ``lo``/``hi`` (the
+    evaluation points around it), ``index`` (the first point at or below it for good)."""
+
+    flops: float
+    lo: float
+    hi: float
+    index: int
 
 
 def first_reach(curve: Curve, target: float) -> float | None:
@@ -53,28 +75,50 @@ def first_reach(curve: Curve, target: float) -> float | None:
     return None
 
 
+def reach_and_stay(curve: Curve, target: float) -> Crossing | None:
+    """From which FLOPs on ``curve`` stays at or below ``target`` until its end; None if it ends
+    above. Interpolated between the last point above and the next one."""
+    if not curve.final <= target:
+        return None
+    above = [i for i, v in enumerate(curve.values) if not v <= target]
+    if not above:
+        return Crossing(curve.flops[0], 0.0, curve.flops[0], 0)
+    i = above[-1]
+    (f0, v0), (f1, v1) = (curve.flops[i], curve.values[i]), (curve.flops[i + 1],
+                                                              curve.values[i + 1])
+    f = f1 if not math.isfinite(v0) or v0 == v1 else f0 + (f1 - f0) * (v0 - target) / (v0 - v1)
+    return Crossing(f, f0, f1, i + 1)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else math.inf
+
+
+def speedup_detail(reference: Curve, arm: Curve) -> dict:
+    """The speed-up of ``arm`` over ``reference`` (see the module): ``value``, its bracket
+    ``lo``/``hi`` from the evaluation points, ``kind`` (``exact``, or ``lower bound`` when ``hi``
+    is infinite), and ``reached_in``: which model of the arm got there (``pretrain``,
+    ``finetune``, ``dsm`` for a one-stage arm, or ``end`` when it ends worse and is charged all
+    its FLOPs)."""
+    if arm.final <= reference.final:
+        target = reference.final
+        r, a = reach_and_stay(reference, target), reach_and_stay(arm, target)
+        value = _ratio(r.flops, a.flops)
+        lo, hi = _ratio(r.lo, a.hi), _ratio(r.hi, a.lo)
+        reached = arm.stage(a.index)
+    else:
+        target = arm.final
+        r, end = reach_and_stay(reference, target), arm.flops[-1]
+        value, lo, hi = _ratio(r.flops, end), _ratio(r.lo, end), _ratio(r.hi, end)
+        reached = "end"
+    return {"value": value, "lo": lo, "hi": hi,
+            "kind": "lower bound" if math.isinf(hi) else "exact", "reached_in": reached,
+            "target": target}
+
+
 def speedup(reference: Curve, arm: Curve) -> float:
-    """FLOPs ``reference`` needs / FLOPs ``arm`` needs to reach the worse of the two final
-    values (> 1: ``arm`` is faster)."""
-    target = max(reference.final, arm.final)
-    f_ref, f_arm = first_reach(reference, target), first_reach(arm, target)
-    if not f_arm:  # reached at zero FLOPs (a curve starting at its target): no finite ratio
-        return math.inf if f_ref else 1.0
-    return f_ref / f_arm
-
-
-def speedup_detail(reference: Curve, arm: Curve) -> tuple[float, str]:
-    """``speedup`` and whether it is ``exact``, a ``lower bound`` or an ``upper bound`` (a curve
-    at the target at its first evaluation point)."""
-    value = speedup(reference, arm)
-    target = max(reference.final, arm.final)
-    arm_first = arm.values[0] <= target
-    ref_first = reference.values[0] <= target
-    if arm_first and not ref_first:
-        return value, "lower bound"
-    if ref_first and not arm_first:
-        return value, "upper bound"
-    return value, "exact"
+    """The interpolated speed-up (``speedup_detail``'s value)."""
+    return speedup_detail(reference, arm)["value"]
 
 
 def resolved_by(references: list[Curve]) -> bool:
@@ -97,27 +141,38 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def summarize_speedups(pairs: list[tuple[Curve, Curve]], references: list[Curve]) -> dict:
-    """Speed-ups of (reference, arm) curve pairs, one per seed -> spread + per-seed values, how
-    they were read (``kind``: exact, lower bound, upper bound, or mixed over seeds) and whether
-    the reference resolves them."""
+    """Speed-ups of (reference, arm) curve pairs, one per seed -> spread of the values, the
+    bracket over seeds and evaluation grid (``lo``: the smallest per-seed ``lo``, ``hi``: the
+    largest ``hi``), per-seed details, ``kind`` (a lower bound if any seed's is), ``reached_in``
+    (``mixed`` when seeds differ) and whether the reference resolves them."""
     detail = [speedup_detail(ref, arm) for ref, arm in pairs]
-    kinds = {k for _, k in detail}
-    return {**spread([v for v, _ in detail]), "per_seed": [v for v, _ in detail],
-            "kind": kinds.pop() if len(kinds) == 1 else "mixed",
+    reached = {d["reached_in"] for d in detail}
+    return {**spread([d["value"] for d in detail]), "per_seed": detail,
+            "lo": min((d["lo"] for d in detail), default=math.nan),
+            "hi": max((d["hi"] for d in detail), default=math.nan),
+            "kind": "lower bound" if any(d["kind"] == "lower bound" for d in detail) else "exact",
+            "reached_in": reached.pop() if len(reached) == 1 else "mixed",
             "resolved": resolved_by(references)}
 
 
 def format_value(s: dict | None, digits: int) -> str:
-    """``mean (min-max)`` of a ``spread`` (``mean`` alone for one seed); a speed-up summary
-    gets its mark: ``>=``/``<=`` a bound, ``~`` bounds for some seeds, ``n/r`` not resolved."""
+    """``mean (min-max)`` of a ``spread`` (``mean`` alone for one seed). A speed-up summary is
+    ``mean [lo, hi]`` (the bracket over seeds and the evaluation grid; ``>= lo`` when it has no
+    upper end), ``n/r`` when not resolved, and ``(pre)`` when the arm got there with its
+    pre-trained model."""
     if not s or not math.isfinite(s["mean"]):
         return "-"
     if s.get("resolved") is False:
         return "n/r"
-    mark = {"lower bound": ">=", "upper bound": "<=", "mixed": "~"}.get(s.get("kind"), "")
+    if "lo" in s:
+        pre = " (pre)" if s.get("reached_in") in ("pretrain", "mixed") and \
+            any(d["reached_in"] == "pretrain" for d in s["per_seed"]) else ""
+        if math.isinf(s["hi"]):
+            return f">= {s['lo']:.{digits}f}{pre}"
+        return f"{s['mean']:.{digits}f} [{s['lo']:.{digits}f}, {s['hi']:.{digits}f}]{pre}"
     if s["n"] > 1:
-        return f"{mark}{s['mean']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
-    return f"{mark}{s['mean']:.{digits}f}"
+        return f"{s['mean']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+    return f"{s['mean']:.{digits}f}"
 
 
 def save_figure(fig, path, dpi: int) -> None:

@@ -1,19 +1,16 @@
 """``maskdm experiment fast-learner``: does MSM pre-training make diffusion training faster?
 
-Every arm gets the same budget of cumulative training FLOPs (``model/flops.py``, pre-training
-included): the reference arm trains with DSM from scratch for ``budget_steps`` steps; a two-stage
-arm spends the fraction ``switch`` of that budget on pre-training (cheaper steps: MSM with its mask,
-where the encoder sees only the visible tokens, or DSM at a lower resolution, ``pretrain_size``)
-and the rest on DSM fine-tuning from the pre-trained EMA weights. An arm may also change the
-model or the objective (``sets`` for both stages, ``pretrain_sets`` for the first): MaskDiT is
-``sets: [model.decoder_depth=2, ...]`` with ``pretrain_sets: [train.mae_weight=0.1]``. Each stage is an ordinary ``maskdm train`` run, so
-the experiment exercises the real pipeline (shards, loader, DeepSpeed, EMA, checkpoints, MLflow).
+The arms and their equal-FLOP plan are in ``arms.py`` (the reference DSM from scratch, two-stage
+arms, and the DSM controls that match a two-stage arm's step count or images). Each stage is an
+ordinary ``maskdm train`` run, so the experiment exercises the real pipeline (shards, loader,
+DeepSpeed, EMA, checkpoints, MLflow).
 
 All runs log the weight-free metrics (``eval.score_every``) against a held-out set at points
 evenly spaced in FLOPs, together with ``train_flops``. The result (``OUT/results.json``,
 ``OUT/results.md``, ``OUT/curves.png``) compares the arms per seed at equal FLOPs and reports the
-speed-up of each two-stage arm (``compare.speedup``) with its spread over seeds. Every run goes
-into one MLflow experiment, nested under a parent run that gets the table and the plot.
+speed-up of each arm over the reference (``compare.speedup``) with its spread over seeds and its
+bracket from the evaluation grid. Every run goes into one MLflow experiment, nested under a parent
+run that gets the table and the plot.
 
 Re-running the same command continues where it stopped: finished runs are kept, an interrupted
 one resumes from its last checkpoint.
@@ -23,213 +20,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from maskdm.console import show_progress
-from maskdm.model.masks import MaskSpec
 from maskdm.shardformat.fsutil import atomic_write_json, atomic_write_text
 
-from ..config import ConfigError, check_shapes, load_config
+from ..config import ConfigError
+from .arms import METRICS, Spec, Stage, plan  # noqa: F401  (Spec: the CLI's entry)
 from .compare import Curve, format_value, save_figure, spread, summarize_speedups
 
-METRICS = ("swd_patch", "swd_image", "heldout_loss")
 QUICK = {"budget_steps": 24, "evals": 2, "seeds": [0], "count": 192, "heldout_count": 32,
          "score_samples": 16, "sample_steps": 5}
-
-
-@dataclass
-class Arm:
-    name: str
-    mask: dict  # MaskSpec fields of the pre-training; kind none: DSM
-    sets: list[str] = field(default_factory=list)  # --set overrides of both stages
-    pretrain_sets: list[str] = field(default_factory=list)  # ... of the pre-training only
-    pretrain_size: int | None = None  # pre-train at this image size (resolution transfer)
-
-    @property
-    def two_stage(self) -> bool:
-        """False for DSM from scratch (the reference arm)."""
-        return MaskSpec(**self.mask).is_masked or self.pretrain_size is not None
-
-    def as_dict(self) -> dict:
-        out = {"mask": self.mask}
-        for k in ("sets", "pretrain_sets", "pretrain_size"):
-            if getattr(self, k):
-                out[k] = getattr(self, k)
-        return out
-
-    @classmethod
-    def parse(cls, name: str, value, where) -> "Arm":
-        value = dict(value or {})
-        known = {"mask", "sets", "pretrain_sets", "pretrain_size"}
-        if set(value) - known:
-            raise ConfigError(f"{where}: arm {name}: unknown key(s) "
-                              f"{', '.join(sorted(set(value) - known))}; known: "
-                              f"{', '.join(sorted(known))}")
-        for k in ("sets", "pretrain_sets"):
-            if not isinstance(value.get(k, []), list):
-                raise ConfigError(f"{where}: arm {name}: {k} must be a list of key=value")
-        size = value.get("pretrain_size")
-        if size is not None and (not isinstance(size, int) or size < 2 or size % 2):
-            raise ConfigError(f"{where}: arm {name}: pretrain_size must be an even image size "
-                              f"in pixels, got {size!r}")
-        return cls(name, dict(value.get("mask") or {"kind": "none"}),
-                   [str(x) for x in value.get("sets", [])],
-                   [str(x) for x in value.get("pretrain_sets", [])], size)
-
-
-@dataclass
-class Spec:
-    """An experiment file (see configs/experiments/)."""
-
-    name: str
-    train_config: Path
-    arms: list[Arm]
-    budget_steps: int = 2000
-    switch: float = 0.5
-    evals: int = 8
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
-    metric: str = "swd_image"
-    shards: str | None = None  # training shards; default: the procedural set, sharded here
-    heldout: str | None = None  # held-out shards; default: a second procedural set
-    size: int = 32
-    count: int = 4000
-    heldout_count: int = 512
-    score_samples: int | None = None  # default: the training config's eval.score_samples
-    sample_steps: int | None = None  # default: the training config's eval.steps
-    sets: list[str] = field(default_factory=list)  # --set overrides for every run
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Spec":
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of experiment settings")
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known: "
-                              f"{', '.join(sorted(known))}")
-        for key in ("name", "train_config", "arms"):
-            if key not in data:
-                raise ConfigError(f"{path}: '{key}' is required")
-        arms_in = data.pop("arms")
-        if not isinstance(arms_in, dict) or not arms_in:
-            raise ConfigError(f"{path}: arms must map arm names to {{mask: {{...}}}}")
-        arms = [Arm.parse(n, a, path) for n, a in arms_in.items()]
-        data["train_config"] = (path.parent / data["train_config"]).resolve()
-        spec = cls(arms=arms, **data)
-        spec.check(path)
-        return spec
-
-    def check(self, where) -> None:
-        for a in self.arms:
-            try:
-                MaskSpec(**a.mask).validate()
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"{where}: arm {a.name}: mask {a.mask}: {e}") from None
-        refs = [a for a in self.arms if not a.two_stage]
-        if len(refs) != 1:
-            raise ConfigError(f"{where}: exactly one arm must be DSM from scratch (mask kind "
-                              f"none, no pretrain_size), found {len(refs)}")
-        for a in self.arms:
-            if a.pretrain_size is not None and a.pretrain_size >= self.size:
-                raise ConfigError(f"{where}: arm {a.name}: pretrain_size {a.pretrain_size} must "
-                                  f"be below the image size {self.size}")
-        if not 0 < self.switch < 1:
-            raise ConfigError(f"{where}: switch must be in (0, 1) (the fraction of the FLOPs "
-                              f"spent on MSM pre-training), got {self.switch}")
-        if self.budget_steps < 2 or self.evals < 1 or not self.seeds:
-            raise ConfigError(f"{where}: budget_steps must be >= 2, evals >= 1, seeds non-empty")
-        if self.metric not in METRICS:
-            raise ConfigError(f"{where}: metric must be one of {', '.join(METRICS)}")
-        if not self.train_config.exists():
-            raise ConfigError(f"{where}: train_config {self.train_config} does not exist")
-
-    @property
-    def reference(self) -> Arm:
-        return next(a for a in self.arms if not a.two_stage)
-
-
-def mask_sets(mask: dict) -> list[str]:
-    kind = mask.get("kind", "none")
-    out = [f"mask.kind={kind}"]
-    for k, v in mask.items():
-        if k != "kind":
-            out.append(f"mask.{k}={v}")
-    return out
-
-
-@dataclass
-class Stage:
-    arm: str
-    seed: int
-    stage: str  # pretrain | finetune
-    run_dir: Path
-    sets: list[str]  # --set overrides of this run, train.run_dir included
-    steps: int
-    score_every: int
-    flops_per_step: float
-
-    @property
-    def label(self) -> str:
-        return f"{self.arm} seed {self.seed} {self.stage}"
-
-
-def plan(spec: Spec, out: Path, base_sets: list[str]) -> list[list[Stage]]:
-    """-> the runs of every (seed, arm), seed by seed: equal FLOPs for every arm."""
-    per_step = {}
-
-    def flops(sets: list[str], size: int) -> float:
-        from maskdm.model.flops import step_flops
-        key = json.dumps([sets, size])
-        if key not in per_step:
-            cfg = load_config([str(spec.train_config)], base_sets + sets)
-            mcfg = check_shapes(cfg, size)
-            per_step[key] = float(step_flops(mcfg, cfg.mask, cfg.train.global_batch))
-        return per_step[key]
-
-    dsm = flops(mask_sets({"kind": "none"}), spec.size)
-    budget = spec.budget_steps * dsm
-    every = max(1, round(spec.budget_steps / spec.evals))
-    runs = []
-    for seed in spec.seeds:
-        for arm in spec.arms:
-            root = out / "runs" / arm.name / f"seed{seed}"
-            common = [f"train.seed={seed}"] + arm.sets
-            if not arm.two_stage:
-                runs.append([Stage(arm.name, seed, "pretrain", root / "scratch",
-                                   common + mask_sets(arm.mask) +
-                                   [f"train.run_dir={root / 'scratch'}"], spec.budget_steps,
-                                   every, dsm)])
-                continue
-            pre_sets = arm.sets + mask_sets(arm.mask) + arm.pretrain_sets
-            size = spec.size
-            if arm.pretrain_size is not None:  # its own shards; the scores need spec.size
-                size = arm.pretrain_size
-                pre_sets += [f"data.shards={out / 'data' / f'train{size}'}",
-                             f"data.image_size={size}"]
-            pre_cost = flops(pre_sets, size)
-            fine_cost = flops(arm.sets + mask_sets({"kind": "none"}), spec.size)
-            pre_sets = [f"train.seed={seed}"] + pre_sets
-            fine_sets = common + ["train.stage=finetune", "mask.kind=none"]
-            pre = max(1, round(spec.switch * budget / pre_cost))
-            fine = max(1, round((budget - pre * pre_cost) / fine_cost))
-            pre_every = 0 if arm.pretrain_size else max(1, round(budget / spec.evals / pre_cost))
-            runs.append([
-                Stage(arm.name, seed, "pretrain", root / "pretrain",
-                      pre_sets + [f"train.run_dir={root / 'pretrain'}"], pre, pre_every, pre_cost),
-                Stage(arm.name, seed, "finetune", root / "finetune", fine_sets + [
-                    f"train.run_dir={root / 'finetune'}", f"train.init_from={root / 'pretrain'}"],
-                      fine, max(1, round(budget / spec.evals / fine_cost)), fine_cost)])
-    return runs
 
 
 def _finished(stage: Stage) -> bool:
@@ -262,11 +64,12 @@ class ExperimentError(RuntimeError):
     pass
 
 
-def read_curve(run_dirs: list[Path], metric: str) -> Curve:
-    """The evaluation points of one arm (its runs in order) -> Curve over train_flops."""
+def read_curve(runs: list[tuple[Path, str]], metric: str) -> Curve:
+    """The evaluation points of one arm -> Curve over train_flops; ``runs``: its (run folder,
+    stage label) in order, the label saying which model scored each point."""
     from ..tracking import read_jsonl
-    flops, values = [], []
-    for run in run_dirs:
+    flops, values, stages = [], [], []
+    for run, stage in runs:
         points = {}
         for r in read_jsonl(run / "metrics.jsonl"):
             if metric in r and "train_flops" in r:
@@ -274,7 +77,8 @@ def read_curve(run_dirs: list[Path], metric: str) -> Curve:
         for step in sorted(points):  # a resumed run may log a step twice: the last one counts
             flops.append(points[step][0])
             values.append(points[step][1])
-    return Curve(flops, values)
+            stages.append(stage)
+    return Curve(flops, values, stages)
 
 
 def _prepare_data(spec: Spec, out: Path) -> tuple[str, str]:
@@ -411,21 +215,26 @@ def summarize(spec: Spec, runs: list[list[Stage]], walls: dict, *, quick: bool) 
         budget.setdefault(arm, {})[seed] = sum(s.steps * s.flops_per_step for s in stages)
         for m in METRICS:
             try:
-                curves[m].setdefault(arm, {})[seed] = read_curve([s.run_dir for s in stages], m)
+                labels = [s.stage for s in stages] if len(stages) > 1 else ["dsm"]
+                curves[m].setdefault(arm, {})[seed] = read_curve(
+                    [(s.run_dir, label) for s, label in zip(stages, labels)], m)
             except ValueError:
                 pass  # this metric was not logged (e.g. no held-out set)
     ref = spec.reference.name
     out = {"name": spec.name, "quick": quick, "metric": spec.metric,
            "budget_steps": spec.budget_steps, "switch": spec.switch, "seeds": spec.seeds,
            "arms": {a.name: {**a.as_dict(), "two_stage": a.two_stage,
+                             "reference": a.is_reference,
                              "stages": [{"stage": s.stage, "steps": s.steps,
-                                         "flops_per_step": s.flops_per_step}
+                                         "flops_per_step": s.flops_per_step,
+                                         "batch": s.batch}
                                         for s in next(r for r in runs if r[0].arm == a.name)]}
                     for a in spec.arms},
            "train_flops": budget, "curves": {}, "final": {}, "speedup": {},
            "run_wall_seconds": walls}
     for m, per_arm in curves.items():
-        out["curves"][m] = {a: {str(s): {"flops": c.flops, "values": c.values}
+        out["curves"][m] = {a: {str(s): {"flops": c.flops, "values": c.values,
+                                         "stages": c.stages}
                                 for s, c in per_seed.items()} for a, per_seed in per_arm.items()}
         out["final"][m] = {a: spread([c.final for c in per_seed.values()])
                            for a, per_seed in per_arm.items()}
@@ -440,61 +249,84 @@ def summarize(spec: Spec, runs: list[list[Stage]], walls: dict, *, quick: bool) 
 
 
 def table(results: dict) -> str:
-    """The markdown table: final metrics (mean, min-max over seeds) and speed-ups per arm."""
+    """The markdown table: steps, images, FLOPs, final metrics (mean, min-max over seeds) and
+    speed-ups per arm."""
     metrics = [m for m in METRICS if results["final"].get(m)]
     arms = list(results["arms"])
-    head = ("| arm | training FLOPs | wall s / seed | " +
+    head = ("| arm | steps (batch) | images | training FLOPs | wall s / seed | " +
             " | ".join(f"final {m}" for m in metrics) + " | " +
             " | ".join(f"speed-up ({m})" for m in metrics) + " |")
-    lines = [head, "|" + "---|" * (3 + 2 * len(metrics))]
+    lines = [head, "|" + "---|" * (5 + 2 * len(metrics))]
     walls = results.get("run_wall_seconds", {})
     for a in arms:
+        info = results["arms"][a]
         flops = list(results["train_flops"].get(a, {}).values())
         wall = sum(v for k, v in walls.items() if k.startswith(a + "/"))
-        cells = [a + (" (reference)" if not results["arms"][a]["two_stage"] else ""),
+        stages = info["stages"]
+        steps = " + ".join(f"{s['steps']}" for s in stages) + \
+            f" ({'/'.join(sorted({str(s.get('batch') or '-') for s in stages}))})"
+        images = sum(s["steps"] * (s.get("batch") or 0) for s in stages)
+        cells = [a + (" (reference)" if info.get("reference") else ""), steps,
+                 f"{images / 1000:.1f}k" if images else "-",
                  f"{sum(flops) / max(len(flops), 1):.3g}",
                  f"{wall / len(results['seeds']):.0f}" if wall else "-"]
         cells += [format_value(results["final"][m].get(a), 4 if m == "heldout_loss" else 2)
                   for m in metrics]
-        cells += ["1" if not results["arms"][a]["two_stage"] else
+        cells += ["1" if info.get("reference") else
                   format_value(results["speedup"].get(a, {}).get(m), 2) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     seeds = results["seeds"]
     lines.append("")
-    lines.append(f"{len(seeds)} seed(s) {seeds}; values are the mean over seeds with the range in "
-                 f"parentheses. Speed-up: the FLOPs DSM from scratch needs to reach the worse of "
-                 f"the two final values / the FLOPs the arm needs (> 1: the arm is faster), "
-                 f"paired by seed; >= / <=: a bound (an arm was already there at its first "
-                 f"evaluation; ~: a bound for some seeds); n/r: not resolved (along DSM "
-                 f"from scratch this metric improves less than its final values differ "
-                 f"between seeds). Metrics are "
-                 f"lower-is-better, x 1e3 for SWD. Wall time: training + scoring + start-up, "
-                 f"as run here.")
+    lines.append(
+        f"{len(seeds)} seed(s) {seeds}; final values are the fine-tuned (or only) model's, mean "
+        f"over seeds with the range in parentheses; lower is better, SWD x 1e3. Speed-up, paired "
+        f"by seed: for an arm that ends at least as good as DSM from scratch, the FLOPs scratch "
+        f"needs to reach its final value and stay there / the FLOPs the arm needs to reach it "
+        f"and stay; for an arm that ends worse, the FLOPs scratch needs to reach the arm's final "
+        f"value / all of the arm's FLOPs (so <= 1). The mean over seeds is followed by [lo, hi]: "
+        f"what the evaluation points and the seeds allow (the crossing lies between two "
+        f"points); >= lo: no upper end (the arm was there at its first point); (pre): the arm "
+        f"got there with its pre-trained model, before fine-tuning; n/r: not resolved (along "
+        f"scratch this metric improves less than its final values differ between seeds). "
+        f"Wall time: training + scoring + start-up, as run here.")
     return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
+    """Metrics against FLOPs, one panel per metric: filled markers for DSM models (fine-tuned or
+    from scratch), hollow ones for the pre-trained (masked) models, evaluated unmasked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     metrics = [m for m in METRICS if results["curves"].get(m)]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.5), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", "-.", ":"]
     for ax, m in zip(axes[0], metrics):
         for i, (arm, per_seed) in enumerate(results["curves"][m].items()):
+            color, ls = colors[i % len(colors)], styles[i // len(colors) % len(styles)]
             for j, (seed, c) in enumerate(per_seed.items()):
-                ax.plot(c["flops"], c["values"], "-o", ms=3, color=colors[i % len(colors)],
-                        alpha=0.9 if j == 0 else 0.5, label=arm if j == 0 else None)
+                alpha = 0.9 if j == 0 else 0.5
+                ax.plot(c["flops"], c["values"], ls, color=color, alpha=alpha,
+                        label=arm if j == 0 else None)
+                stages = c.get("stages") or ["dsm"] * len(c["flops"])
+                for pre in (True, False):
+                    pts = [(f, v) for f, v, s in zip(c["flops"], c["values"], stages)
+                           if (s == "pretrain") == pre]
+                    if pts:
+                        ax.plot(*zip(*pts), "o", ms=4, color=color, alpha=alpha,
+                                markerfacecolor="none" if pre else color)
             stages = results["arms"][arm]["stages"]
             if len(stages) > 1:
                 switch = stages[0]["steps"] * stages[0]["flops_per_step"]
-                ax.axvline(switch, color=colors[i % len(colors)], ls=":", lw=1)
+                ax.axvline(switch, color=color, ls=":", lw=1)
         ax.set_xlabel("cumulative training FLOPs (pre-training included)")
         ax.set_ylabel(m + (" (x 1e3)" if m.startswith("swd") else ""))
         ax.set_title(m)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{results['name']}: equal-FLOP comparison (dotted: the switch from pre-training to DSM)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{results['name']}: equal-FLOP comparison (hollow: the pre-trained model, "
+                 f"evaluated unmasked; dotted: the switch to DSM)")
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
 
