@@ -110,7 +110,16 @@ def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint folder, a ``checkpoints`` folder or a run folder -> one checkpoint folder."""
+    """A checkpoint folder, a ``checkpoints`` folder or a run folder -> one checkpoint folder.
+    A run or checkpoint in a bucket (s3://, gs://): its newest committed checkpoint's meta and
+    EMA weights, downloaded into the local cache (``runstore.fetch_weights``)."""
+    from maskdm.shardformat.remote import is_remote
+    if is_remote(path):
+        from .runstore import fetch_weights
+        try:
+            return fetch_weights(str(path))
+        except (ValueError, RuntimeError) as e:
+            raise CheckpointError(str(e)) from None
     p = Path(path).expanduser()
     if (p / "meta.json").exists():
         return p
@@ -198,23 +207,37 @@ def _fsync_tree(path: Path) -> None:
     fsync_dir(path)
 
 
-def save(engine, ema, root: str | os.PathLike, meta: CheckpointMeta, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the committed checkpoint folder."""
+def save(engine, ema, root: str | os.PathLike, meta: CheckpointMeta, keep_last: int, *,
+         node_local: bool = False) -> Path:
+    """Collective: every rank calls it. Returns the committed checkpoint folder. ``node_local``:
+    ``root`` is on each node's own disk (a run folder in a bucket): each node commits its copy
+    (local rank 0), not rank 0 alone."""
     root = Path(root)
     name = tag(meta.step)
     tmp, final = root / f".tmp-{name}", root / name
-    if dist.is_main():
+    committer = int(os.environ.get("LOCAL_RANK", "0")) == 0 if node_local else dist.is_main()
+    if committer:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
-    rank = dist.rank()
-    if ema.zero3 or dist.is_main():
-        torch.save(ema.state_dict(), tmp / f"ema_rank{rank:05d}.pt")
-    torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
-    _fsync_tree(tmp)
+    error = None
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
+        rank = dist.rank()
+        if ema.zero3 or dist.is_main():
+            torch.save(ema.state_dict(), tmp / f"ema_rank{rank:05d}.pt")
+        torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
+        _fsync_tree(tmp)
+    except (OSError, RuntimeError) as e:  # a full disk, mostly: no partial folder stays behind
+        error = e
+    if dist.any_rank(error is not None):
+        if committer:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        raise error or CheckpointError(f"another rank could not write its part of {name}")
     dist.barrier()
-    if dist.is_main():
+    if committer:
         atomic_write_json(tmp / "meta.json", meta.to_json())
         if final.exists():  # re-saving the same step (e.g. after a resume): replace it
             shutil.rmtree(final)

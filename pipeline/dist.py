@@ -66,6 +66,13 @@ def launch_rank() -> int:
     return int(os.environ.get("SLURM_PROCID", "0"))
 
 
+def launch_local_rank() -> int:
+    """This process's rank on its node as the launcher set it (0 for a plain process)."""
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    return int(os.environ.get("SLURM_LOCALID", "0"))
+
+
 def op_build_note(device: torch.device) -> str | None:
     """What DeepSpeed is about to compile on this launch (a first launch on a CPU machine builds
     its shared-memory communication op, about a minute of silence otherwise), or None."""

@@ -40,7 +40,10 @@ from .ema import EMA
 from .randomness import draw_step, rank_seed
 
 EXIT_NONFINITE = 3
-EXIT_DATA = 4
+EXIT_DATA = 4  # damaged data (data.strict), a store or bucket unreachable past the patience
+EXIT_DISK_FULL = 5  # a checkpoint did not fit on its disk; the previous one is intact
+EXIT_REQUEUE = 75  # SIGTERM / SIGUSR1 (pre-emption): checkpointed (and uploaded); re-queue me
+REQUEUE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 FIXED_ON_RESUME = ("model.", "diffusion.", "mask.", "data.space", "train.stage", "train.seed",
                    "train.global_batch", "train.grad_accum", "train.mae_weight")
 
@@ -106,10 +109,21 @@ class Trainer:
         self.device = dist.setup_env(self.t.device)
         self.world, self.rank = dist.launch_world_size(), dist.launch_rank()
         self.reader, self.mcfg = prepare(cfg)
-        self.run_dir = Path(self.t.run_dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
         self.scratch = Path(self.t.scratch_dir) if self.t.scratch_dir else \
-            default_scratch(self.run_dir)
+            default_scratch(self.t.run_dir)
+        from maskdm.shardformat.patience import StoreOptions
+
+        from .runstore import RunStore
+        try:  # a local (shared) run folder, or one in a bucket with a local copy per node
+            self.store = RunStore(self.t.run_dir, self.scratch,
+                                  StoreOptions(cfg.data.remote_patience_s,
+                                               cfg.data.remote_timeout_s),
+                                  rank=self.rank, local_rank=dist.launch_local_rank(),
+                                  world=self.world)
+        except ValueError as e:
+            raise ConfigError(f"train.run_dir: {e}") from None
+        self.run_dir = self.store.local
+        self.ckpt_root = self.run_dir / "checkpoints"
         self.resume_mode = resume
         self.resume_from = self._resume_source(resume)
         self.resume_meta = ckpt.read_meta(self.resume_from) if self.resume_from else None
@@ -167,6 +181,21 @@ class Trainer:
         return weights, meta
 
     def _resume_source(self, resume: str | None) -> Path | None:
+        if self.store.remote:
+            if resume not in (None, "auto"):
+                raise ConfigError(f"--resume {resume}: a run folder in a bucket resumes from its "
+                                  f"newest committed checkpoint: use --resume auto")
+            if resume is None:
+                return None
+            try:
+                name = self.store.newest()
+                if name is None:
+                    return None
+                if self.rank == 0:
+                    self.store.fetch_run_files()
+                return self.store.fetch_checkpoint(name, world=self.world)
+            except RemoteError as e:
+                raise ConfigError(f"--resume auto: {e}") from None
         if resume == "auto":
             found = ckpt.complete_checkpoints(self.ckpt_root)
             return found[-1] if found else None
@@ -255,7 +284,8 @@ class Trainer:
         from .tracking import Tracker, read_record
         cfg, t = self.cfg, self.t
         is_main = dist.is_main()
-        tags = {"maskdm.stage": t.stage, "maskdm.run_dir": str(self.run_dir.resolve())}
+        tags = {"maskdm.stage": t.stage, "maskdm.run_dir": self.store.url or
+                str(self.run_dir.resolve())}
         if self.parent is not None and self.parent.mlflow_run_id:
             tags["maskdm.parent_run_id"] = self.parent.mlflow_run_id
             tags["mlflow.parentRunId"] = self.parent.mlflow_run_id
@@ -397,10 +427,17 @@ class Trainer:
             if dist.any_rank(self.stop_signal is not None):
                 if ckpt.tag(step) != self.last_ckpt:
                     self._save()
-                sig = self.stop_signal
-                name = signal.Signals(sig).name if sig else "a signal"
-                raise TrainingStopped(f"stopped by {name} at step {step}; resume with "
-                                      f"`--resume auto`", 128 + (sig or 15))
+                requeue = dist.any_rank(self.stop_signal in REQUEUE_SIGNALS)
+                self._finish_upload()
+                where = f" (uploaded to {self.store.url})" if self.store.remote else ""
+                if requeue:
+                    raise TrainingStopped(
+                        f"stopped by {signal.Signals(self.stop_signal or signal.SIGTERM).name} "
+                        f"at step {step} after checkpoint {self.last_ckpt}{where}; exit code "
+                        f"{EXIT_REQUEUE}: re-queue the job with `--resume auto`", EXIT_REQUEUE)
+                raise TrainingStopped(f"interrupted at step {step} after checkpoint "
+                                      f"{self.last_ckpt}{where}; resume with `--resume auto`",
+                                      128 + signal.SIGINT)
 
     def _point_due(self, step: int) -> bool:
         return step % self.point_every == 0 or step == self.t.steps
@@ -452,6 +489,9 @@ class Trainer:
             rates["skipped_steps"] = float(engine.skipped_steps)
         pre = self.loader.prefetcher  # shards from object storage: this rank's cache view
         cache = ""
+        if self.store.remote:
+            rates["ckpt_upload_s"] = self.store.stats["upload_s"]
+            rates["ckpt_upload_mb"] = self.store.stats["upload_bytes"] / 2 ** 20
         if pre is not None:
             rates["shard_downloads"] = float(pre.stats["downloads"])
             rates["download_retries"] = float(pre.remote.stats["retries"])
@@ -492,9 +532,30 @@ class Trainer:
             image_size=self.reader.image_size, space=self.cfg.data.space,
             mlflow_run_id=self.tracker.run_id or self.run_id, time=time.time(),
             train_flops=self.train_flops)
-        path = ckpt.save(self.engine, self.ema, self.ckpt_root, meta, self.t.keep_last)
+        try:
+            if self.store.remote:  # the previous upload first: its local folder must stay
+                self.store.wait(self.log, before=ckpt.tag(self.step))
+            path = ckpt.save(self.engine, self.ema, self.ckpt_root, meta, self.t.keep_last,
+                             node_local=self.store.remote)
+        except RemoteError as e:
+            raise TrainingStopped(f"checkpoint upload: {e}. Stopped at step {self.step}; resume "
+                                  f"with `--resume auto` once the bucket answers (it continues "
+                                  f"from the newest committed checkpoint)", EXIT_DATA) from None
+        except (OSError, RuntimeError) as e:
+            full = disk_full_message(e, self.ckpt_root, self.step,
+                                     getattr(self, "ckpt_bytes", None))
+            if full is None:
+                raise
+            raise TrainingStopped(full + self._last_good(), EXIT_DISK_FULL) from None
         self.last_ckpt = path.name
-        self.log(f"checkpoint {path}")
+        self.ckpt_bytes = tree_bytes(path)
+        if self.store.remote:
+            self.store.upload_checkpoint(path, self.t.keep_last, self.log)
+            self.log(f"checkpoint {path} (uploading to {self.store.url}/checkpoints in the "
+                     f"background)")
+        else:
+            self.log(f"checkpoint {path}")
+        self._check_space()
 
     def _sample_grid(self) -> None:
         """A grid of ``train.sample_n`` EMA samples, saved and logged by rank 0."""
@@ -543,6 +604,39 @@ class Trainer:
             self.log(f"step {self.step}: SWD x1e3 patches {metrics['swd_patch']:.2f}, images "
                      f"{metrics['swd_image']:.2f}{held} ({metrics['score_seconds']:.0f} s)")
 
+    def _finish_upload(self, say: bool = True) -> None:
+        """Wait for the checkpoint upload in progress (a run folder in a bucket)."""
+        if not self.store.remote:
+            return
+        try:
+            self.store.wait(self.log if say else None)
+        except RemoteError as e:
+            raise TrainingStopped(f"checkpoint upload: {e}; the newest committed checkpoint in "
+                                  f"{self.store.url} is the one to resume from", EXIT_DATA) \
+                from None
+
+    def _last_good(self) -> str:
+        where = f"{self.ckpt_root / self.last_ckpt}" if self.last_ckpt else "none was written yet"
+        return f" The last good checkpoint: {where}; `--resume auto` continues from it."
+
+    def _check_space(self) -> None:
+        """Say early how many more checkpoints fit on the checkpoint disk (at the first save, and
+        again whenever fewer than two do)."""
+        import shutil as _shutil
+        if not dist.is_main() and not self.store.remote:
+            return
+        free = _shutil.disk_usage(self.ckpt_root).free
+        fits = int(free // max(self.ckpt_bytes, 1))
+        first = not getattr(self, "_space_said", False)
+        if first or fits < 2:
+            self._space_said = True
+            msg = (f"checkpoint disk {self.ckpt_root}: {_size(free)} free, a checkpoint "
+                   f"takes {_size(self.ckpt_bytes)}: room for {fits} more (train.keep_last="
+                   f"{self.t.keep_last} of them are kept)")
+            if fits < 2:
+                msg = "warning: " + msg + "; free space or lower train.keep_last"
+            self.log(msg, file=sys.stderr) if fits < 2 else self.log(msg)
+
     def _nonfinite_message(self) -> str:
         where = f"{self.ckpt_root / self.last_ckpt}" if self.last_ckpt else "none was written yet"
         return (f"non-finite loss (NaN/Inf) detected by step {self.step}; stopped without "
@@ -572,6 +666,13 @@ class Trainer:
                                    metrics=["loss", "train_flops", "fid", "swd_patch",
                                             "swd_image", "heldout_loss"],
                                    register_as=self.cfg.tracking.register_model)
+        if self.store.remote:
+            self.log(f"uploading the last checkpoint, the export and the samples to "
+                     f"{self.store.url}")
+            self._finish_upload(say=False)
+            if dist.is_main():
+                for sub in ("export", "samples"):
+                    self.store.upload_tree(sub)
 
     def _summary(self, delivered: bool) -> dict:
         from .tracking import ui_command
@@ -606,7 +707,8 @@ class Trainer:
         self._build()
         self._restore()
         self._start_tracking()
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        handlers = {s: signal.signal(s, self._on_signal)
+                    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
         self.bar = tqdm(total=self.t.steps, initial=self.step, unit="step", desc=self.t.stage,
                         dynamic_ncols=True, file=sys.stderr,
                         disable=not (dist.is_main() and show_progress()))
@@ -615,8 +717,14 @@ class Trainer:
             self._loop()
             self._finish()
         except TrainingStopped as e:
-            status = "FAILED" if e.code in (EXIT_NONFINITE, EXIT_DATA) else "KILLED"
+            status = "FAILED" if e.code in (EXIT_NONFINITE, EXIT_DATA, EXIT_DISK_FULL) \
+                else "KILLED"
             code, message = e.code, str(e)
+            if self.store.remote and e.code != EXIT_DATA:
+                try:  # the last good checkpoint must be committed before the process ends
+                    self.store.wait(self.log)
+                except RemoteError as err:
+                    message += f" (its upload failed: {err})"
         except BaseException as e:  # a crash: the MLflow run must not stay RUNNING
             self.tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED",
                                 timeout=30)
@@ -636,13 +744,45 @@ class Trainer:
         return self._summary(delivered)
 
 
-def default_scratch(run_dir: Path) -> Path:
+def default_scratch(run_dir: str) -> Path:
     """This node's local working folder for a run (universal-checkpoint conversions, the local
     copy of a run folder in a bucket): under the system's temporary folder, one per run."""
     import hashlib
     import tempfile
-    key = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / "maskdm-scratch" / f"{Path(str(run_dir)).name}-{key}"
+
+    from maskdm.shardformat.remote import is_remote
+    where = str(run_dir).rstrip("/") if is_remote(run_dir) else str(Path(run_dir).resolve())
+    key = hashlib.sha256(where.encode()).hexdigest()[:12]
+    name = where.rsplit("/", 1)[-1] or "run"
+    return Path(tempfile.gettempdir()) / "maskdm-scratch" / f"{name}-{key}"
+
+
+def _size(n: float) -> str:
+    return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def disk_full_message(e: BaseException, folder: Path, step: int,
+                      needed: int | None = None) -> str | None:
+    """One line for a save that ran out of disk space (torch reports it as a RuntimeError from
+    its zip writer: "unexpected pos"), else None."""
+    import errno
+    import shutil as _shutil
+    text = str(e)
+    if not ((isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in text
+            or "unexpected pos" in text or "file write failed" in text):
+        return None
+    try:
+        free = _shutil.disk_usage(folder if folder.exists() else folder.parent).free
+    except OSError:
+        free = 0
+    need = f", a checkpoint takes {_size(needed)}" if needed else ""
+    return (f"disk full: the checkpoint of step {step} did not fit in {folder} "
+            f"({_size(free)} free{need}); its partial folder was removed. Free space "
+            f"(or lower train.keep_last, or point train.run_dir at a larger disk).")
 
 
 def _grad_norm(module: torch.nn.Module) -> torch.Tensor:

@@ -121,9 +121,10 @@ def run_shard(args) -> int:
         print(f"error: {refused}", file=sys.stderr)
         return 2
     if kind != "procedural" and not os.path.exists(src):
-        raise SystemExit(f"error: source {src} does not exist")
+        print(f"error: source {src} does not exist", file=sys.stderr)
+        return 2
 
-    from .shard_job import ShardJobError, ShardOptions, run
+    from .shard_job import ShardDiskFull, ShardJobError, ShardOptions, run
     from .sources import SourceError
     remote_out = is_remote(out) and url_refusal(out, "OUT", remote_ok=True) is None
     if (args.stage or args.keep_stage) and not remote_out:
@@ -142,6 +143,9 @@ def run_shard(args) -> int:
                        progress=not args.quiet)
         else:
             run(opts, progress=not args.quiet)
+    except ShardDiskFull as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 5
     except (ShardJobError, SourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ killed-and-resumed job gives byte-identical shards to an uninterrupted one.
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
 import multiprocessing as mp
@@ -50,6 +51,26 @@ PROGRESS = ".progress"
 
 class ShardJobError(RuntimeError):
     """The job cannot run as asked; the message says why and what to do."""
+
+
+class ShardDiskFull(ShardJobError):
+    """The output disk filled up while writing a shard (removed again): one line with the
+    folder, the space and what to do."""
+
+    def __init__(self, folder: str, shard: str, free: int | None = None,
+                 need: int | None = None):
+        super().__init__(folder, shard, free, need)
+        self.folder, self.shard, self.free, self.need = folder, shard, free, need
+
+    def __str__(self) -> str:
+        space = ""
+        if self.free is not None:
+            space = f" ({self.free / 2 ** 20:.0f} MiB free"
+            space += f", the rest of the job needs about {self.need / 2 ** 20:.0f} MiB)" \
+                if self.need else ")"
+        return (f"disk full: {self.shard} did not fit in {self.folder}{space}; it was removed and "
+                f"the finished shards are kept. Free space (or shard to a larger disk), then "
+                f"re-run the same command to finish the job")
 
 
 @dataclass
@@ -218,19 +239,22 @@ def _process_chunk(task: tuple[int, int, list[Item]]) -> dict:
             else:
                 skipped.append({**name_record(item.ref), "reason": res[1]})
             _tick()
-    except BaseException:
+        rec = {"name": f"{name}.tar", "index": f"{name}.idx", "samples": 0, "bytes": 0,
+               "sha256": "", "sum": total.tolist(), "sumsq": total_sq.tolist(),
+               "skipped": skipped, "upscaled": upscaled, "inputs": len(items)}
+        if writer is not None:
+            nbytes, sha = writer.close()
+            atomic_write_text(idx_path, format_index(writer.samples))
+            os.replace(tmp_tar, tar_path)
+            rec.update(samples=len(writer.samples), bytes=nbytes, sha256=sha)
+        atomic_write_json(out / PROGRESS / f"{name}.json", rec)
+    except BaseException as e:
         if writer is not None:
             writer.abort()
+        Path(tmp_tar).unlink(missing_ok=True)  # never a partial shard on disk
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise ShardDiskFull(str(out), name) from None
         raise
-    rec = {"name": f"{name}.tar", "index": f"{name}.idx", "samples": 0, "bytes": 0,
-           "sha256": "", "sum": total.tolist(), "sumsq": total_sq.tolist(),
-           "skipped": skipped, "upscaled": upscaled, "inputs": len(items)}
-    if writer is not None:
-        nbytes, sha = writer.close()
-        atomic_write_text(idx_path, format_index(writer.samples))
-        os.replace(tmp_tar, tar_path)
-        rec.update(samples=len(writer.samples), bytes=nbytes, sha256=sha)
-    atomic_write_json(out / PROGRESS / f"{name}.json", rec)
     return rec
 
 
@@ -431,6 +455,17 @@ def _write_chunks(opts, out, source, planned, todo, workers, n_todo, progress, d
             bar.update(counter.value - seen)
             pool.close()
             pool.join()
+    except ShardDiskFull as e:
+        if pool is not None:  # the other workers' shards in progress: stopped, then removed
+            pool.terminate()
+            pool.join()
+        remove_stale_tmp(out)
+        finished = [r for r in done.values() if r["inputs"]]
+        per_input = (sum(r["bytes"] for r in finished) / sum(r["inputs"] for r in finished)
+                     if finished else None)
+        left = sum(len(t[2]) for t in tasks if t[0] not in done)
+        raise ShardDiskFull(e.folder, e.shard, shutil.disk_usage(out).free,
+                            int(per_input * left) if per_input else None) from None
     except KeyboardInterrupt:
         if pool is not None:
             pool.terminate()
