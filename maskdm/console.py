@@ -11,3 +11,8 @@ RELAY = "MASKDM_PROGRESS"
 
 def show_progress() -> bool:
     return sys.stderr.isatty() or os.environ.get(RELAY) == "1"
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 shard``, ``2 shards``."""
+    return f"{n} {word if n == 1 else many or word + 's'}"

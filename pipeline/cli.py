@@ -65,8 +65,13 @@ def _add_train(sub) -> None:
 
 def _run_train(args) -> int:
     from maskdm.pipeline.config import ConfigError, deepspeed_config, load_config, to_yaml
+    if not args.config:
+        print("error: maskdm train needs --config YAML (e.g. configs/demo_pretrain.yaml, or a "
+              "recipe in configs/paper/); see `maskdm train --help`", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, args.overrides)
+        check_optional_packages(cfg)
         if args.dry_run:
             import json
 
@@ -89,6 +94,26 @@ def _run_train(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return summary["exit_code"]
+
+
+def check_optional_packages(cfg) -> None:
+    """What the config needs that is installed separately, checked before any work (and in
+    --dry-run): one line with the install command (ConfigError, exit 2)."""
+    from maskdm.pipeline.config import ConfigError
+    if cfg.data.backend == "dali":
+        from maskdm.pipeline.data.dali_loader import dali_available
+        if not dali_available():
+            raise ConfigError("data.backend=dali needs NVIDIA DALI, which is not installed: "
+                              "pip install 'maskdm[dali]' (CUDA 12) or 'maskdm[dali-cuda13]'; or "
+                              "--set data.backend=torch")
+    if cfg.model.attention == "xformers":
+        try:
+            import xformers.ops as _xops
+            del _xops
+        except ImportError:
+            raise ConfigError("model.attention=xformers needs xformers, which is not installed "
+                              "(or not built for this torch): pip install 'maskdm[xformers]'; or "
+                              "--set model.attention=sdpa") from None
 
 
 def _dry_run_data_check(cfg) -> tuple[list[str], str | None]:

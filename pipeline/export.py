@@ -26,6 +26,9 @@ def export_weights(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike) -> 
     tmp = out / ".model.safetensors.tmp"
     save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp),
               metadata={"format": "maskdm-ema", "step": str(meta.step)})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as any other file (safetensors writes 0600)
     os.replace(tmp, out / "model.safetensors")
     cfg = meta.config
     atomic_write_json(out / "config.json", {

@@ -171,7 +171,7 @@ class RunStore:
         found = committed(self.bucket)
         return found[-1] if found else None
 
-    def fetch_checkpoint(self, name: str, *, world: int) -> Path:
+    def fetch_checkpoint(self, name: str, *, world: int, only: tuple[str, ...] = ()) -> Path:
         """What this rank needs of checkpoint ``name`` -> its folder in the node's copy (no
         collective: the files ranks share are downloaded once per node under a file lock; all of
         them when it was written by another number of ranks than ``world``, for the conversion).
@@ -187,6 +187,8 @@ class RunStore:
         files = record["files"]
         everything = int(record.get("world_size", world)) != world
         want = [f for f in files if everything or f in COMMON or owner(f) == self.rank]
+        if only:
+            want = [f for f in want if f in only]
         dest = root / name
         for f in sorted(want, key=lambda f: f != "meta.json"):
             local = dest / f

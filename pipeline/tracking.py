@@ -370,7 +370,7 @@ class Tracker:
         self._call(do)
 
     def log_model(self, local_dir: str | os.PathLike, *, name: str, params: dict[str, Any],
-                  metrics: list[str], register_as: str | None = None) -> None:
+                  metrics: list[str], step: int = 0, register_as: str | None = None) -> None:
         """An MLflow 3 logged model (the "Models" tab) holding ``local_dir`` (safetensors + JSON,
         no pickled code), with its parameters and the latest value of each of ``metrics`` linked
         to it (the same points as in the run's curves, not new ones); with ``register_as``, also a
@@ -385,6 +385,9 @@ class Tracker:
                     params={k[:250]: str(v)[:6000] for k, v in params.items()},
                     model_type="maskdm-uvit", tags={"maskdm.format": "safetensors"}).model_id
             self._client.log_model_artifacts(self.model_id, str(local_dir))
+            from mlflow.entities import LoggedModelOutput
+            # an output of the run: its page lists it under "Logged models"
+            self._client.log_outputs(self.run_id, [LoggedModelOutput(self.model_id, step)])
             linked = [m for r in latest for m in _metrics_of(r, self.model_id)]
             if linked:
                 self._client.log_batch(self.run_id, metrics=linked)

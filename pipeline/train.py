@@ -142,7 +142,8 @@ class Trainer:
         self.precision = precision_of(self.ds_config)
         self.micro_global = self.t.global_batch // self.t.grad_accum
         self.local = self.micro_global // self.world
-        self.log = dist.print0
+        self.log = self._print
+        self.bar = None
         self.init_fresh: set[str] = set()
         self.init_weights, self.parent = self._init_source()
         # Cumulative training FLOPs (logged as train_flops): the init_from chain's, then this run's
@@ -151,6 +152,7 @@ class Trainer:
         self.changed = []
         if self.resume_from is not None:
             self.changed = _check_resume_config(ckpt.read_meta(self.resume_from).config, cfg)
+        self.finished = self._already_finished()
         self.step, self.run_id, self.last_ckpt = 0, None, None
         self.world_change = None  # (old, new, step) when resumed on another number of ranks
         self.stop_signal = None
@@ -178,7 +180,23 @@ class Trainer:
             raise ConfigError(str(e)) from None
         for note in notes:
             self.log(note)
+        self.log(f"fine-tuning from the EMA weights of {self.t.init_from} (step {meta.step} of "
+                 f"its {meta.stage} run)")
         return weights, meta
+
+    def _already_finished(self) -> bool:
+        """Resuming a run that already reached train.steps and exported its weights: nothing to
+        do (no engine, no MLflow call, no new logged model)."""
+        m = self.resume_meta
+        if m is None or m.step < self.t.steps:
+            return False
+        try:
+            done = json.loads((self.run_dir / "export" / "config.json").read_text())
+        except (OSError, ValueError):
+            if not self.store.remote:
+                return False
+            done = self.store.bucket.read_json("export", "config.json") or {}
+        return done.get("step") == m.step
 
     def _resume_source(self, resume: str | None) -> Path | None:
         if self.store.remote:
@@ -193,6 +211,11 @@ class Trainer:
                     return None
                 if self.rank == 0:
                     self.store.fetch_run_files()
+                done = self.store.bucket.read_json("export", "config.json") or {}
+                if int(name[5:]) >= self.t.steps and done.get("step") == int(name[5:]):
+                    # finished and exported: its meta is all `_already_finished` needs
+                    return self.store.fetch_checkpoint(name, world=self.world,
+                                                       only=("meta.json",))
                 return self.store.fetch_checkpoint(name, world=self.world)
             except RemoteError as e:
                 raise ConfigError(f"--resume auto: {e}") from None
@@ -250,7 +273,10 @@ class Trainer:
     def _restore(self) -> None:
         if self.resume_from is None:
             if self.resume_mode == "auto":
-                self.log(f"no checkpoint in {self.ckpt_root}: starting from scratch")
+                start = "from the pre-trained weights above" if self.t.stage == "finetune" \
+                    else "from scratch"
+                self.log(f"no checkpoint of this run yet in {self.store.where}: starting at step "
+                         f"0 {start}")
             return
         universal, old = None, self.resume_meta
         try:
@@ -513,7 +539,7 @@ class Trainer:
         line = (f"step {step}/{t.steps}  loss {loss_avg:.4f}  lr {engine.get_lr()[0]:.2e}  "
                 f"grad {gnorm:.3f}  {rates['img_per_s']:.1f} img/s  "
                 f"data-wait {rates['data_wait_frac']:.0%}{cache}  epoch {self.loader.epoch:.2f}")
-        self.bar.write(line) if not self.bar.disable else self.log(line)
+        self.log(line)
         self.loss_sum.zero_()
         self.n_logged, self.data_wait, self.t_log = 0, 0.0, time.perf_counter()
 
@@ -572,6 +598,8 @@ class Trainer:
         else:
             self.sampler_net.load_state_dict(weights)
         labels = torch.arange(t.sample_n) % mcfg.num_classes if mcfg.num_classes else None
+        self.log(f"step {self.step}: drawing {t.sample_n} EMA samples for the grid ({e.sampler} "
+                 f"{e.steps} steps)")
         imgs = sample_images(self.sampler_net, self.diffusion, mcfg, list(range(t.sample_n)),
                              space=self.cfg.data.space, device=self.device, sampler=e.sampler,
                              steps=e.steps, eta=e.eta, labels=labels, batch=max(t.sample_n, 1),
@@ -583,6 +611,7 @@ class Trainer:
         self.tracker.log_image(g, f"samples/step_{self.step:08d}.png")
 
     def _fid(self) -> None:
+        self.log(f"step {self.step}: FID-{self.cfg.eval.fid_samples} of the EMA weights")
         weights = self.ema.full_state_dict()
         t0 = time.perf_counter()
         value = self.fid_eval(weights, self.step, autocast_dtype=self.sample_autocast)
@@ -594,6 +623,9 @@ class Trainer:
                      f"steps, {time.perf_counter() - t0:.0f} s)")
 
     def _score(self) -> None:
+        e = self.cfg.eval
+        self.log(f"step {self.step}: scoring {e.score_samples} EMA samples (SWD"
+                 f"{', held-out loss' if e.heldout else ''})")
         weights = self.ema.full_state_dict()
         metrics = self.score_eval(weights, self.step, autocast_dtype=self.sample_autocast)
         self.last_score = self.step
@@ -654,6 +686,8 @@ class Trainer:
             self._fid()
         if dist.is_main():
             from .export import export_weights
+            self.log(f"exporting the EMA weights to {self.run_dir / 'export'}"
+                     + (" and logging them as an MLflow model" if self.tracker.enabled else ""))
             export_dir = export_weights(self.ckpt_root / self.last_ckpt, self.run_dir / "export")
             mcfg = dataclasses.asdict(self.mcfg)
             params = {**{f"model.{k}": v for k, v in mcfg.items()},
@@ -662,7 +696,8 @@ class Trainer:
                       "data.space": self.cfg.data.space, "image_size": self.reader.image_size,
                       "train.stage": self.t.stage, "step": self.step,
                       "train_flops": self.train_flops}
-            self.tracker.log_model(export_dir, name=f"maskdm-{self.t.stage}", params=params,
+            self.tracker.log_model(export_dir, name=f"maskdm-{self.t.stage}", step=self.step,
+                                   params=params,
                                    metrics=["loss", "train_flops", "fid", "swd_patch",
                                             "swd_image", "heldout_loss"],
                                    register_as=self.cfg.tracking.register_model)
@@ -697,6 +732,17 @@ class Trainer:
                                             if self.tracker.enabled else ""))
         return summary
 
+    def _print(self, *args, file=None, **kwargs) -> None:
+        """Rank 0 prints; while the progress bar is drawn, above it (tqdm's write path), never
+        glued to it."""
+        if not dist.is_main():
+            return
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(" ".join(str(a) for a in args), file=file or sys.stdout)
+            sys.stdout.flush()
+        else:
+            print(*args, file=file or sys.stdout, flush=True, **kwargs)
+
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
 
@@ -704,6 +750,14 @@ class Trainer:
         from tqdm import tqdm
 
         from maskdm.console import show_progress
+        if self.finished:
+            where = self.store.url or str(self.run_dir)
+            self.log(f"{where} already finished: step {self.resume_meta.step} of {self.t.steps}, "
+                     f"weights exported to {where}/export; nothing to do (raise train.steps to "
+                     f"train on, or choose a new train.run_dir)")
+            return {"exit_code": 0, "step": self.resume_meta.step,
+                    "run_id": self.resume_meta.mlflow_run_id, "run_dir": where,
+                    "checkpoint": str(self.resume_from), "already_finished": True}
         self._build()
         self._restore()
         self._start_tracking()

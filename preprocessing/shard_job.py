@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from maskdm.console import show_progress
+from maskdm.console import plural, show_progress
 from maskdm.shardformat import FORMAT_VERSION, haar
 from maskdm.shardformat.fsutil import (
     atomic_write_json,
@@ -351,7 +351,8 @@ def _run_locked(opts: ShardOptions, out: Path, progress: bool, log,
             from maskdm.shardformat.manifest import load_manifest
             m = load_manifest(out)
             shutil.rmtree(out / PROGRESS, ignore_errors=True)
-            log(f"{out}: already complete ({m.num_samples} samples in {len(m.shards)} shards); "
+            log(f"{out}: already complete ({plural(m.num_samples, 'sample')} in "
+                f"{plural(len(m.shards), 'shard')}); "
                 f"nothing to do. `maskdm shard --verify {out}` checks it.")
             return m
     elif (out / MANIFEST).exists() or any(out.glob("shard-*.tar")):
@@ -379,7 +380,8 @@ def _run_locked(opts: ShardOptions, out: Path, progress: bool, log,
     manifest = _finalize(opts, out, source, planned, n_chunks, done)
     dt = time.time() - t0
     src = manifest.source
-    log(f"wrote {src['written']} samples in {len(manifest.shards)} shards to {out} "
+    log(f"wrote {plural(src['written'], 'sample')} in {plural(len(manifest.shards), 'shard')} "
+        f"to {out} "
         f"({src['skipped']} skipped, {src['upscaled']} upscaled, {src['found']} found"
         f"{', ' + str(sum(source.ignored.values())) + ' non-image files ignored' if source.ignored else ''})"
         f" in {dt:.1f}s ({n_todo / max(dt, 1e-9):.0f} img/s)")
@@ -472,7 +474,8 @@ def _write_chunks(opts, out, source, planned, todo, workers, n_todo, progress, d
             pool.join()
         bar.close()
         what = "SIGTERM" if interrupted["sig"] == signal.SIGTERM else "interrupted"
-        print(f"\n{what}: {len(done)} shards are complete and kept; re-run the same command to "
+        print(f"\n{what}: {plural(len(done), 'shard')} complete and kept; re-run the same "
+              f"command to "
               f"finish the job.", file=sys.stderr)
         raise
     finally:

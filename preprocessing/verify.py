@@ -250,7 +250,9 @@ def print_report(report: VerifyReport, quick: bool, file=None) -> None:
     if report.ok:
         what = report.checked or (f"{report.samples} samples decoded and inverted losslessly"
                                   if not quick else "checksums, counts and indexes")
-        print(f"OK: {report.directory}: {report.shards} shards verified ({what})", file=file)
+        from maskdm.console import plural
+        print(f"OK: {report.directory}: {plural(report.shards, 'shard')} verified ({what})",
+              file=file)
     else:
         print(f"DAMAGED: {report.directory}: {len(report.problems)} problem(s):", file=file)
         for p in report.problems:

@@ -2,6 +2,7 @@
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 from maskdm.pipeline.cli import build_parser
@@ -36,3 +37,23 @@ def test_shard_help_lists_the_positionals_as_its_usage_names_them():
     shard = dict(_all_parsers(build_parser()))["maskdm shard"]
     listing = shard.format_help().split("positional arguments:")[1].split("options:")[0]
     assert "SRC" in listing and "OUT" in listing, listing
+
+
+def test_usage_mistakes_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    """No config for `maskdm train`; a recipe that needs DALI where DALI is missing (the import
+    fails for real: the module is masked in sys.modules); a shard source that does not exist."""
+    from maskdm.pipeline.cli import main
+    assert main(["train"]) == 2
+    assert "maskdm train needs --config YAML" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    cfg = str(ROOT / "configs" / "test_tiny.yaml")
+    for argv in (["train", "--config", cfg, "--set", "data.backend=dali", "--dry-run"],
+                 ["train", "--config", cfg, "--set", "data.backend=dali",
+                  "--set", f"train.run_dir={tmp_path / 'r'}"],
+                 ["bench", "data", str(tmp_path), "--backends", "dali"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "needs NVIDIA DALI, which is not installed" in err[0], err
+    assert not (tmp_path / "r").exists()  # nothing was started
+    assert main(["shard", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -306,7 +306,7 @@ def test_sigterm_checkpoints_uploads_and_asks_to_be_requeued(shards, tmp_path, b
     assert line.startswith("stopped by SIGTERM at step ") and "exit code 75: re-queue" in line
     step = int(line.split("at step ")[1].split()[0])
     assert f"step_{step:08d}" in _committed(bucket["fs"], "runs/spot")
-    assert f"(uploaded to s3://runs/spot)" in line
+    assert "(uploaded to s3://runs/spot)" in line
     r = run_train(shards, "s3://runs/spot", "train.steps=" + str(step + 5), *sets[1:],
                   f"train.scratch_dir={tmp_path / 'b'}", resume="auto",
                   env={**_env(), **bucket["env"]})

@@ -277,3 +277,37 @@ def test_an_unreachable_server_is_named_in_one_whole_line():
     line = reason(caught.value)
     assert line.startswith(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/log-batch unreachable: ")
     assert line.endswith("Connection refused") and "\n" not in line, line
+
+
+@pytest.mark.slow
+def test_a_finished_run_run_again_changes_nothing(shards, tmp_path):
+    """`--resume auto` on a finished run (what re-running `maskdm demo` does) returns at once:
+    no engine, no new logged model, the MLflow run not reopened and its times unchanged. The
+    run's page lists its logged model (a run output); the export follows the umask."""
+    import os
+
+    from mlflow import MlflowClient
+
+    from tests.test_train import run_train
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = ("tracking.enabled=true", f"tracking.uri={uri}")
+    first = run_train(shards, tmp_path / "run", *sets)
+    assert first.returncode == 0, first.stderr[-3000:]
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("maskdm")
+    (run,) = client.search_runs([exp.experiment_id])
+    models = client.search_logged_models([exp.experiment_id])
+    assert len(models) == 1 and run.info.status == "FINISHED"
+    assert [o.model_id for o in run.outputs.model_outputs] == [models[0].model_id]
+    umask = os.umask(0)
+    os.umask(umask)
+    export = tmp_path / "run" / "export"
+    assert {f.name: f.stat().st_mode & 0o777 for f in export.iterdir()} == \
+        {"model.safetensors": 0o666 & ~umask, "config.json": 0o666 & ~umask}
+    again = run_train(shards, tmp_path / "run", *sets, resume="auto")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already finished: step 6 of 6" in again.stdout and "nothing to do" in again.stdout
+    (after,) = client.search_runs([exp.experiment_id])
+    assert len(client.search_logged_models([exp.experiment_id])) == 1
+    assert (after.info.status, after.info.start_time, after.info.end_time) == \
+        (run.info.status, run.info.start_time, run.info.end_time)

@@ -256,6 +256,10 @@ def run(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cores = len(os.sched_getaffinity(0))
     backends = args.backends or (["torch", "dali"] if dali_available() else ["torch"])
+    if "dali" in backends and not dali_available():
+        print("error: --backends dali needs NVIDIA DALI, which is not installed: pip install "
+              "'maskdm[dali]' (CUDA 12) or 'maskdm[dali-cuda13]'", file=sys.stderr)
+        return 2
     workers = args.workers or sorted({1, cores})
     rows, checks = [], []
     from maskdm.shardformat.remote import is_remote

@@ -74,7 +74,8 @@ class DaliStream:
         self.dali_errors = 0
 
     def close(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        if getattr(self, "_tmp", None) is not None:  # (an init that failed made none)
+            shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __del__(self):
         self.close()
