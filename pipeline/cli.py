@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     from maskdm.pipeline.eval.cli import add_parsers as add_eval_parsers
     add_eval_parsers(sub)
     _add_bench(sub)
+    _add_doctor(sub)
     from maskdm.pipeline.experiment.cli import add_parser as add_experiment_parser
     add_experiment_parser(sub)
     return parser
@@ -206,6 +207,67 @@ def _run_sync(args) -> int:
         print(f"error: MLflow could not be reached ({reason(e, 300)}); try again when it is back",
               file=sys.stderr)
         return 1
+
+
+DOCTOR_EPILOG = """\
+examples:
+  maskdm doctor                                   # this machine, for training in general
+  maskdm doctor --config configs/paper/celebahq256_maskdm_b_pretrain.yaml \\
+      --set data.shards=s3://my-bucket/shards/celebahq256        # what this job needs
+  maskdm doctor --run                             # + a short real job on this machine
+  srun --ntasks-per-node=1 maskdm doctor --config CONFIG.yaml --json   # every node of a job
+"""
+
+
+def _add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="check that this machine (or node) can run the job",
+                       description="One line per check (OK / WARN / FAIL, and the fix for "
+                       "every non-OK line): Python, torch and CUDA, GPUs and bf16, NCCL/gloo, "
+                       "DeepSpeed, DALI, xformers, CPU cores; with --config also the config's "
+                       "shards (one shard read and checked), the MLflow server (and its "
+                       "artifact store) and the disks for checkpoints and the shard cache. With "
+                       "--config, FAIL only on what that config needs. Exit code 1 on any FAIL.",
+                       epilog=DOCTOR_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", action="append", default=[], metavar="YAML",
+                   help="a training config (as for maskdm train)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override one value, as for maskdm train")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (for scripts)")
+    p.add_argument("--run", action="store_true",
+                   help="then run a short real job here: shard, train ~30 steps per combination "
+                   "(loader, attention, precision, compile), resume, sample, score")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="with --run: train with N ranks (torchrun)")
+    p.add_argument("--full", action="store_true",
+                   help="with --run on a CPU: also bf16 and torch.compile (slow there)")
+    p.add_argument("--keep", action="store_true", help="with --run: keep its temporary folder")
+    p.set_defaults(func=_run_doctor)
+
+
+def _run_doctor(args) -> int:
+    from maskdm.pipeline.config import ConfigError, load_config
+
+    from . import doctor
+    cfg = None
+    if args.config:
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    elif args.overrides:
+        print("error: --set needs --config", file=sys.stderr)
+        return 2
+    checks = doctor.check_machine(cfg)
+    if cfg is not None:
+        checks += doctor.check_config(cfg)
+    code = doctor.report(checks, as_json=args.json)
+    if args.run:
+        from . import doctor_run
+        print(f"\nmaskdm doctor --run ({args.nproc} rank(s)):", flush=True)
+        code = max(code, doctor_run.run(args.nproc, args.full, args.keep,
+                                        log=lambda m: print(m, flush=True)))
+    return code
 
 
 def _add_bench(sub) -> None:

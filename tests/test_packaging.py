@@ -47,3 +47,17 @@ def test_wheel_holds_the_namespace_and_the_deepspeed_configs(tmp_path):
                                                           "shardformat", "deepspeed_configs")
                for p in (ROOT / d).rglob("*.py") if "__pycache__" not in p.parts}
     assert {f"maskdm/{s}" for s in sources} <= set(names)
+
+
+def test_the_gpu_acceptance_script_parses_and_budgets_every_step():
+    """benchmarks/gpu_acceptance.sh runs only where a GPU is lent: here, its syntax and that every
+    step goes through the budgeted `step` helper."""
+    import shutil
+    import subprocess
+    script = ROOT / "benchmarks" / "gpu_acceptance.sh"
+    bash = shutil.which("bash")
+    assert bash and subprocess.run([bash, "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    calls = [ln for ln in text.splitlines() if "-m maskdm " in ln and not ln.lstrip().startswith("#")]
+    assert calls and all("step " in ln or ln.startswith(("  $PY -m maskdm shard", "      "))
+                         for ln in calls), calls

@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# GPU acceptance run: from a bare CUDA machine with only torch installed (a rented GPU box, or
+# the project's device tool) to one JSON and one markdown table, in at most 8 minutes of wall time
+# on one H100/H200. Every step has a time budget; a step that would not fit in what is left is
+# skipped with a note, never cut off silently.
+#
+#   bash benchmarks/gpu_acceptance.sh                    # from a checkout, with network access
+#   WHEELS=/path/to/wheels bash benchmarks/gpu_acceptance.sh   # offline: pip installs from there
+#   OUT=acceptance BUDGET_S=480 bash benchmarks/gpu_acceptance.sh
+#
+# Steps (budget in seconds):
+#   1. install what is missing (90): the project (--no-deps), deepspeed, mlflow, webdataset,
+#      pywavelets..., NVIDIA DALI for torch's CUDA major (nvidia-dali-cuda120 or -cuda130: the
+#      largest download, ~0.2-0.6 GB; offline, bring it in WHEELS), xformers only if a wheel for
+#      this torch installs and its kernel runs (else SDPA and a note)
+#   2. maskdm doctor --json (30), then maskdm doctor --run (180): every combination of loader,
+#      attention, precision and compile that this machine has, 30 steps each, resume, sample, score
+#   3. procedural shards at 256 px, dwt16 and jpeg, 2048 images (40)
+#   4. maskdm bench train on the MaskDM-B recipe (split DWT tokens, bf16) at mask 0, 0.7 and 0.9,
+#      DALI loader, compile off and on (180)
+#   5. maskdm bench data --backends dali torch on both encodings (60)
+# Results: $OUT/acceptance.json (every step's status, seconds and numbers) and
+# $OUT/acceptance.md (the table to paste into benchmarks/RESULTS.md), logs in $OUT/*.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-acceptance-$(date +%Y%m%d-%H%M%S)}
+BUDGET_S=${BUDGET_S:-480}
+PY=${PYTHON:-python}
+mkdir -p "$OUT"
+T0=$(date +%s)
+STATUS="$OUT/steps.jsonl"
+: > "$STATUS"
+
+left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
+
+# step NAME BUDGET CMD...: run CMD with a timeout of BUDGET seconds (or skip it if fewer are
+# left), its output in $OUT/NAME.log, one line of status in steps.jsonl
+step() {
+  local name=$1 budget=$2; shift 2
+  local avail; avail=$(left)
+  if [ "$avail" -lt "$budget" ]; then
+    echo "SKIP $name: needs ${budget}s, ${avail}s left"
+    echo "{\"step\": \"$name\", \"status\": \"skipped\", \"why\": \"needs ${budget}s, ${avail}s left\"}" >> "$STATUS"
+    return 1
+  fi
+  local t=$(date +%s)
+  timeout "$budget" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local dt=$(( $(date +%s) - t ))
+  local state=ok; [ $rc -eq 124 ] && state=timeout; [ $rc -ne 0 ] && [ $rc -ne 124 ] && state=failed
+  echo "$(printf '%-8s' "$state") $name (${dt}s; log $OUT/$name.log)"
+  [ "$state" != ok ] && tail -n 3 "$OUT/$name.log" | sed 's/^/    /'
+  echo "{\"step\": \"$name\", \"status\": \"$state\", \"seconds\": $dt, \"exit\": $rc}" >> "$STATUS"
+  return $rc
+}
+
+PIP="$PY -m pip install -q"
+[ -n "${WHEELS:-}" ] && PIP="$PIP --no-index --find-links $WHEELS"
+CUDA_MAJOR=$($PY -c "import torch; print((torch.version.cuda or '').split('.')[0])")
+case "$CUDA_MAJOR" in
+  12) DALI=nvidia-dali-cuda120 ;;
+  13) DALI=nvidia-dali-cuda130 ;;
+  *) DALI="" ;;
+esac
+
+install() {
+  $PIP --no-deps -e . &&
+  $PIP "deepspeed>=0.14,<0.20" "mlflow>=2.12,<3.18" webdataset PyWavelets safetensors pyyaml \
+       scipy tqdm matplotlib psutil nvidia-ml-py fsspec &&
+  { [ -z "$DALI" ] || $PIP "$DALI"; } &&
+  { $PIP --no-deps xformers && $PY -c "
+import torch, xformers.ops as x
+q = torch.randn(1, 64, 4, 64, device='cuda', dtype=torch.bfloat16)
+x.memory_efficient_attention(q, q, q); torch.cuda.synchronize(); print('xformers runs')" \
+    || { echo "note: no xformers build runs with this torch; SDPA is used"; $PY -m pip uninstall -y -q xformers; true; }; }
+}
+
+step install 90 install
+step doctor 30 $PY -m maskdm doctor --json
+cp "$OUT/doctor.log" "$OUT/doctor.json" 2>/dev/null
+step doctor_run 180 $PY -m maskdm doctor --run
+SH="$OUT/shards"
+step shards 40 bash -c "$PY -m maskdm shard procedural $SH/dwt16 --size 256 --count 2048 --samples-per-shard 256 --quiet &&
+  $PY -m maskdm shard procedural $SH/jpeg --size 256 --count 2048 --samples-per-shard 256 --encoding jpeg --quiet"
+RECIPE=configs/paper/celebahq256_maskdm_b_pretrain.yaml
+for ratio in 0 0.7 0.9; do
+  mask="--set mask.kind=patch --set mask.ratio=$ratio"; [ "$ratio" = 0 ] && mask="--set mask.kind=none"
+  for compile in false true; do
+    step "train_r${ratio}_compile_${compile}" 30 $PY -m maskdm bench train --config $RECIPE \
+      --set data.shards=$SH/dwt16 $mask \
+      --set train.global_batch=32 --set train.compile=$compile --set data.backend=dali \
+      --set tracking.enabled=false --steps 20 --warmup 5 \
+      --json "$OUT/train_r${ratio}_compile_${compile}.json"
+  done
+done
+step data 60 $PY -m maskdm bench data $SH/dwt16 $SH/jpeg --backends dali torch --batch 64 --batches 30
+
+$PY - "$OUT" <<'PYEOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+steps = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines() if l.strip()]
+result = {"steps": steps, "train": {}, "doctor": None}
+for f in sorted(out.glob("train_r*.json")):
+    result["train"][f.stem] = json.loads(f.read_text())
+try:
+    text = (out / "doctor.json").read_text()
+    result["doctor"] = json.loads(text[text.index("{"):])
+except (OSError, ValueError):
+    pass
+(out / "acceptance.json").write_text(json.dumps(result, indent=1))
+lines = ["| step | status | s |", "|---|---|---|"]
+lines += [f"| {s['step']} | {s['status']} | {s.get('seconds', '-')} |" for s in steps]
+lines += ["", "| bench train | e2e img/s | bare img/s | ratio | MFU |", "|---|---|---|---|---|"]
+for k, r in result["train"].items():
+    lines.append(f"| {k} | {r.get('e2e_img_s', 0):.0f} | {r.get('bare_img_s', 0):.0f} | "
+                 f"{r.get('e2e_img_s', 0) / max(r.get('bare_img_s', 1), 1e-9):.0%} | "
+                 f"{r.get('mfu', float('nan')):.1%} |")
+for name in ("doctor_run", "data"):
+    p = out / f"{name}.log"
+    if p.exists():
+        lines += ["", f"{name}:", "```", p.read_text().strip()[-3000:], "```"]
+(out / "acceptance.md").write_text("\n".join(lines) + "\n")
+print((out / "acceptance.md").read_text())
+PYEOF
+echo "total $(( $(date +%s) - T0 ))s of ${BUDGET_S}s; $OUT/acceptance.json, $OUT/acceptance.md"
