@@ -22,7 +22,7 @@ HELDOUT = 256  # held-out procedural faces (a second image set) the samples are 
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="run the whole pipeline on the built-in procedural set (CPU, ~10 min)",
+    p = sub.add_parser("demo", help="run the whole pipeline on the built-in procedural set (CPU, ~11 min)",
                        description="Shard the built-in procedural face set, pre-train with masked "
                        "score matching, fine-tune with denoising score matching, sample a grid, "
                        "and track both runs in MLflow. Re-running resumes unfinished stages.")
@@ -97,9 +97,6 @@ def _where_to_click(uri: str, experiment_id: str | None) -> str:
             f"The fine-tune run is nested under the pre-training run (the + beside it in the runs "
             f"table); a run's page has its parameters, its \"System metrics\" and its sample "
             f"grids under Artifacts; the exported models are under \"Models\".")
-
-
-    return 0
 
 
 def _shard_stage(out: Path, count: int) -> None:
