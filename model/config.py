@@ -50,6 +50,11 @@ class ModelConfig:
     # Control-metadata conditioning: the horizontal-flip flag of each training image as a token of
     # its own, so the model learns what a flip does and samples with flip = 0 (unflipped).
     flip_condition: bool = False
+    # U-ViT's final 3x3 convolution over the predicted image (the U-ViT paper's default; the MaskDM
+    # authors' configs leave it off, and so do the paper recipes here): residual and started at
+    # zero, it runs wherever the whole image is predicted (DSM, sampling); the masked forward
+    # predicts the visible tokens only and skips it, so MSM pre-training leaves it at zero.
+    final_conv: bool = False
     # Haar-DWT input (12 channels) only: "joint" embeds all 12 channels of a patch as one token;
     # "split" (the paper's authors' tokenisation) embeds the LL band (3 channels) and the detail
     # bands (9 channels) of a patch as two tokens with their own embeddings and heads: twice the

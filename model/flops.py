@@ -32,6 +32,9 @@ def forward_flops(cfg: ModelConfig, visible_tokens: int | None = None) -> int:
         # before the visible tokens are kept, and both heads run on every visible token
         embed = 2 * cfg.num_tokens * per_token * D
         head = 2 * S * D * cfg.patch_dim
+    if cfg.final_conv and visible_tokens is None:  # the 3x3 conv over the whole image
+        H, W = cfg.input_size, cfg.input_width or cfg.input_size
+        embed += 2 * 9 * cfg.in_channels * cfg.in_channels * H * W
     if not cfg.decoder_depth:
         return blocks + skips + embed + head
     Dd, N = cfg.decoder_dim, cfg.num_tokens

@@ -158,7 +158,12 @@ class UViT(nn.Module):
         self.head = nn.Linear(out_dim, first)
         if self.split:
             self.detail_head = nn.Linear(D, cfg.group_channels[1] * p2)
+        self.final_conv = nn.Conv2d(cfg.in_channels, cfg.in_channels, 3, padding=1) \
+            if cfg.final_conv else None
         self.apply(self._init)
+        if self.final_conv is not None:  # residual from zero: the identity until trained
+            nn.init.zeros_(self.final_conv.weight)
+            nn.init.zeros_(self.final_conv.bias)
         # Learned, but started from 2-D sine-cosine codes: tokens know where they are from step
         # one, which a 0.02-std random start takes many thousands of steps to learn.
         with torch.no_grad():
@@ -252,11 +257,16 @@ class UViT(nn.Module):
             return self._decode(self.norm(x), keep_idx)
         x = self.norm(x[:, cfg.extras:])
         if self.split:
-            return self._split_head(x, keep_idx)
+            out = self._split_head(x, keep_idx)
+            return out if keep_idx is not None else self._conv(out)
         out = self.head(x)
         if keep_idx is not None:
             return out
-        return unpatchify(out, p, cfg.in_channels, cfg.grid)
+        return self._conv(unpatchify(out, p, cfg.in_channels, cfg.grid))
+
+    def _conv(self, img: torch.Tensor) -> torch.Tensor:
+        """The final 3x3 convolution (``final_conv``) over a whole predicted image [B, C, H, W]."""
+        return img if self.final_conv is None else img + self.final_conv(img)
 
     def _decode(self, x: torch.Tensor, keep_idx: torch.Tensor | None) -> torch.Tensor:
         """Encoder output [B, E+S, D] -> the decoder's prediction of every token: [B, N, K] with
@@ -274,7 +284,7 @@ class UViT(nn.Module):
         out = self.head(self.decoder_norm(y[:, E:]))
         if keep_idx is not None:
             return out
-        return unpatchify(out, cfg.patch_size, cfg.in_channels, cfg.grid)
+        return self._conv(unpatchify(out, cfg.patch_size, cfg.in_channels, cfg.grid))
 
     def _split_head(self, x: torch.Tensor, keep_idx: torch.Tensor | None) -> torch.Tensor:
         """LL tokens through ``head``, detail tokens through ``detail_head``: [B, C, H, W], or

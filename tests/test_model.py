@@ -519,3 +519,30 @@ def test_the_flop_count_equals_what_the_model_computes(tokens):
                                (65, 2 * 64 * 48 * D, 2 * 64 * D * 48)):
             hand = 5 * (24 * L * D * D + 4 * L * L * D) + 2 * 4 * L * D * D + embed + head
             assert forward_flops(cfg, None if L == 129 else 64) == hand
+
+
+def test_the_final_conv_starts_as_the_identity_and_only_sees_whole_images():
+    """U-ViT's optional final 3x3 conv: zero-initialised and residual (a model with it predicts
+    what the same model without it does), applied to whole-image predictions only (the masked
+    forward of MSM is unchanged), trained by DSM, and counted in the FLOPs."""
+    from maskdm.model.config import ModelConfig, build_model
+    from maskdm.model.flops import forward_flops
+    kw = dict(preset="tiny", in_channels=3, input_size=16, patch_size=4, attention="sdpa")
+    plain = build_model(ModelConfig(**kw))
+    conv = build_model(ModelConfig(**kw, final_conv=True))
+    missing = conv.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == ["final_conv.weight", "final_conv.bias"]
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 500])
+    keep = torch.tensor([[0, 3, 5, 9], [1, 2, 8, 15]])
+    assert torch.equal(plain(x, t), conv(x, t))
+    with torch.no_grad():
+        conv.final_conv.weight.normal_(0, 0.1)
+    assert not torch.allclose(plain(x, t), conv(x, t))
+    assert torch.equal(plain(x, t, keep), conv(x, t, keep))  # masked: no conv
+    eps = conv(x, t)
+    eps.square().mean().backward()
+    assert conv.final_conv.weight.grad.abs().sum() > 0
+    cfg = ModelConfig(**kw, final_conv=True).resolved()
+    base = ModelConfig(**kw).resolved()
+    assert forward_flops(cfg) - forward_flops(base) == 2 * 9 * 3 * 3 * 16 * 16
+    assert forward_flops(cfg, 4) == forward_flops(base, 4)
