@@ -59,6 +59,10 @@ setup(
         "s3": ["s3fs>=2024.3"],
         "gcs": ["gcsfs>=2024.3"],
         "http": ["aiohttp>=3.9"],
+        # benchmarks/peers.py: the peer data pipelines (never runtime dependencies). Both
+        # MosaicML streaming and LitData require torchvision, which pins its own torch: install
+        # them where torch and torchvision match (docs/benchmarks.md).
+        "bench": ["webdataset>=0.2.86", "mosaicml-streaming>=0.13", "litdata>=0.2.70"],
         # webdataset: the tests read our shards with it, proving any WebDataset reader can.
         "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "webdataset>=0.2.86",
                 # the MLflow UI check (tests/ui_check.py; needs Chromium + ChromeDriver too)
