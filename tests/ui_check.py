@@ -8,11 +8,13 @@ pre-training and fine-tune of the test model on procedural faces), opens the lin
 and checks that:
 
 - the runs page is the model-training view (not the GenAI overview) and lists the pre-training
-  run, with the fine-tune nested under it (expanded here);
+  run, with the fine-tune nested under it (the screenshot is taken first, as a new user sees the
+  page; the checks then expand it);
 - the charts page renders the loss chart (a plotted curve, not an empty frame);
+- the fine-tune run's own page lists the model it logged;
 - the Models tab lists the exported models.
 
-Screenshots of each page go to ``--out`` (runs.png, charts.png, models.png). Needs Chromium,
+Screenshots of each page go to ``--out`` (runs.png, charts.png, run.png, models.png). Needs Chromium,
 ChromeDriver (Debian: ``apt-get install chromium chromium-driver``) and ``pip install selenium``.
 Exit status 0 when every check passed, 1 otherwise.
 """
@@ -182,6 +184,8 @@ def check(runs: Path, out: Path, width: int = 1600, height: int = 1000) -> list[
                 By.TAG_NAME, "body").text) and "pretrain" in t and t)
             if "Traces" in body.split("\n")[:40] and "Overview" in body.split("\n")[:40]:
                 failures.append("runs page: the GenAI navigation (Overview/Traces) is shown")
+            time.sleep(1.0)
+            driver.save_screenshot(str(out / "runs.png"))  # as a new user first sees it
             _close_assistant(driver)
             # a parent run's name cell starts with a (+) button that shows its child runs
             expanders = driver.find_elements(By.CSS_SELECTOR,
@@ -196,13 +200,12 @@ def check(runs: Path, out: Path, width: int = 1600, height: int = 1000) -> list[
                         By.TAG_NAME, "body").text)
         except AssertionError as e:
             failures.append(f"runs page: {e}")
-        driver.save_screenshot(str(out / "runs.png"))
+            driver.save_screenshot(str(out / "runs.png"))
 
         driver.get(runs_url(server.uri, experiment_id, charts=True))
         try:
             _wait("the charts", lambda: len(driver.find_elements(By.CSS_SELECTOR,
                                                                  ".js-plotly-plot")) >= 3)
-            _close_assistant(driver)
 
             def loss_curve():
                 for card in driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot"):
@@ -216,6 +219,15 @@ def check(runs: Path, out: Path, width: int = 1600, height: int = 1000) -> list[
             failures.append(f"charts page: {e}")
         time.sleep(1.0)
         driver.save_screenshot(str(out / "charts.png"))
+
+        run_id = record.get("run_id")
+        driver.get(f"{server.uri}/#/experiments/{experiment_id}/runs/{run_id}")
+        try:  # the run's own page lists the model it logged (a run output)
+            _wait("the run page's logged model", lambda: "maskdm-finetune" in driver.find_element(
+                By.TAG_NAME, "body").text)
+        except AssertionError as e:
+            failures.append(f"run page: {e}")
+        driver.save_screenshot(str(out / "run.png"))
 
         driver.get(f"{server.uri}/#/experiments/{experiment_id}/models"
                    f"?workflowType=machine_learning")
