@@ -5,9 +5,9 @@
     python -m benchmarks.peers --set faces --count 64 --quick      # the mechanics only
 
 Peers (an optional install that never becomes a runtime dependency: `pip install -e '.[bench]'`,
-see docs/benchmarks.md for the torch they need): webdataset (TarWriter/ShardWriter + WebDataset), MosaicML streaming
-(MDSWriter + StreamingDataset/StreamingDataLoader), LitData (optimize + StreamingDataset/
-StreamingDataLoader). Each writes its own shards from the same source folder, fed by the same
+see docs/benchmarks.md for the torch they need): webdataset (TarWriter/ShardWriter + WebDataset),
+MosaicML streaming (MDSWriter + StreamingDataset/StreamingDataLoader), LitData (optimize +
+StreamingDataset/StreamingDataLoader). Each writes its own shards from the same source folder, fed by the same
 decode / EXIF / centre crop / Lanczos resize / JPEG encode (maskdm's, in a process pool of the same
 size); `maskdm shard` writes dwt16 and jpeg shards. Every format is then read by its own library
 through a torch DataLoader (or its own loader) doing the same work to the same output, the batch
@@ -484,7 +484,8 @@ def _fmt_row(r: dict) -> str:
 def table(res: dict) -> str:
     lines = [f"### {res['set']} ({res['count']} images, {res['date']}, {res['machine']})", "",
              "Writing (the same preprocessing; img/s per core used):", "",
-             "| writer | s | cores | img/s | img/s per core | bytes/image |", "|---|---|---|---|---|---|"]
+             "| writer | s | cores | img/s | img/s per core | bytes/image |",
+             "|---|---|---|---|---|---|"]
     for fmt, w in res["write"].items():
         if "error" in w:
             lines.append(f"| {fmt} | error: {w['error']} | | | | |")
@@ -492,7 +493,8 @@ def table(res: dict) -> str:
             lines.append(f"| {fmt} | {w['seconds']:.1f} | {w['cores']:.2f} | {w['img_s']:.0f} | "
                          f"{w['img_s_core']:.0f} | {w['bytes_per_image'] / 1024:.0f} KiB |")
     lines += ["", "Reading to the model-ready batch on the CPU:", "",
-              "| format | output | workers | batch | img/s | cores | img/s per core | first batch s "
+              "| format | output | workers | batch | img/s | cores | img/s per core "
+              "| first batch s "
               "| resume at 50% | resume first batch s | peak RSS MB |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["read"]:

@@ -63,8 +63,10 @@ def check_machine(cfg=None) -> list[Check]:
     out.append(Check("python", OK if sys.version_info >= (3, 10) else FAIL, py,
                      "" if sys.version_info >= (3, 10) else "use Python 3.10 or newer"))
     cuda = torch.version.cuda
-    out.append(Check("torch", OK, f"{torch.__version__} ({'CUDA ' + cuda if cuda else 'CPU build'}"
-                     f"{', cuDNN ' + str(torch.backends.cudnn.version()) if cuda and torch.backends.cudnn.is_available() else ''})"))
+    build = f"CUDA {cuda}" if cuda else "CPU build"
+    if cuda and torch.backends.cudnn.is_available():
+        build += f", cuDNN {torch.backends.cudnn.version()}"
+    out.append(Check("torch", OK, f"{torch.__version__} ({build})"))
     wants_gpu = cfg is not None and cfg.train.device == "cuda"
     if torch.cuda.is_available():
         gpus = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
@@ -84,11 +86,11 @@ def check_machine(cfg=None) -> list[Check]:
                          "https://download.pytorch.org/whl/cu128" if cuda is None else
                          "check nvidia-smi and CUDA_VISIBLE_DEVICES"))
     dist = torch.distributed
-    backends = [b for b, ok in (("nccl", dist.is_nccl_available()), ("gloo", dist.is_gloo_available()))
-                if ok]
+    backends = [b for b, ok in (("nccl", dist.is_nccl_available()),
+                                ("gloo", dist.is_gloo_available())) if ok]
     need_nccl = torch.cuda.is_available()
-    out.append(Check("distributed", OK if ("nccl" in backends or not need_nccl) and "gloo" in backends
-                     else FAIL, ", ".join(backends) or "none",
+    ok = ("nccl" in backends or not need_nccl) and "gloo" in backends
+    out.append(Check("distributed", OK if ok else FAIL, ", ".join(backends) or "none",
                      "" if "gloo" in backends else "a torch build with torch.distributed"))
     out += _check_deepspeed()
     out += _check_dali(cfg)

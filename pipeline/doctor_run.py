@@ -140,7 +140,8 @@ def _resume_sample_score(root, cfg, shards, run_dir, sets, nproc, env, log) -> i
         ok = r.returncode == 0 and (expect is None or expect in r.stdout)
         dt = time.time() - t0
         if ok:
-            log(f"  OK    {label:34s} {dt:5.1f} s  {_score_line(r.stdout) if 'score' in label else ''}")
+            note = _score_line(r.stdout) if "score" in label else ""
+            log(f"  OK    {label:34s} {dt:5.1f} s  {note}")
         else:
             failed += 1
             log(f"  FAIL  {label:34s} {dt:5.1f} s  {_first_error(r.stdout + r.stderr)}")

@@ -39,7 +39,8 @@ def test_with_a_config_what_it_needs_fails_with_its_fix(capsys, tmp_path, monkey
     assert code == 0 and "OK    shards" in out and "shard-000000.tar read and checked" in out, out
     # an unreachable tracking server: FAIL and how to fix it, exit code 1
     code, out = _doctor(capsys, "--config", CONFIG, "--set", f"data.shards={shards}",
-                        "--set", "tracking.enabled=true", "--set", "tracking.uri=http://127.0.0.1:9")
+                        "--set", "tracking.enabled=true",
+                        "--set", "tracking.uri=http://127.0.0.1:9")
     lines = out.splitlines()
     i = next(i for i, ln in enumerate(lines) if ln.split()[:2] == ["FAIL", "mlflow"])
     assert code == 1 and "does not answer" in lines[i] and "fix: start the server" in lines[i + 1]
