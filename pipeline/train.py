@@ -655,7 +655,7 @@ class Trainer:
         """Say early how many more checkpoints fit on the checkpoint disk (at the first save, and
         again whenever fewer than two do)."""
         import shutil as _shutil
-        if not dist.is_main() and not self.store.remote:
+        if not dist.is_main():
             return
         free = _shutil.disk_usage(self.ckpt_root).free
         fits = int(free // max(self.ckpt_bytes, 1))
