@@ -18,19 +18,28 @@ def dwt(x: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] -> [B, 12, H/2, W/2] orthonormal Haar coefficients (same dtype)."""
     a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]
     c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]
-    return torch.cat([a + b + c + d, a + b - c - d, a - b + c - d, a - b - c + d], dim=-3) * 0.5
+    out = x.new_empty((*x.shape[:-3], 4 * x.shape[-3], x.shape[-2] // 2, x.shape[-1] // 2))
+    ll, dh, dv, dd = out.chunk(4, dim=-3)
+    # each band summed left to right, written in place (no concatenation, no extra copies)
+    s, t = a + b, a - b
+    torch.add(s, c, out=ll).add_(d)
+    torch.sub(s, c, out=dh).sub_(d)
+    torch.add(t, c, out=dv).sub_(d)
+    torch.sub(t, c, out=dd).add_(d)
+    return out.mul_(0.5)
 
 
 def idwt(coeffs: torch.Tensor) -> torch.Tensor:
     """[B, 12, h, w] -> [B, 3, 2h, 2w]: the exact inverse of ``dwt``."""
     ll, dh, dv, dd = coeffs.chunk(4, dim=-3)
-    a = (ll + dh + dv + dd) * 0.5
-    b = (ll + dh - dv - dd) * 0.5
-    c = (ll - dh + dv - dd) * 0.5
-    d = (ll - dh - dv + dd) * 0.5
-    top = torch.stack([a, b], dim=-1).flatten(-2)  # interleave columns
-    bottom = torch.stack([c, d], dim=-1).flatten(-2)
-    return torch.stack([top, bottom], dim=-2).flatten(-3, -2)  # interleave rows
+    out = coeffs.new_empty((*ll.shape[:-2], 2 * ll.shape[-2], 2 * ll.shape[-1]))
+    # each pixel of a 2x2 block summed left to right, written straight into its place
+    s, t = ll + dh, ll - dh
+    torch.mul((s + dv).add_(dd), 0.5, out=out[..., 0::2, 0::2])
+    torch.mul((s - dv).sub_(dd), 0.5, out=out[..., 0::2, 1::2])
+    torch.mul((t + dv).sub_(dd), 0.5, out=out[..., 1::2, 0::2])
+    torch.mul((t - dv).add_(dd), 0.5, out=out[..., 1::2, 1::2])
+    return out
 
 
 def flip(coeffs: torch.Tensor) -> torch.Tensor:

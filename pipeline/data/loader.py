@@ -117,6 +117,7 @@ class Loader:
             return self._dali.batches(0)
         from .torch_loader import RankStream, make_dataloader
         stream = RankStream(self.reader, **common)
+        self._stream = stream
         return iter(make_dataloader(stream, self.workers, pin=self.device.type == "cuda"))
 
     def __iter__(self):
@@ -144,8 +145,9 @@ class Loader:
                             "other samples and counted (skipped_samples)", shard, why)
             self.damaged_shards[shard] = self.damaged_shards.get(shard, 0) + 1
         self.skipped_samples += len(raw["bad"])
-        x0 = to_model_space(raw["data"], self.reader.encoding, raw["flips"], self.space,
-                            self.device)
+        data = raw["data"] if raw["data"] is not None else self._stream.ring.slot(raw["slot"])
+        # a ring slot is read here, once: the model-space tensor below is a new one
+        x0 = to_model_space(data, self.reader.encoding, raw["flips"], self.space, self.device)
         labels = raw["labels"].to(self.device, non_blocking=True) if raw["labels"] is not None else None
         flips = raw["flips"].to(self.device, non_blocking=True) if raw["flips"] is not None else None
         return Batch(x0=x0, labels=labels, keys=raw["keys"], flips=flips)
