@@ -335,13 +335,12 @@ class Trainer:
                 self.tracker.log_text(json.dumps(self.ds_config, indent=2),
                                       "deepspeed_config.json")
         self.run_id = self.tracker.wait_started() if is_main else None
-        if is_main:
-            self.tracker.log_metrics({"world_size": float(self.world)}, self.step)
+        if is_main:  # tags (params cannot change when a resumed run has another world size)
+            tags = {"maskdm.world_size": str(self.world)}
             if self.world_change is not None:
                 old, new, at = self.world_change
-                tags = {"maskdm.world_size": str(new),
-                        f"maskdm.world_size_change.step_{at}": f"{old} -> {new}"}
-                self.tracker.set_tags(tags)
+                tags[f"maskdm.world_size_change.step_{at}"] = f"{old} -> {new}"
+            self.tracker.set_tags(tags)
         if cfg.tracking.system_metrics_every > 0:
             self.tracker.start_system_metrics(cfg.tracking.system_metrics_every)
         self.log(self._banner())
@@ -611,7 +610,8 @@ class Trainer:
         self.tracker.log_image(g, f"samples/step_{self.step:08d}.png")
 
     def _fid(self) -> None:
-        self.log(f"step {self.step}: FID-{self.cfg.eval.fid_samples} of the EMA weights")
+        self.log(f"step {self.step}: computing FID-{self.cfg.eval.fid_samples} of the EMA "
+                 f"weights")
         weights = self.ema.full_state_dict()
         t0 = time.perf_counter()
         value = self.fid_eval(weights, self.step, autocast_dtype=self.sample_autocast)

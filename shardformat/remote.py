@@ -174,7 +174,11 @@ class RemoteShards:
     def listing(self) -> dict[str, int]:
         """Name -> size of every file in the folder (one listing, remembered)."""
         if self._listing is None:
-            self._listing = list_files(self.fs, self.root, self.call)
+            # a file the listing just named is there: "not found" for it is an outage (fsspec's
+            # http client also reports a timed-out HEAD that way)
+            self._listing = list_files(
+                self.fs, self.root,
+                lambda what, fn: self.call(what, fn, wait_for_missing=what != "listing"))
         return self._listing
 
     def read_text(self, name: str) -> str:

@@ -191,7 +191,7 @@ def test_a_stalled_connection_times_out_and_the_loader_continues(local, tmp_path
     srv = HttpFolder(local).start()
     cache = tmp_path / "cache"
     opts = CacheOptions(str(cache), 2.5 * _shard_bytes(local) / 2 ** 30, patience_s=120,
-                        timeout_s=1, backoff=0.1, backoff_cap=0.3)
+                        timeout_s=3, backoff=0.1, backoff_cap=0.3)
     reader = ShardReader(srv.url, cache=opts)
     kw = dict(global_batch=8, seed=2, workers=0, lookahead=1)
     want = _take(Loader(local, **kw), 14)
