@@ -6,10 +6,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, shard_set
 from tests.test_train import CONFIG, _env
 
 
+@pytest.mark.slow
 def test_bench_train_runs_and_its_parts_add_up(tmp_path):
     shards = shard_set(tmp_path, "s", count=64, samples_per_shard=32)
     out = tmp_path / "row.json"

@@ -66,6 +66,7 @@ def test_a_run_resumed_on_another_number_of_ranks_sees_the_same_data(shards, tmp
             assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), (ranks, k)
 
 
+@pytest.mark.slow
 def test_a_world_size_that_cannot_take_the_batch_is_refused_before_anything_changes(
         shards, tmp_path):
     sets = ("train.steps=2", "train.ckpt_every=2")
@@ -234,6 +235,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_does_not_fit_stops_the_run_cleanly(shards, small_disk):
     """21 MiB checkpoints on a 48 MiB disk: the third does not fit. One line says so (folder,
     space, size), no partial checkpoint is left, the run stops with exit code 5 after the last
@@ -255,6 +257,7 @@ def test_a_checkpoint_that_does_not_fit_stops_the_run_cleanly(shards, small_disk
     assert "resumed from" in again.stdout and "step_00000006 at step 6" in again.stdout
 
 
+@pytest.mark.slow
 def test_sharding_onto_a_full_disk_stops_in_one_line_and_finishes_later(small_disk, tmp_path):
     """~75 MB of shards onto the 48 MiB disk: one line (folder, space, what to do), exit code 5,
     no partial shard or temporary file left; with room again the same command finishes and the

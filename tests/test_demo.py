@@ -5,11 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from PIL import Image
 
 from tests.test_train import _env
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "maskdm", "demo", "--quick", "--out", str(out)],

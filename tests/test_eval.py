@@ -68,6 +68,7 @@ def export_dir(tmp_path_factory) -> Path:
 
 # ----------------------------------------------------------------------------- sampling
 
+@pytest.mark.slow
 def test_sampling_is_deterministic_and_independent_of_world_size(export_dir, tmp_path):
     r1 = run(sample_cmd(export_dir, tmp_path / "a"))
     assert r1.returncode == 0, r1.stderr
@@ -91,6 +92,7 @@ def test_sampling_is_deterministic_and_independent_of_world_size(export_dir, tmp
     assert not np.array_equal(pixels(tmp_path / "d")["000000.png"], a["000000.png"])
 
 
+@pytest.mark.slow
 def test_sampling_resumes_a_partial_folder_and_refuses_other_settings(export_dir, tmp_path):
     out = tmp_path / "s"
     assert run(sample_cmd(export_dir, out)).returncode == 0
@@ -151,6 +153,7 @@ def test_accumulator_matches_numpy_and_merges_across_pieces():
         np.testing.assert_allclose(s.sigma, np.cov(x, rowvar=False), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_fid_is_zero_for_a_set_against_itself_and_grows_with_noise(standin_inception):
     from maskdm.pipeline.eval.fid import features
     from maskdm.preprocessing.procedural import render
@@ -197,6 +200,7 @@ def test_missing_or_wrong_weights_give_the_documented_error(tmp_path, monkeypatc
 
 # ----------------------------------------------------------------------------- FID commands
 
+@pytest.mark.slow
 def test_fid_stats_and_fid_commands(standin_inception, tmp_path, capsys):
     from maskdm.pipeline.eval.fid import stats_path
     from maskdm.preprocessing.preview import read_samples
@@ -258,6 +262,7 @@ def test_fid_rejects_statistics_of_another_network(standin_inception, tmp_path, 
 
 # ----------------------------------------------------------------------------- end to end
 
+@pytest.mark.slow
 def test_training_fid_export_and_sampling_from_checkpoints(standin_inception, tmp_path):
     shards = shard_set(tmp_path, "data", count=24)
     run_dir = tmp_path / "run"

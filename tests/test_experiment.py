@@ -118,6 +118,7 @@ def test_the_curve_distance_of_points_on_the_curve_is_zero():
         assert 0.01 < curve_distance(off, shape) <= 0.1 + 1e-3
 
 
+@pytest.mark.slow
 def test_toy_quick_writes_the_figure_and_results(tmp_path):
     r = subprocess.run([sys.executable, "-m", "maskdm", "experiment", "toy", "--quick",
                         "--out", str(tmp_path)], cwd=ROOT, env=_env(), capture_output=True,

@@ -226,6 +226,7 @@ def test_a_full_disk_names_the_cache_folder_and_the_limit(s3, tmp_path, monkeypa
         reader.remote.fetch(reader.shard_entry(0).name, reader.shard_entry(0).bytes)
 
 
+@pytest.mark.slow
 def test_training_from_a_bucket_equals_local_and_resumes_exactly_on_a_new_node(s3, tmp_path):
     """data.shards=s3://...: the same losses and final weights as the local folder; killed, the run
     resumes on a "new node" (an empty cache) to the very same state."""

@@ -126,6 +126,7 @@ def test_heldout_loss_is_deterministic_and_exact():
     assert heldout_loss(Zero(), d, x0, grid=(10, 500), seed=4)["loss"] != a["loss"]
 
 
+@pytest.mark.slow
 def test_score_command_end_to_end(tmp_path):
     shards = shard_set(tmp_path, "s", count=40, samples_per_shard=20)
     run_dir = tmp_path / "run"

@@ -53,6 +53,7 @@ def _snapshot(out: Path) -> dict[str, bytes]:
     return files
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
     reference = tmp_path / "reference"
     r = _run(reference)

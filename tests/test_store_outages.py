@@ -255,6 +255,7 @@ def test_an_object_missing_for_a_while_is_waited_for_and_past_the_patience_stops
         store.start()
 
 
+@pytest.mark.slow
 def test_a_same_size_corrupted_object_is_damage_and_quick_verify_says_what_it_checked(
         local, tmp_path, aws_env, monkeypatch, capsys):
     from maskdm.pipeline.cli import main

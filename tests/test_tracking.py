@@ -47,6 +47,7 @@ def _start_training(shards, run_dir: Path, server: Server, *sets: str) -> subpro
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_params_metrics_images_and_lineage_on_a_real_server(shards, tmp_path):
     server = Server(tmp_path)
     try:
@@ -101,6 +102,7 @@ def test_params_metrics_images_and_lineage_on_a_real_server(shards, tmp_path):
         server.stop()
 
 
+@pytest.mark.slow
 def test_training_finishes_when_the_server_dies(shards, tmp_path):
     server = Server(tmp_path)
     run_dir = tmp_path / "run"
@@ -137,6 +139,7 @@ def _loss_steps(client, run_id: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, "loss"))
 
 
+@pytest.mark.slow
 def test_an_outage_mid_run_is_caught_up_when_the_server_returns(shards, tmp_path):
     """The server dies mid-run and comes back: the metrics logged meanwhile are sent, the run
     ends FINISHED, and "tracking resumed" is printed only once it is true."""
@@ -175,6 +178,7 @@ def test_an_outage_mid_run_is_caught_up_when_the_server_returns(shards, tmp_path
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_server_down_at_the_end_is_synced_later(shards, tmp_path):
     """The server is down when training ends: the run says exactly what was not delivered, and
     `maskdm sync` sends it (metrics and the FINISHED status) once the server is back."""
@@ -216,6 +220,7 @@ def test_a_server_down_at_the_end_is_synced_later(shards, tmp_path):
         server.stop()
 
 
+@pytest.mark.slow
 def test_runs_killed_and_restarted_end_with_a_true_status(shards, tmp_path):
     """kill -9 after a checkpoint + `--resume auto`: the same MLflow run goes on and ends FINISHED.
     kill -9 before any checkpoint + a restart: that run is marked FAILED, a new one FINISHED."""

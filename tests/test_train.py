@@ -72,6 +72,7 @@ def shards(tmp_path_factory):
     return shard_set(tmp_path_factory.mktemp("train"), "s", count=96, samples_per_shard=32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", [1, 2, 3])
 def test_two_ranks_follow_one_rank(shards, tmp_path, zero):
     one = run_train(shards, tmp_path / "one", f"train.zero_stage={zero}")
@@ -99,6 +100,7 @@ def _all_finite(rows: list[dict]) -> None:
         assert not bad, f"step {r['step']}: non-finite {bad}"
 
 
+@pytest.mark.slow
 def test_every_logged_metric_is_finite_at_zero_0_and_its_grad_norm_is_the_true_one(shards,
                                                                                    tmp_path):
     """ZeRO 0 keeps no gradient norm in DeepSpeed: the trainer takes it itself, and it equals
@@ -126,6 +128,7 @@ def test_every_logged_metric_is_finite_at_zero_2_and_3(shards, tmp_path, zero):
     assert [r["grad_norm"] > 0 for r in rows if "grad_norm" in r] == [True] * 6
 
 
+@pytest.mark.slow
 def test_the_deepspeed_launcher_runs_two_cpu_ranks_as_documented(shards, tmp_path):
     """README: `DS_ACCELERATOR=cpu deepspeed --num_gpus 2 $(which maskdm) train ...` (the launcher
     passes --local_rank=N ahead of the subcommand)."""
@@ -159,6 +162,7 @@ def _kill_during(cmd: list[str], ckpt_root: Path, after: str, delay: float) -> N
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_gives_the_same_final_state(shards, tmp_path):
     sets = ("train.steps=24", "train.ckpt_every=4", "train.log_every=4")
     ref = run_train(shards, tmp_path / "ref", *sets)
@@ -185,6 +189,7 @@ def test_sigkill_and_resume_gives_the_same_final_state(shards, tmp_path):
             assert torch.equal(sa[i][key], sb[i][key]), f"optimizer {key} differs"
 
 
+@pytest.mark.slow
 def test_pretrain_then_finetune_and_a_mismatched_checkpoint(shards, tmp_path):
     pre = run_train(shards, tmp_path / "pre", "train.steps=3")
     assert pre.returncode == 0, pre.stderr[-3000:]
@@ -212,6 +217,7 @@ def test_pretrain_then_finetune_and_a_mismatched_checkpoint(shards, tmp_path):
     assert "cannot initialise this model" in bad.stderr and "dim: 128 -> 192" in bad.stderr
 
 
+@pytest.mark.slow
 def test_finetune_at_another_image_size_interpolates_the_positional_embedding(shards, tmp_path):
     """Resolution transfer: pre-train at 32 px (8x8 tokens), fine-tune at 64 px (16x16 tokens)."""
     big = shard_set(tmp_path, "big", size=64, count=16, samples_per_shard=16)
@@ -266,6 +272,7 @@ def test_bad_configs_fail_before_training(shards, tmp_path, capsys, sets, env, m
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path):
     r = run_train(shards, tmp_path / "nan", "optim.lr=1.0e12", "optim.warmup_steps=0",
                   "optim.grad_clip=0", "train.steps=30", "train.ckpt_every=1", "train.log_every=1")
@@ -287,6 +294,7 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_a_tampered_checkpoint_cannot_run_code(shards, tmp_path):
     """Every .pt file (ours and DeepSpeed's) is loaded with weights_only=True: resume, export,
     init_from and raw-weight sampling refuse a pickle that would execute code."""
@@ -327,6 +335,7 @@ def test_a_tampered_checkpoint_cannot_run_code(shards, tmp_path):
     assert ok.returncode == 0 and "resumed from" in ok.stdout, ok.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_damaged_shards_do_not_stop_training(shards, tmp_path):
     """A garbage index and a NaN inside a tensor used to stop the run (all samples of a batch
     unreadable; a non-finite loss blamed on the learning rate). With data.strict: false training
@@ -363,6 +372,7 @@ def test_damaged_shards_do_not_stop_training(shards, tmp_path):
     assert "Traceback" not in strict.stderr
 
 
+@pytest.mark.slow
 def test_split_dwt_tokens_train_resume_and_sample(shards, tmp_path):
     """The authors' tokenisation end to end: masked pre-training with independent LL/detail masks,
     a resumed run, and sampling from the checkpoint."""
@@ -379,6 +389,7 @@ def test_split_dwt_tokens_train_resume_and_sample(shards, tmp_path):
     assert s.returncode == 0 and len(list((tmp_path / "smp").glob("*.png"))) == 2, s.stderr
 
 
+@pytest.mark.slow
 def test_maskdit_pretrain_unmasking_finetune_and_sampling(shards, tmp_path):
     """MaskDiT end to end, with the flip conditioning: 50% patch masking, DSM on the visible tokens
     + 0.1 x MAE on the masked ones through a 2-block decoder, then the unmasking fine-tune (mask 0,

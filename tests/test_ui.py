@@ -11,6 +11,7 @@ from tests.ui_check import browser_available, check, make_runs
 missing = browser_available()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(missing is not None, reason=f"UI check: {missing}")
 def test_the_mlflow_ui_shows_runs_charts_and_models(tmp_path):
     runs = make_runs(tmp_path / "work")
