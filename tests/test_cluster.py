@@ -93,6 +93,7 @@ def bucket(tmp_path, monkeypatch):
     store = MotoStore(tmp_path).start()
     for k, v in store.env.items():
         monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MASKDM_CACHE", str(tmp_path / "cache"))  # runs read from the bucket
     fs = store.fs()
     if not fs.exists("runs"):  # (moto keeps its buckets for the whole test process)
         fs.mkdir("runs")
@@ -167,6 +168,10 @@ def test_a_run_in_a_bucket_killed_mid_upload_resumes_from_the_bucket(shards, tmp
         assert torch.equal(a[k], b[k]), f"{k} differs from the uninterrupted run"
     assert _committed(fs, "runs/victim") == {"step_00000008", "step_00000012"}  # keep_last 2
     assert fs.exists("runs/victim/export/model.safetensors")
+    from maskdm.pipeline.export import export_weights  # maskdm export reads the bucket run
+    export_weights(url, tmp_path / "x" / "export")
+    exported = ema(tmp_path / "x")
+    assert all(torch.equal(a[k], exported[k]) for k in a)
     one = run_train(shards, "s3://runs/victim1", *sets, f"train.scratch_dir={tmp_path / 'c'}",
                     ranks=1, resume="auto", env={**_env(), **bucket["env"]})
     assert one.returncode == 0, one.stderr[-3000:]

@@ -73,8 +73,19 @@ def _raw_weights(src: Path, meta: ckpt.CheckpointMeta) -> dict[str, torch.Tensor
 
 def load_sampling_model(path: str | os.PathLike, *, weights: str = "ema", device="cpu") -> SamplingModel:
     """An export folder (``maskdm export``), a checkpoint folder or a run folder -> SamplingModel."""
+    from maskdm.shardformat.remote import is_remote
+
     from ..weights import model_from_weights
-    p = Path(path).expanduser()
+    if is_remote(path):  # a run or checkpoint in a bucket: its meta and EMA weights, cached
+        if weights != "ema":
+            raise SampleError(f"--weights {weights} needs the checkpoint's ZeRO partitions, which "
+                              f"are not read from a bucket; use --weights ema")
+        try:
+            p = ckpt.resolve(str(path))
+        except ckpt.CheckpointError as e:
+            raise SampleError(f"--ckpt: {e}") from None
+    else:
+        p = Path(path).expanduser()
     if (p / "config.json").exists() and (p / "model.safetensors").exists():
         if weights != "ema":
             raise SampleError(f"{p} is an export, which holds EMA weights only; use --weights ema "
