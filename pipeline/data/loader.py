@@ -135,6 +135,8 @@ class Loader:
             if "Traceback" in text:
                 text = text.strip().splitlines()[-1].split(f"{type(e).__name__}: ", 1)[-1]
             raise type(e)(text) from None
+        if "error" in raw:  # a worker's SampleError (data.strict, or a badly damaged set)
+            raise SampleError(raw["error"])
         if raw["batch_index"] != self.batches_done:  # the round-robin contract, checked
             raise RuntimeError(f"loader produced batch {raw['batch_index']}, expected "
                                f"{self.batches_done}")

@@ -150,7 +150,12 @@ class RankStream(IterableDataset):
         order = self.order()
         k = self.first_batch + w
         while True:
-            yield self.load(k, order)
+            try:
+                yield self.load(k, order)
+            except SampleError as e:
+                # handed over as a batch that says so: a generator that raised is dead, and a
+                # DataLoader with a dead worker iterator then waits 5 s per worker to shut down
+                yield {"batch_index": k, "error": str(e)}
             k += n
 
     def load(self, k: int, order: StreamOrder) -> dict:
