@@ -181,16 +181,17 @@ def _tick() -> None:
 
 
 def _convert(pos: int, item: Item):
-    """One input -> ("ok", components, meta, sum, sumsq) or ("skip", reason)."""
+    """One input -> ("ok", components, meta, sum, sumsq) or ("skip", reason, skipped record)."""
     opts: ShardOptions = _W["opts"]
     try:
         data = _W["loader"].load(item)
         prep = prepare(data, opts.size, bbox=item.bbox, small=opts.small, min_side=opts.min_side,
                        max_pixels=opts.max_pixels)
     except Skip as e:
-        return ("skip", str(e))
+        return ("skip", str(e), {**name_record(item.ref), "reason": str(e)})
     except MemoryError:
-        return ("skip", "out of memory while decoding (image too large?)")
+        why = "out of memory while decoding (image too large?)"
+        return ("skip", why, {**name_record(item.ref), "reason": why})
     key = f"{pos:09d}"
     meta = {"key": key, **name_record(item.ref), "orig_size": list(prep.orig_size),
             "crop": [round(c, 3) for c in prep.crop], "upscaled": prep.upscaled}
@@ -213,11 +214,29 @@ def _convert(pos: int, item: Item):
 
 
 def _process_chunk(task: tuple[int, int, list[Item]]) -> dict:
-    """Convert chunk ``k`` (inputs starting at position ``first``) and commit it as one shard.
+    """Convert chunk ``k`` (inputs starting at position ``first``) and commit it as one shard."""
+    k, first, items = task
+    return _commit_chunk(k, len(items), (_convert_ticked(first + i, item)
+                                          for i, item in enumerate(items)))
+
+
+def _convert_ticked(pos: int, item: Item):
+    res = _convert(pos, item)
+    _tick()
+    return res
+
+
+def _convert_at(args: tuple[int, Item]):
+    """A pool task of the shared-conversion mode: one input, converted (see ``_write_chunks``)."""
+    return _convert_ticked(*args)
+
+
+def _commit_chunk(k: int, n_inputs: int, results) -> dict:
+    """Write the converted inputs of chunk ``k`` (an iterable of ``_convert`` results, in input
+    order) as one shard and commit it.
 
     Order of effects: tmp tar -> index -> tar renamed -> ``.progress`` record (the commit point).
     """
-    k, first, items = task
     out: Path = _W["out"]
     name = f"shard-{k:06d}"
     tar_path, idx_path = out / f"{name}.tar", out / f"{name}.idx"
@@ -226,8 +245,7 @@ def _process_chunk(task: tuple[int, int, list[Item]]) -> dict:
     total, total_sq = np.zeros(12), np.zeros(12)
     skipped, upscaled = [], 0
     try:
-        for i, item in enumerate(items):
-            res = _convert(first + i, item)
+        for res in results:
             if res[0] == "ok":
                 _, comps, meta, s, sq = res
                 if writer is None:
@@ -237,11 +255,10 @@ def _process_chunk(task: tuple[int, int, list[Item]]) -> dict:
                 total_sq += sq
                 upscaled += int(meta["upscaled"])
             else:
-                skipped.append({**name_record(item.ref), "reason": res[1]})
-            _tick()
+                skipped.append(res[2])
         rec = {"name": f"{name}.tar", "index": f"{name}.idx", "samples": 0, "bytes": 0,
                "sha256": "", "sum": total.tolist(), "sumsq": total_sq.tolist(),
-               "skipped": skipped, "upscaled": upscaled, "inputs": len(items)}
+               "skipped": skipped, "upscaled": upscaled, "inputs": n_inputs}
         if writer is not None:
             nbytes, sha = writer.close()
             atomic_write_text(idx_path, format_index(writer.samples))
@@ -434,6 +451,29 @@ def _write_chunks(opts, out, source, planned, todo, workers, n_todo, progress, d
             for t in tasks:
                 done[t[0]] = _process_chunk(t)
                 bar.set_postfix(shards=len(done), refresh=False)
+        elif len(tasks) < workers:
+            # fewer shards than workers (a small subset, big shards): every worker converts
+            # inputs of the same shard, this process writes it; the same bytes as one chunk per
+            # worker, and no core idles
+            ctx = mp.get_context("spawn")
+            counter = ctx.Value("q", 0)
+            pool = ctx.Pool(workers, initializer=_init_worker,
+                            initargs=(source.loader(), opts, str(out), counter, os.getpid()))
+            _W.update(out=out)
+            seen = [0]
+
+            def ticked(results):
+                for r in results:
+                    bar.update(counter.value - seen[0])
+                    seen[0] = counter.value
+                    yield r
+            for k, first, items in tasks:
+                results = pool.imap(_convert_at, [(first + i, it) for i, it in enumerate(items)],
+                                    chunksize=4)
+                done[k] = _commit_chunk(k, len(items), ticked(results))
+                bar.set_postfix(shards=len(done), refresh=False)
+            pool.close()
+            pool.join()
         else:
             ctx = mp.get_context("spawn")
             counter = ctx.Value("q", 0)

@@ -340,3 +340,21 @@ def test_unsupported_urls_are_refused_never_taken_as_paths(args, message, tmp_pa
     err = capsys.readouterr().err
     assert message in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_one_big_shard_uses_every_worker_and_gives_the_same_bytes(messy, tmp_path):
+    """Fewer shards than workers (here one): the workers convert inputs of the same shard and
+    the job writes it; the tar, its index, the manifest's shard records and skipped.jsonl are
+    those of the one-process job."""
+    outs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        run(ShardOptions(src=str(messy["src"]), out=str(out), source="folder", size=SIZE,
+                         samples_per_shard=1000, workers=workers, min_side=24),
+            progress=False, log=lambda *a: None)
+        outs[workers] = out
+    a, b = outs[1], outs[2]
+    for name in ("shard-000000.tar", "shard-000000.idx", "skipped.jsonl"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert load_manifest(a).shards == load_manifest(b).shards
+    assert json.loads((a / "skipped.jsonl").read_text().splitlines()[0])["reason"]
