@@ -28,6 +28,7 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,7 +156,7 @@ class Patience:
             return float(record["since"]), False
         record = {"url": self.url, "since": now, "host": socket.gethostname(),
                   "pid": os.getpid(), "error": short(e), "what": what}
-        tmp = path.with_name(f".{OUTAGE}.{os.getpid()}.tmp")
+        tmp = self._tmp(path)
         try:
             tmp.write_text(json.dumps(record))
             try:
@@ -175,13 +176,18 @@ class Patience:
             tmp.unlink(missing_ok=True)
         return now, first
 
+    @staticmethod
+    def _tmp(path: Path) -> Path:
+        """A temporary name of this process and thread (uploads run requests in 8 threads)."""
+        return path.with_name(f".{OUTAGE}.{os.getpid()}.{threading.get_ident()}.tmp")
+
     def _heartbeat(self, record: dict, e: BaseException, what: str) -> None:
         path = self._record_path()
         if path is None:
             return
         try:
             record.update(error=short(e), what=what)
-            tmp = path.with_name(f".{OUTAGE}.{os.getpid()}.tmp")
+            tmp = self._tmp(path)
             tmp.write_text(json.dumps(record))
             os.replace(tmp, path)
         except OSError:
