@@ -160,9 +160,26 @@ def test_fast_learner_quick_runs_every_arm_at_equal_flops_and_resumes(tmp_path):
     out = tmp_path / "exp"
     cmd = [sys.executable, "-m", "maskdm", "experiment", "fast-learner", "--config",
            _quick_spec(tmp_path), "--quick", "--out", str(out)]
-    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+
+    def run(*extra, timeout=900):
+        return subprocess.run(cmd + list(extra), cwd=ROOT, env=_env(), capture_output=True,
+                              text=True, timeout=timeout)
+    r = run("--report")
+    assert r.returncode == 2 and "no experiment has run there yet" in r.stderr, r.stderr[-2000:]
+    r = run("--arms", "scratch,nope")
+    assert r.returncode == 2 and "--arms: no arm nope" in r.stderr, r.stderr[-2000:]
+    # --arms: only these are trained, and the results hold only the finished ones
+    r = run("--arms", "block50,scratch")
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert r.stdout.count("$ maskdm train") == 3, r.stdout[-3000:]
+    part = json.loads((out / "results.json").read_text())
+    assert list(part["arms"]) == ["scratch", "block50"]
+    assert part["arms"]["block50"]["seeds"] == [0] and set(part["speedup"]) == {"block50"}
+    r = run()
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert r.stdout.count("already finished") == 3 and r.stdout.count("$ maskdm train") == 8
     res = json.loads((out / "results.json").read_text())
+    assert res["curves"]["heldout_loss"]["block50"] == part["curves"]["heldout_loss"]["block50"]
     assert list(res["arms"]) == ["scratch", "block50", "patch90", "maskdit", "lowres16",
                                  "steps_block50", "images_block50"]
     # the controls: block50's step count at equal FLOPs (a smaller batch), and its steps and
@@ -173,7 +190,7 @@ def test_fast_learner_quick_runs_every_arm_at_equal_flops_and_resumes(tmp_path):
     assert len(ctl) == 1 and abs(ctl[0]["steps"] - steps) <= 2 and ctl[0]["batch"] < 32
     assert img[0]["steps"] == steps and img[0]["batch"] == 32
     table = (out / "results.md").read_text()
-    assert f"| steps_block50 | {ctl[0]['steps']} ({ctl[0]['batch']}) |" in table
+    assert f"| steps_block50 | 0 | {ctl[0]['steps']} ({ctl[0]['batch']}) |" in table
     for arm in ("block50", "maskdit", "lowres16"):
         assert [s["stage"] for s in res["arms"][arm]["stages"]] == ["pretrain", "finetune"]
     # equal FLOPs, read back from what the runs logged (train_flops of the last point)
@@ -224,6 +241,11 @@ def test_fast_learner_quick_runs_every_arm_at_equal_flops_and_resumes(tmp_path):
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert r2.stdout.count("already finished") == 11 and "$ maskdm train" not in r2.stdout
     assert json.loads((out / "results.json").read_text())["curves"] == res["curves"]
+    # --report trains nothing and writes the same results
+    (out / "results.json").unlink()
+    r4 = run("--report", timeout=600)
+    assert r4.returncode == 0 and "$ maskdm train" not in r4.stdout, r4.stderr[-2000:]
+    assert json.loads((out / "results.json").read_text())["final"] == res["final"]
     # ... but not with other settings: the folder's runs were planned for this switch point
     r3 = subprocess.run(cmd + ["--switch", "0.3"], cwd=ROOT, env=_env(), capture_output=True,
                         text=True, timeout=600)

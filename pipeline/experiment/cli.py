@@ -12,6 +12,9 @@ examples:
   maskdm experiment fast-learner --config configs/experiments/fast_learner_cpu.yaml --quick
   maskdm experiment fast-learner --config configs/experiments/fast_learner_gpu64.yaml \\
       --out experiments/gpu64 --set train.device=cuda
+  maskdm experiment fast-learner --config configs/experiments/fast_learner_cpu.yaml \\
+      --seeds 0,1,2 --arms scratch,block50,steps_block50     # a third seed for three arms
+  maskdm experiment fast-learner --config configs/experiments/fast_learner_cpu.yaml --report
 re-running the same command continues an interrupted experiment.
 """
 
@@ -43,6 +46,13 @@ def add_parser(sub) -> None:
                    help="the FLOP budget, in DSM-from-scratch steps (default: the file's)")
     f.add_argument("--seeds", default=None, metavar="0,1",
                    help="comma-separated seeds (default: the file's)")
+    f.add_argument("--arms", default=None, metavar="A,B",
+                   help="train only these arms (comma-separated names from the file, run in "
+                   "the file's order); the finished runs of the others still count in the "
+                   "results")
+    f.add_argument("--report", action="store_true",
+                   help="train nothing: write the results of the runs finished so far (e.g. "
+                   "while the experiment runs, or when some seeds of an arm are missing)")
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="training override for every run, e.g. --set train.device=cuda")
     f.set_defaults(func=_run_fast_learner)
@@ -86,7 +96,9 @@ def _run_fast_learner(args) -> int:
                                   f"{args.seeds!r}") from None
         spec.check(args.config)
         out = Path(args.out or f"experiments/{spec.name}{'-quick' if args.quick else ''}")
-        run(spec, out, quick=args.quick, extra_sets=args.overrides)
+        only = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
+        run(spec, out, quick=args.quick, extra_sets=args.overrides, only=only,
+            report=args.report)
     except (ConfigError, ExperimentError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -107,11 +107,20 @@ def _prepare_data(spec: Spec, out: Path) -> tuple[str, str]:
     return made[0], made[1]
 
 
-def run(spec: Spec, out: Path, *, quick: bool = False, extra_sets: list[str] | None = None) -> dict:
+def run(spec: Spec, out: Path, *, quick: bool = False, extra_sets: list[str] | None = None,
+        only: list[str] | None = None, report: bool = False) -> dict:
+    """Train what is missing (``only``: just these arms), then write the results of every
+    finished run. ``report``: train nothing, write the results of the runs finished so far."""
     if quick:
         for k, v in QUICK.items():
             setattr(spec, k, v)
+    unknown = sorted(set(only or []) - {a.name for a in spec.arms})
+    if unknown:
+        raise ExperimentError(f"--arms: no arm {', '.join(unknown)} in the experiment file "
+                              f"(its arms: {', '.join(a.name for a in spec.arms)})")
     out = out.resolve()
+    if report:
+        return _report(spec, out, extra_sets or [], quick)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
     shards, heldout = _prepare_data(spec, out)
@@ -122,16 +131,7 @@ def run(spec: Spec, out: Path, *, quick: bool = False, extra_sets: list[str] | N
                      run_id=previous_id,
                      tags={"maskdm.kind": "experiment"}, log=print)
     parent_id, uri = parent.wait_started(), parent.uri
-    base = [f"data.shards={shards}", f"data.image_size={spec.size}", f"eval.heldout={heldout}",
-            f"eval.score_ref={heldout}", f"tracking.experiment={spec.name}",
-            f"tracking.uri={uri}", "tracking.enabled=true"]
-    if parent_id:
-        base.append(f"tracking.parent_run_id={parent_id}")
-    if spec.score_samples:
-        base.append(f"eval.score_samples={spec.score_samples}")
-    if spec.sample_steps:
-        base.append(f"eval.steps={spec.sample_steps}")
-    base += list(spec.sets) + list(extra_sets or [])
+    base = _base_sets(spec, shards, heldout, uri, parent_id, extra_sets or [])
     _check_same_plan(spec, out, base)
     runs = plan(spec, out, base)
     if previous_id is None:  # MLflow refuses a changed param value: log them once
@@ -141,6 +141,8 @@ def run(spec: Spec, out: Path, *, quick: bool = False, extra_sets: list[str] | N
                            "quick": quick})
     walls = _load_walls(out)
     for stages in runs:
+        if only and stages[0].arm not in only:
+            continue
         for st in stages:
             key = f"{st.arm}/seed{st.seed}/{st.stage}"
             if _finished(st):
@@ -166,6 +168,44 @@ def run(spec: Spec, out: Path, *, quick: bool = False, extra_sets: list[str] | N
           f"{out / 'results.md'}, plot {out / 'curves.png'}\nMLflow: experiment '{spec.name}' "
           f"(every run nested under the experiment's run): "
           f"{ui_command(uri, parent.experiment_id)}")
+    return results
+
+
+def _base_sets(spec: Spec, shards: str, heldout: str, uri: str | None, parent_id: str | None,
+               extra_sets: list[str]) -> list[str]:
+    """The overrides every run of this experiment gets."""
+    base = [f"data.shards={shards}", f"data.image_size={spec.size}", f"eval.heldout={heldout}",
+            f"eval.score_ref={heldout}", f"tracking.experiment={spec.name}",
+            f"tracking.uri={uri}", "tracking.enabled=true"]
+    if parent_id:
+        base.append(f"tracking.parent_run_id={parent_id}")
+    if spec.score_samples:
+        base.append(f"eval.score_samples={spec.score_samples}")
+    if spec.sample_steps:
+        base.append(f"eval.steps={spec.sample_steps}")
+    return base + list(spec.sets) + list(extra_sets)
+
+
+def _report(spec: Spec, out: Path, extra_sets: list[str], quick: bool) -> dict:
+    """``--report``: the results of the runs finished so far, nothing trained or logged."""
+    from ..tracking import read_record
+    record = read_record(out / "parent")
+    if record is None or not (out / "plan.json").exists():
+        raise ExperimentError(f"{out}: no experiment has run there yet (run it without --report "
+                              f"first)")
+    data = out / "data"
+    heldout = spec.heldout or str(data / "heldout")
+    shards = spec.shards or str(data / "train")
+    base = _base_sets(spec, shards, heldout, record.get("uri"), record.get("run_id"),
+                      extra_sets)
+    _check_same_plan(spec, out, base)
+    results = summarize(spec, plan(spec, out, base), _load_walls(out), quick=quick)
+    if spec.reference.name not in results["arms"]:
+        print(f"note: the reference arm {spec.reference.name} has no finished run yet: no "
+              f"speed-ups", flush=True)
+    write_outputs(results, out)
+    print(f"{(out / 'results.md').read_text()}\nresults so far: {out / 'results.json'}, "
+          f"{out / 'results.md'}, plot {out / 'curves.png'}", flush=True)
     return results
 
 
@@ -208,6 +248,9 @@ def _load_walls(out: Path) -> dict:
 
 
 def summarize(spec: Spec, runs: list[list[Stage]], walls: dict, *, quick: bool) -> dict:
+    """The results of the finished runs (an arm's unfinished seeds, and arms with none
+    finished, are left out; each arm lists the seeds it has)."""
+    runs = [stages for stages in runs if all(_finished(st) for st in stages)]
     curves: dict[str, dict[str, dict[int, Curve]]] = {m: {} for m in METRICS}
     budget: dict[str, dict[int, float]] = {}
     for stages in runs:
@@ -225,11 +268,12 @@ def summarize(spec: Spec, runs: list[list[Stage]], walls: dict, *, quick: bool) 
            "budget_steps": spec.budget_steps, "switch": spec.switch, "seeds": spec.seeds,
            "arms": {a.name: {**a.as_dict(), "two_stage": a.two_stage,
                              "reference": a.is_reference,
+                             "seeds": [r[0].seed for r in runs if r[0].arm == a.name],
                              "stages": [{"stage": s.stage, "steps": s.steps,
                                          "flops_per_step": s.flops_per_step,
                                          "batch": s.batch}
                                         for s in next(r for r in runs if r[0].arm == a.name)]}
-                    for a in spec.arms},
+                    for a in spec.arms if any(r[0].arm == a.name for r in runs)},
            "train_flops": budget, "curves": {}, "final": {}, "speedup": {},
            "run_wall_seconds": walls}
     for m, per_arm in curves.items():
@@ -253,33 +297,35 @@ def table(results: dict) -> str:
     speed-ups per arm."""
     metrics = [m for m in METRICS if results["final"].get(m)]
     arms = list(results["arms"])
-    head = ("| arm | steps (batch) | images | training FLOPs | wall s / seed | " +
+    head = ("| arm | seeds | steps (batch) | images | training FLOPs | wall s / seed | " +
             " | ".join(f"final {m}" for m in metrics) + " | " +
             " | ".join(f"speed-up ({m})" for m in metrics) + " |")
-    lines = [head, "|" + "---|" * (5 + 2 * len(metrics))]
+    lines = [head, "|" + "---|" * (6 + 2 * len(metrics))]
     walls = results.get("run_wall_seconds", {})
     for a in arms:
         info = results["arms"][a]
         flops = list(results["train_flops"].get(a, {}).values())
-        wall = sum(v for k, v in walls.items() if k.startswith(a + "/"))
+        seeds = info.get("seeds", results["seeds"])
+        wall = sum(v for k, v in walls.items()
+                   if k.split("/")[:2] in ([a, f"seed{x}"] for x in seeds))
         stages = info["stages"]
         steps = " + ".join(f"{s['steps']}" for s in stages) + \
             f" ({'/'.join(sorted({str(s.get('batch') or '-') for s in stages}))})"
         images = sum(s["steps"] * (s.get("batch") or 0) for s in stages)
-        cells = [a + (" (reference)" if info.get("reference") else ""), steps,
+        cells = [a + (" (reference)" if info.get("reference") else ""),
+                 ",".join(str(x) for x in seeds), steps,
                  f"{images / 1000:.1f}k" if images else "-",
                  f"{sum(flops) / max(len(flops), 1):.3g}",
-                 f"{wall / len(results['seeds']):.0f}" if wall else "-"]
+                 f"{wall / max(len(seeds), 1):.0f}" if wall else "-"]
         cells += [format_value(results["final"][m].get(a), 4 if m == "heldout_loss" else 2)
                   for m in metrics]
         cells += ["1" if info.get("reference") else
                   format_value(results["speedup"].get(a, {}).get(m), 2) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
-    seeds = results["seeds"]
     lines.append("")
     lines.append(
-        f"{len(seeds)} seed(s) {seeds}; final values are the fine-tuned (or only) model's, mean "
-        f"over seeds with the range in parentheses; lower is better, SWD x 1e3. Speed-up, paired "
+        f"Seeds: the finished ones per arm (the plan: {results['seeds']}); final values are the "
+        f"fine-tuned (or only) model's, mean over seeds with the range in parentheses; lower is better, SWD x 1e3. Speed-up, paired "
         f"by seed: for an arm that ends at least as good as DSM from scratch, the FLOPs scratch "
         f"needs to reach its final value and stay there / the FLOPs the arm needs to reach it "
         f"and stay; for an arm that ends worse, the FLOPs scratch needs to reach the arm's final "
