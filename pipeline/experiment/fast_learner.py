@@ -367,7 +367,9 @@ def plot(results: dict, path: Path) -> None:
                 switch = stages[0]["steps"] * stages[0]["flops_per_step"]
                 ax.axvline(switch, color=color, ls=":", lw=1)
         ax.set_xlabel("cumulative training FLOPs (pre-training included)")
-        ax.set_ylabel(m + (" (x 1e3)" if m.startswith("swd") else ""))
+        ax.set_ylabel(m + (" (x 1e3, log scale)" if m.startswith("swd") else ""))
+        if m.startswith("swd"):  # an arm far off (e.g. early MaskDiT) would flatten the others
+            ax.set_yscale("log")
         ax.set_title(m)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
