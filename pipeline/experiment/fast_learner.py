@@ -325,8 +325,8 @@ def table(results: dict) -> str:
     lines.append("")
     lines.append(
         f"Seeds: the finished ones per arm (the plan: {results['seeds']}); final values are the "
-        f"fine-tuned (or only) model's, mean over seeds with the range in parentheses; lower is better, SWD x 1e3. Speed-up, paired "
-        f"by seed: for an arm that ends at least as good as DSM from scratch, the FLOPs scratch "
+        f"fine-tuned (or only) model's, mean over seeds with the range in parentheses; lower "
+        f"is better, SWD x 1e3. Speed-up, paired by seed: for an arm that ends at least as good as DSM from scratch, the FLOPs scratch "
         f"needs to reach its final value and stay there / the FLOPs the arm needs to reach it "
         f"and stay; for an arm that ends worse, the FLOPs scratch needs to reach the arm's final "
         f"value / all of the arm's FLOPs (so <= 1). The mean over seeds is followed by [lo, hi]: "
