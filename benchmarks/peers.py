@@ -286,11 +286,13 @@ def _tree(pid: int):
 
 
 def _tree_cpu(pid: int) -> float:
+    """CPU seconds of the live process tree plus the children each of them has reaped (a peer's
+    loader restarts its workers every epoch: the finished ones count too)."""
     total = 0.0
     for p in _tree(pid):
         try:
             t = p.cpu_times()
-            total += t.user + t.system
+            total += t.user + t.system + t.children_user + t.children_system
         except Exception:
             pass
     return total
@@ -321,7 +323,7 @@ def read_row(fmt: str, path: Path, output: str, workers: int, batch: int, batche
     n_images = _count(fmt, path)
     t0 = time.perf_counter()
     dl = maker.loader()
-    it = iter(dl)
+    it = _epochs(dl)
     first = next(it)
     t_first = time.perf_counter() - t0
     for _ in range(2):
@@ -344,6 +346,18 @@ def read_row(fmt: str, path: Path, output: str, workers: int, batch: int, batche
             "output": output, "shape": shape, "workers": workers, "batch": batch,
             "img_s": img_s, "cores": cpu / wall, "img_s_core": img_s / max(cpu / wall, 1e-9),
             "first_batch_s": t_first, "peak_rss_mb": peak[0] / 2 ** 20, **resume}
+
+
+def _epochs(dl):
+    """Batches across epochs: maskdm's loaders run on; a peer's loader ends with its epoch and is
+    iterated again (a new epoch, its workers restarted, as a multi-epoch training loop does)."""
+    while True:
+        n = 0
+        for b in dl:
+            n += 1
+            yield b
+        if n == 0:
+            raise RuntimeError("the loader delivered no batch")
 
 
 def _count(fmt: str, path: Path) -> int:
