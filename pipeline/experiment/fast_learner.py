@@ -251,6 +251,9 @@ def summarize(spec: Spec, runs: list[list[Stage]], walls: dict, *, quick: bool) 
     """The results of the finished runs (an arm's unfinished seeds, and arms with none
     finished, are left out; each arm lists the seeds it has)."""
     runs = [stages for stages in runs if all(_finished(st) for st in stages)]
+    by_arm: dict[str, list[list[Stage]]] = {}
+    for stages in runs:
+        by_arm.setdefault(stages[0].arm, []).append(stages)
     curves: dict[str, dict[str, dict[int, Curve]]] = {m: {} for m in METRICS}
     budget: dict[str, dict[int, float]] = {}
     for stages in runs:
@@ -268,12 +271,12 @@ def summarize(spec: Spec, runs: list[list[Stage]], walls: dict, *, quick: bool) 
            "budget_steps": spec.budget_steps, "switch": spec.switch, "seeds": spec.seeds,
            "arms": {a.name: {**a.as_dict(), "two_stage": a.two_stage,
                              "reference": a.is_reference,
-                             "seeds": [r[0].seed for r in runs if r[0].arm == a.name],
+                             "seeds": [r[0].seed for r in by_arm[a.name]],
                              "stages": [{"stage": s.stage, "steps": s.steps,
                                          "flops_per_step": s.flops_per_step,
                                          "batch": s.batch}
-                                        for s in next(r for r in runs if r[0].arm == a.name)]}
-                    for a in spec.arms if any(r[0].arm == a.name for r in runs)},
+                                        for s in by_arm[a.name][0]]}
+                    for a in spec.arms if a.name in by_arm},
            "train_flops": budget, "curves": {}, "final": {}, "speedup": {},
            "run_wall_seconds": walls}
     for m, per_arm in curves.items():
@@ -306,9 +309,8 @@ def table(results: dict) -> str:
         info = results["arms"][a]
         flops = list(results["train_flops"].get(a, {}).values())
         seeds = info.get("seeds", results["seeds"])
-        wall = sum(v for k, v in walls.items()
-                   if k.split("/")[:2] in ([a, f"seed{x}"] for x in seeds))
         stages = info["stages"]
+        wall = sum(walls.get(f"{a}/seed{x}/{s['stage']}", 0.0) for x in seeds for s in stages)
         steps = " + ".join(f"{s['steps']}" for s in stages) + \
             f" ({'/'.join(sorted({str(s.get('batch') or '-') for s in stages}))})"
         images = sum(s["steps"] * (s.get("batch") or 0) for s in stages)
@@ -325,16 +327,16 @@ def table(results: dict) -> str:
     lines.append("")
     lines.append(
         f"Seeds: the finished ones per arm (the plan: {results['seeds']}); final values are the "
-        f"fine-tuned (or only) model's, mean over seeds with the range in parentheses; lower "
-        f"is better, SWD x 1e3. Speed-up, paired by seed: for an arm that ends at least as good as DSM from scratch, the FLOPs scratch "
-        f"needs to reach its final value and stay there / the FLOPs the arm needs to reach it "
-        f"and stay; for an arm that ends worse, the FLOPs scratch needs to reach the arm's final "
-        f"value / all of the arm's FLOPs (so <= 1). The mean over seeds is followed by [lo, hi]: "
-        f"what the evaluation points and the seeds allow (the crossing lies between two "
-        f"points); >= lo: no upper end (the arm was there at its first point); (pre): the arm "
-        f"got there with its pre-trained model, before fine-tuning; n/r: not resolved (along "
-        f"scratch this metric improves less than its final values differ between seeds). "
-        f"Wall time: training + scoring + start-up, as run here.")
+        f"fine-tuned (or only) model's, mean over seeds with the range in parentheses; lower is "
+        f"better, SWD x 1e3. Speed-up, paired by seed: for an arm that ends at least as good as "
+        f"DSM from scratch, the FLOPs scratch needs to reach its final value and stay there / the "
+        f"FLOPs the arm needs to reach it and stay; for an arm that ends worse, the FLOPs scratch "
+        f"needs to reach the arm's final value / all of the arm's FLOPs (so <= 1). The mean over "
+        f"seeds is followed by [lo, hi]: what the evaluation points and the seeds allow (the "
+        f"crossing lies between two points); >= lo: no upper end (the arm was there at its first "
+        f"point); (pre): the arm got there with its pre-trained model, before fine-tuning; n/r: "
+        f"not resolved (along scratch this metric improves less than its final values differ "
+        f"between seeds). Wall time: training + scoring + start-up, as run here.")
     return "\n".join(lines)
 
 
