@@ -155,6 +155,11 @@ def broadcast_object(obj):
 
 
 def destroy() -> None:
+    """Tear the process groups down before the interpreter does. Nothing may keep a group alive
+    past this point: a gloo group's worker threads still releasing a finished collective while
+    Python finalises abort the process ("terminate called without an active exception")."""
+    global _cpu_group
+    _cpu_group = None
     if torch.distributed.is_initialized():
         try:
             torch.distributed.destroy_process_group()
