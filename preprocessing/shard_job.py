@@ -200,16 +200,16 @@ def _convert(pos: int, item: Item):
         meta.update(name_record(item.identity, "identity"))
     comps: list[tuple[str, bytes]] = []
     if opts.encoding == "dwt16":
-        coeffs = haar.dwt_uint8(prep.image)
+        coeffs, s, sq = haar.dwt_uint8_with_moments(prep.image)
         comps.append(("dwt16", coeffs.astype("<f2").tobytes()))
         if opts.keep_jpeg:
             comps.append(("jpg", encode_jpeg(prep.image, opts.jpeg_quality)))
     else:
         jpg = encode_jpeg(prep.image, opts.jpeg_quality)
         comps.append(("jpg", jpg))
-        coeffs = haar.dwt_uint8(decode_jpeg(jpg))  # statistics of what the loader will see
+        # the statistics of what the loader will see: the decoded JPEG
+        s, sq = haar.image_moments(decode_jpeg(jpg))
     comps.append(("json", json.dumps(meta, sort_keys=True).encode()))
-    s, sq = haar.channel_moments(coeffs)
     return ("ok", comps, meta, s, sq)
 
 

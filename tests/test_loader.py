@@ -84,6 +84,53 @@ def test_workers_do_not_change_the_batches(dwt_set):
     _same(a, b)
 
 
+@pytest.mark.parametrize("which", ["dwt", "jpeg"])
+@pytest.mark.parametrize("space", ["dwt", "pixel"])
+def test_cpu_workers_convert_exactly_as_the_device_does(dwt_set, jpeg_set, tmp_path, which,
+                                                        space):
+    """On the CPU the workers convert each sample to model space as they read it; on a GPU the
+    device converts whole batches. Both give the same values to the bit, damaged samples and
+    their replacements (which take their own slot's flip) included."""
+    from maskdm.pipeline.data.torch_loader import RankStream
+    from maskdm.pipeline.data.transform import to_model_space
+    from maskdm.shardformat.reader import ShardReader
+    shards = _copy(dwt_set if which == "dwt" else jpeg_set, tmp_path)
+    if which == "dwt":
+        _edit_index(shards, 1, lambda e: [c for c in e if c.ext != "dwt16"])
+    else:
+        m = load_manifest(shards)
+        entry = parse_index((shards / m.shards[1].index).read_text())[0]
+        jpg = next(c for c in entry if c.ext == "jpg")
+        data = bytearray((shards / m.shards[1].name).read_bytes())
+        data[jpg.offset:jpg.offset + 4] = b"\0\0\0\0"
+        (shards / m.shards[1].name).write_bytes(bytes(data))
+    n_batches = -(-load_manifest(shards).num_samples // 6)
+    flipped_replacement = False
+    for seed in range(8):  # until a replacement has taken a flip its source did not have
+        loader = Loader(shards, global_batch=6, seed=seed, workers=2, space=space)
+        got = _take(loader, n_batches)
+        assert loader.skipped_samples == 1
+        stream = RankStream(ShardReader(shards), seed=seed, start=0, global_batch=6, rank=0,
+                            world_size=1, hflip=True, strict=False)  # no space: the GPU path
+        order = stream.order()
+        for k, b in enumerate(got):
+            raw = stream.load(k, order)
+            assert not raw["model_space"] and raw["keys"] == b.keys
+            want = to_model_space(raw["data"], raw_encoding(shards), raw["flips"], space,
+                                  torch.device("cpu"))
+            assert b.x0.dtype == torch.float32
+            assert torch.equal(b.x0.view(torch.int32), want.view(torch.int32))  # to the bit
+            twins = [(i, j) for i in range(6) for j in range(i) if b.keys[i] == b.keys[j]]
+            flipped_replacement |= any(bool(b.flips[i] != b.flips[j]) for i, j in twins)
+        if flipped_replacement:
+            break
+    assert flipped_replacement
+
+
+def raw_encoding(shards: Path) -> str:
+    return load_manifest(shards).encoding
+
+
 def test_ranks_partition_an_epoch_end_to_end(dwt_set):
     n = load_manifest(dwt_set).num_samples  # 70
     world, gb = 2, 10

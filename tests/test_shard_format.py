@@ -91,6 +91,54 @@ def test_haar_matches_closed_form_and_model_space():
     assert np.allclose(ms[9:12], (ya - yb - yc + yd) / 4, atol=1e-6)
 
 
+def test_integer_haar_equals_pywavelets_and_its_moments_are_exact():
+    """The integer Haar gives pywavelets' values (rounded to the exact 0.5 grid) on every kind of
+    image, as float16 with no negative zero; the moments match a float64 reference."""
+    import pywt
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (24, 40, 3), dtype=np.uint8) for _ in range(4)]
+    images += [np.zeros((8, 8, 3), np.uint8), np.full((8, 8, 3), 255, np.uint8),
+               noise_image(5, 32, 32)]
+    images[1][..., 1] = 255  # a constant channel: pywavelets gives -0.0 in its detail bands
+    for img in images:
+        c = haar.dwt_uint8(img)
+        ll, (dh, dv, dd) = pywt.dwt2(img.transpose(2, 0, 1).astype(np.float64), "haar",
+                                     axes=(-2, -1))
+        ref = np.rint(np.concatenate([ll, dh, dv, dd]) * 2.0) * 0.5
+        assert c.dtype == np.float16 and c.shape == (12, img.shape[0] // 2, img.shape[1] // 2)
+        assert np.array_equal(c.astype(np.float64), ref)
+        assert not (c.view(np.uint16) == 0x8000).any()  # a zero is +0.0
+        m = (c.astype(np.float64) / 255.0 + haar.MODEL_OFFSET[:, None, None]).reshape(12, -1)
+        s, sq = haar.channel_moments(c)
+        assert np.allclose(s, m.sum(axis=1), rtol=1e-9, atol=1e-6)
+        assert np.allclose(sq, (m * m).sum(axis=1), rtol=1e-9, atol=1e-6)
+        c2, s2, sq2 = haar.dwt_uint8_with_moments(img)
+        assert np.array_equal(c2.view(np.uint16), c.view(np.uint16))
+        assert np.array_equal(s2, s) and np.array_equal(sq2, sq)
+        assert all(np.array_equal(a, b) for a, b in zip(haar.image_moments(img), (s, sq)))
+
+
+def test_verify_accepts_a_negative_zero_from_older_shards(tmp_path):
+    """Shards written before the integer Haar may hold -0.0 where the value is 0: still valid."""
+    shards = shard_set(tmp_path / "s", "v", count=6, samples_per_shard=6)
+    m = load_manifest(shards)
+    tar = shards / m.shards[0].name
+    entry = parse_index((shards / m.shards[0].index).read_text())[0]
+    comp = next(c for c in entry if c.ext == "dwt16")
+    data = bytearray(tar.read_bytes())
+    coeffs = np.frombuffer(bytes(data[comp.offset:comp.offset + comp.size]), "<f2").copy()
+    zeros = np.flatnonzero(coeffs[coeffs.size // 4:] == 0) + coeffs.size // 4  # detail bands
+    assert zeros.size
+    coeffs[zeros[0]] = np.float16(-0.0)
+    data[comp.offset:comp.offset + comp.size] = coeffs.tobytes()
+    tar.write_bytes(bytes(data))
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    report = verify(shards, workers=1, progress=False)
+    assert report.ok, report.problems
+
+
 def test_dwt_domain_flip_equals_dwt_of_flipped_image():
     img = noise_image(3, 16, 16)
     c = haar.dwt_uint8(img).astype(np.float32)

@@ -116,7 +116,9 @@ class Loader:
                                     segment_batches=self.segment_batches, **common)
             return self._dali.batches(0)
         from .torch_loader import RankStream, make_dataloader
-        stream = RankStream(self.reader, **common)
+        # on the CPU the workers convert to model space themselves (see torch_loader)
+        stream = RankStream(self.reader, **common,
+                            space=self.space if self.device.type == "cpu" else None)
         self._stream = stream
         return iter(make_dataloader(stream, self.workers, pin=self.device.type == "cuda"))
 
@@ -149,7 +151,10 @@ class Loader:
         self.skipped_samples += len(raw["bad"])
         data = raw["data"] if raw["data"] is not None else self._stream.ring.slot(raw["slot"])
         # a ring slot is read here, once: the model-space tensor below is a new one
-        x0 = to_model_space(data, self.reader.encoding, raw["flips"], self.space, self.device)
+        if raw.get("model_space"):
+            x0 = data.clone() if raw["data"] is None else data
+        else:
+            x0 = to_model_space(data, self.reader.encoding, raw["flips"], self.space, self.device)
         labels = raw["labels"].to(self.device, non_blocking=True) if raw["labels"] is not None else None
         flips = raw["flips"].to(self.device, non_blocking=True) if raw["flips"] is not None else None
         return Batch(x0=x0, labels=labels, keys=raw["keys"], flips=flips)

@@ -8,6 +8,12 @@ Workers read straight into a ring of shared-memory batch slots made once, before
 through the DataLoader's queue. A fresh shared-memory segment per batch (what handing a tensor to
 the main process otherwise costs: a new mapping and its page faults) cost more than reading the
 batch itself (measured: 21 ms against 12 ms for 32 samples at 256 px).
+
+Training on a GPU, a slot holds what was read (float16 coefficients or uint8 pixels) and the
+device turns the batch into model space. Training on the CPU (``space`` set), the workers write
+model-space float32 samples instead, converting each one as they read it: the conversion then
+runs in parallel and on cache-hot data instead of on whole batches in the training process, which
+was the bottleneck of the JPEG path (one core busy converting while the workers waited).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from maskdm.shardformat.haar import check_bounds, tensor_shape
 from maskdm.shardformat.reader import SampleError, ShardReader
 
 from .order import StreamOrder, rank_positions
+from .transform import model_input_shape, sample_to_model_space
 
 
 def decode_sample(reader: ShardReader, key: str, comps: dict[str, bytes]):
@@ -125,18 +132,24 @@ class BatchRing:
 
 
 class RankStream(IterableDataset):
-    """Infinite stream of this rank's raw batches (dicts), starting at batch ``first_batch``."""
+    """Infinite stream of this rank's raw batches (dicts), starting at batch ``first_batch``.
+    With ``space`` ("dwt" or "pixel") a batch's ``data`` is already in model space (float32,
+    flips applied, ``"model_space": True``); without, it is what the shards hold."""
 
     def __init__(self, reader: ShardReader, *, seed: int, start: int, global_batch: int,
-                 rank: int, world_size: int, hflip: bool, strict: bool, first_batch: int = 0):
+                 rank: int, world_size: int, hflip: bool, strict: bool, first_batch: int = 0,
+                 space: str | None = None):
         self.reader, self.seed, self.start = reader, seed, start
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
         self.hflip, self.strict, self.first_batch = hflip, strict, first_batch
+        self.space = space
         self.ring: BatchRing | None = None  # set by make_dataloader for worker processes
 
     def batch_shape(self) -> tuple[tuple[int, ...], torch.dtype]:
         n = self.global_batch // self.world_size
         r = self.reader
+        if self.space is not None:
+            return (n, *model_input_shape(r.image_size, self.space)), torch.float32
         if r.encoding == "dwt16":
             return (n, *tensor_shape(r.image_size)), torch.float16
         return (n, r.image_size, r.image_size, 3), torch.uint8
@@ -167,24 +180,38 @@ class RankStream(IterableDataset):
         out = self.ring.slot(k) if in_worker else torch.empty(shape, dtype=dtype)
         buf = out.numpy()
         labels = [None] * n
+        flip_at = order.flips(positions) if self.hflip else np.zeros(n, dtype=bool)
+        space, dwt16 = self.space, reader.encoding == "dwt16"
+        # model space: a sample is read into one small buffer and converted into its row
+        raw = np.empty(tensor_shape(reader.image_size), dtype="<f2") if space and dwt16 else None
 
         def probe(i: int, s: int, j: int) -> str:
-            if reader.encoding == "dwt16":
-                key, meta = reader.read_dwt_into(s, j, buf[i])
-                _, labels[i] = decode_sample(reader, key, {"dwt16": buf[i], "json": meta})
+            if dwt16:
+                dst = buf[i] if space is None else raw
+                key, meta = reader.read_dwt_into(s, j, dst)
+                arr, labels[i] = decode_sample(reader, key, {"dwt16": dst, "json": meta})
             else:
                 key, comps = reader.read_at(s, j)
-                buf[i], labels[i] = decode_sample(reader, key, comps)
+                arr, labels[i] = decode_sample(reader, key, comps)
+                if space is None:
+                    buf[i] = arr
+            if space is not None:
+                sample_to_model_space(arr, reader.encoding, bool(flip_at[i]), space, out[i])
             return key
 
-        _, _, src, keys, damaged = resolve(reader, positions, order, probe, self.strict)
+        shards, js, src, keys, damaged = resolve(reader, positions, order, probe, self.strict)
         for i, j in enumerate(src):
-            if j != i:
+            if j == i:
+                continue
+            if space is None:
                 buf[i] = buf[j]
+            else:  # the replacement read again and converted with slot i's flip, as on the GPU
+                probe(i, int(shards[j]), int(js[j]))
         has_labels = reader.manifest.labels is not None
-        flips = torch.from_numpy(order.flips(positions)) if self.hflip else None
+        flips = torch.from_numpy(flip_at) if self.hflip else None
         return {
             "batch_index": k,
+            "model_space": space is not None,
             "data": None if in_worker else out,  # in a worker: slot k of the ring
             "slot": k % self.ring.slots if in_worker else None,
             "labels": torch.tensor([labels[j] for j in src], dtype=torch.long) if has_labels else None,
