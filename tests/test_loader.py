@@ -395,3 +395,18 @@ def test_missing_shard_file_is_left_out(dwt_set, tmp_path):
     assert loader.reader.num_samples == m.num_samples - 16
     assert loader.skipped_samples == 0
     assert not gone & {k for b in batches for k in b.keys}
+
+
+def test_bench_data_measures_cpu_workers_against_the_same_work(dwt_set, capsys):
+    """On a CPU device the torch workers convert to model space, so `bench data` prints a
+    `raw+model space` row and takes the torch rows' per-worker share against it."""
+    from maskdm.pipeline.cli import main
+    assert main(["bench", "data", str(dwt_set), "--backends", "torch", "--workers", "1",
+                 "--batch", "5", "--batches", "3", "--step-ms", "1", "--device", "cpu"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith(str(dwt_set))]
+    kinds = [" ".join(r[2:-8]) for r in rows]
+    assert kinds == ["raw (1 core)", "raw+model space", "torch"], rows
+    raw_ms, torch_row = float(rows[1][-7]), rows[2]
+    delivered, share = float(torch_row[-7]), float(torch_row[-6].rstrip("%"))
+    assert abs(share - 100 * delivered / raw_ms) <= 1  # the torch row against raw+model space
