@@ -69,8 +69,9 @@ def _to_float16(doubled: np.ndarray) -> np.ndarray:
 def dwt_uint8(img: np.ndarray) -> np.ndarray:
     """uint8 ``[H, W, 3]`` image -> float16 ``[12, H/2, W/2]`` Haar coefficients (exact).
 
-    The values are pywavelets' Haar to the bit; a zero is always +0.0 (shards written by maskdm
-    before 0.2.1 may hold -0.0 where pywavelets' float arithmetic produced it: equal values)."""
+    The values are pywavelets' Haar (rounded to the exact 0.5 grid); a zero is always +0.0
+    (shards written by maskdm before 0.2.1 may hold -0.0 where pywavelets' float arithmetic
+    produced it: the same values)."""
     return _to_float16(_doubled(img))
 
 
@@ -181,7 +182,8 @@ def to_model_space(coeffs: np.ndarray) -> np.ndarray:
 
 
 def channel_moments(coeffs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel sum and sum of squares (float64) of the model-space tensor of one sample."""
+    """Per-channel sum and sum of squares (float64) of the model-space tensor of one sample
+    (``coeffs``: Haar coefficients of uint8 pixels, i.e. multiples of 0.5)."""
     return _moments_of_doubled(np.rint(coeffs.astype(np.float32) * 2.0).astype(np.int32))
 
 

@@ -67,7 +67,8 @@ def _from_image(img: torch.Tensor, space: str) -> torch.Tensor:
 def sample_to_model_space(data, encoding: str, flip: bool, space: str,
                           out: torch.Tensor) -> None:
     """One sample into ``out`` (float32 [C, H', W']): ``to_model_space`` of a batch of one, the
-    same operations in the same order, so the values are bit-identical to the batched path.
+    same arithmetic on every value (a flip only moves values and changes signs), so the values
+    are bit-identical to the batched path (``tests/test_loader.py`` checks it).
     ``data``: float16 [12, h, w] (dwt16) or uint8 [H, W, 3] (jpeg), a numpy array or tensor."""
     if isinstance(data, np.ndarray) and not data.flags.writeable:
         data = data.copy()  # a decoder's read-only array (torch warns on those); ~20 us
