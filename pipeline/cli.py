@@ -89,13 +89,8 @@ def _run_train(args) -> int:
             if missing:
                 print(f"warning: {missing}", file=sys.stderr)
             return 0
-        from maskdm.pipeline import dist
         from maskdm.pipeline.train import run_training
-        try:
-            summary = run_training(cfg, resume=args.resume)
-        finally:
-            if dist.launch_world_size() > 1:  # a launched rank about to exit: its groups
-                dist.destroy()                  # go first (see dist.destroy)
+        summary = run_training(cfg, resume=args.resume)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ DeepSpeed's CPU accelerator and the gloo backend before DeepSpeed is imported.
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import sys
@@ -126,6 +127,12 @@ def barrier() -> None:
 
 
 _cpu_group = None
+# The tensors of the last CPU collectives, kept referenced from Python. A gloo worker thread
+# drops its reference to a finished collective a moment after the caller has the result; were
+# that the last reference to a tensor with a Python object, the thread would need the GIL to free
+# it, and a process already finalising (a rank returning right after an `all_sum`) aborts with
+# "terminate called without an active exception". Python's reference keeps freeing on its side.
+_recent: collections.deque = collections.deque(maxlen=4)
 
 
 def all_reduce_cpu(t: torch.Tensor) -> torch.Tensor:
@@ -137,6 +144,7 @@ def all_reduce_cpu(t: torch.Tensor) -> torch.Tensor:
         backend = torch.distributed.get_backend()
         _cpu_group = torch.distributed.new_group(backend="gloo") if backend != "gloo" else \
             torch.distributed.group.WORLD
+    _recent.append(t)
     torch.distributed.all_reduce(t, group=_cpu_group)
     return t
 
