@@ -130,8 +130,10 @@ _cpu_group = None
 # The tensors of the last CPU collectives, kept referenced from Python. A gloo worker thread
 # drops its reference to a finished collective a moment after the caller has the result; were
 # that the last reference to a tensor with a Python object, the thread would need the GIL to free
-# it, and a process already finalising (a rank returning right after an `all_sum`) aborts with
-# "terminate called without an active exception". Python's reference keeps freeing on its side.
+# it, and in a process already finalising (a rank returning right after an `all_sum`) that aborts
+# it: "terminate called without an active exception" (gdb: the thread in ~AsyncAllreduceWork).
+# This narrows that window; only ending the group's threads before exit (`destroy`) closed it in
+# the sampling command (1 abort in 10 runs with this alone, 0 in 22 with both).
 _recent: collections.deque = collections.deque(maxlen=4)
 
 
