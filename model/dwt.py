@@ -48,9 +48,10 @@ def flip(coeffs: torch.Tensor) -> torch.Tensor:
     return coeffs.flip(-1) * sign
 
 
-def model_from_coeffs(coeffs: torch.Tensor) -> torch.Tensor:
-    """Haar coefficients of a 0..255 image -> model space (float32)."""
-    c = coeffs.float().mul_(1.0 / 255.0)  # the same float32 arithmetic as shardformat.haar
+def model_from_coeffs(coeffs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Haar coefficients of a 0..255 image -> model space (float32), into ``out`` if given."""
+    c = coeffs.float() if out is None else out.copy_(coeffs)
+    c.mul_(1.0 / 255.0)  # the same float32 arithmetic as shardformat.haar
     c[..., :3, :, :] -= 1.0
     return c
 

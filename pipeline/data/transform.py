@@ -74,10 +74,9 @@ def sample_to_model_space(data, encoding: str, flip: bool, space: str,
         data = data.copy()  # a decoder's read-only array (torch warns on those); ~20 us
     d = torch.as_tensor(data)[None]
     if encoding == "dwt16" and space == "dwt":
-        # in place: model_from_coeffs, then flip's sign change (x * -1 == -x, to the bit)
-        out.copy_(d[0].flip(-1) if flip else d[0])
-        out.mul_(1.0 / 255.0)
-        out[:3] -= 1.0
+        # into ``out`` with no temporary: the mirror first, then flip's sign change on V and D
+        # (tdwt.FLIP_SIGN; x * -1 == -x, to the bit)
+        tdwt.model_from_coeffs(d[0].flip(-1) if flip else d[0], out=out)
         if flip:
             out[6:].neg_()
         return
