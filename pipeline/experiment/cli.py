@@ -107,6 +107,7 @@ def _run_fast_learner(args) -> int:
 
 def _run_toy(args) -> int:
     from dataclasses import replace
+    from functools import partial
 
     from .toy import ToySettings, run
     s = ToySettings()
@@ -125,5 +126,6 @@ def _run_toy(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     shapes = ["swissroll", "rose"] if args.shape == "both" else [args.shape]
-    run(shapes, s, Path(args.out), quick=args.quick)
+    # flushed lines: a run piped into a log file shows each seed and arm as it finishes
+    run(shapes, s, Path(args.out), quick=args.quick, log=partial(print, flush=True))
     return 0
