@@ -15,6 +15,10 @@ import torch
 
 Schedule = Literal["cosine", "linear"]
 Sampler = Literal["ddim", "ddpm"]
+# How the training loss weighs the timesteps: "uniform" (the plain eps-MSE of DDPM and of the
+# paper) or "min_snr" (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+# Strategy"): each sample's eps-MSE times min(SNR_t, gamma) / SNR_t.
+LossWeight = Literal["uniform", "min_snr"]
 SCHEDULES = get_args(Schedule)
 SAMPLERS = get_args(Sampler)
 
@@ -51,8 +55,16 @@ class GaussianDiffusion:
             self._cache[device] = {
                 "sqrt_ac": torch.tensor(np.sqrt(ac), dtype=torch.float32, device=device),
                 "sqrt_1m_ac": torch.tensor(np.sqrt(1 - ac), dtype=torch.float32, device=device),
+                "snr": torch.tensor(ac / (1 - ac), dtype=torch.float32, device=device),
             }
         return self._cache[device]
+
+    def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """[B] weights min(SNR_t, gamma) / SNR_t of the eps-MSE (Min-SNR-gamma): 1 where the
+        noise is strong (SNR <= gamma), below 1 where it is weak, so that the nearly noise-free
+        steps no longer dominate the gradient."""
+        snr = self._table(t.device)["snr"][t]
+        return snr.clamp(max=gamma) / snr
 
     @staticmethod
     def _bcast(v: torch.Tensor, ndim: int) -> torch.Tensor:

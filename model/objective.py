@@ -3,6 +3,10 @@
 MSM (masked score matching): the eps-MSE over the visible patches only; the network sees only the
 visible tokens. DSM (denoising score matching) is the same with ``keep_idx=None``.
 
+With ``loss_weight="min_snr"`` each sample's eps-MSE is weighted by min(SNR_t, gamma) / SNR_t
+(``GaussianDiffusion.min_snr_weight``; the MSM loss too, over its visible tokens), then averaged as
+before: a uniform weight of 1 gives the plain loss exactly.
+
 MaskDiT (a model with a decoder, ``ModelConfig.decoder_depth`` > 0): the decoder predicts every
 token; the loss is the eps-MSE over the visible tokens plus ``mae_weight`` x an MAE-style
 reconstruction loss over the masked tokens only: the MSE between the prediction and the masked
@@ -38,12 +42,20 @@ def mae_loss(pred: torch.Tensor, x_t: torch.Tensor, keep_idx: torch.Tensor, p: i
 class DiffusionObjective:
     def __init__(self, diffusion: GaussianDiffusion, patch_size: int,
                  group_channels: tuple[int, ...] | None = None, *, decoder: bool = False,
-                 mae_weight: float = 0.0):
+                 mae_weight: float = 0.0, loss_weight: str = "uniform",
+                 min_snr_gamma: float = 5.0):
         """``group_channels``: the model's token groups (``ModelConfig.group_channels``); with
         more than one (``dwt_tokens: split``) the MSM target tokens are built group by group, as
         the model builds its own, and the loss averages only their real (unpadded) values.
         ``decoder``: the model predicts every token of a masked input (MaskDiT), ``mae_weight``
-        the weight of the reconstruction loss on the masked ones."""
+        the weight of the reconstruction loss on the masked ones. ``loss_weight``: "uniform" or
+        "min_snr" (with ``min_snr_gamma``) weighting of the timesteps."""
+        if loss_weight not in ("uniform", "min_snr"):
+            raise ValueError(f"diffusion.loss_weight must be 'uniform' or 'min_snr', got "
+                             f"{loss_weight!r}")
+        if not min_snr_gamma > 0:
+            raise ValueError(f"diffusion.min_snr_gamma must be > 0, got {min_snr_gamma}")
+        self.gamma = float(min_snr_gamma) if loss_weight == "min_snr" else None
         self.diffusion = diffusion
         self.patch_size = patch_size
         self.groups = tuple(group_channels) if group_channels and len(group_channels) > 1 else None
@@ -53,10 +65,26 @@ class DiffusionObjective:
                              "with a decoder (model.decoder_depth > 0)")
 
     @classmethod
-    def for_model(cls, diffusion: GaussianDiffusion, mcfg, mae_weight: float = 0.0):
+    def for_model(cls, diffusion: GaussianDiffusion, mcfg, mae_weight: float = 0.0,
+                  loss_weight: str = "uniform", min_snr_gamma: float = 5.0):
         """The objective for a resolved ``ModelConfig``."""
         return cls(diffusion, mcfg.patch_size, mcfg.group_channels,
-                   decoder=bool(mcfg.decoder_depth), mae_weight=mae_weight)
+                   decoder=bool(mcfg.decoder_depth), mae_weight=mae_weight,
+                   loss_weight=loss_weight, min_snr_gamma=min_snr_gamma)
+
+    def _mse(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
+             valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean squared error over every element (only the ``valid`` ones, if given), each
+        sample's errors weighted by its timestep's weight under min-SNR."""
+        if self.gamma is None and valid is None:
+            return F.mse_loss(pred.float(), target.float())
+        err = (pred.float() - target.float()) ** 2
+        if valid is not None:
+            err = err * valid
+        if self.gamma is not None:
+            w = self.diffusion.min_snr_weight(t, self.gamma)
+            err = err * w.view(-1, *([1] * (err.ndim - 1)))
+        return err.sum() / valid.sum() if valid is not None else err.mean()
 
     def __call__(self, net, batch, keep_idx: torch.Tensor | None, t: torch.Tensor,
                  noise: torch.Tensor) -> torch.Tensor:
@@ -73,8 +101,8 @@ class DiffusionObjective:
         if keep_idx is None:
             target = noise
         elif self.decoder:
-            dsm = F.mse_loss(gather_tokens(pred, keep_idx).float(),
-                             gather_tokens(patchify(noise, self.patch_size), keep_idx).float())
+            dsm = self._mse(gather_tokens(pred, keep_idx),
+                            gather_tokens(patchify(noise, self.patch_size), keep_idx), t)
             if not self.mae_weight:
                 return dsm
             return dsm + self.mae_weight * mae_loss(pred, x_t, keep_idx, self.patch_size)
@@ -85,6 +113,5 @@ class DiffusionObjective:
             valid = gather_tokens(token_valid(noise.shape[-1] // self.patch_size,
                                               self.patch_size, self.groups, noise.device)
                                   .expand(len(noise), -1, -1), keep_idx)
-            err = (pred.float() - target.float()) ** 2
-            return (err * valid).sum() / valid.sum()
-        return F.mse_loss(pred.float(), target.float())
+            return self._mse(pred, target, t, valid)
+        return self._mse(pred, target, t)

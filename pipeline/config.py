@@ -21,7 +21,7 @@ import yaml
 
 from maskdm.deepspeed_configs import DIRECTORY as DEEPSPEED_CONFIGS
 from maskdm.model.config import ModelConfig
-from maskdm.model.diffusion import Sampler, Schedule
+from maskdm.model.diffusion import LossWeight, Sampler, Schedule
 from maskdm.model.masks import MaskSpec, MaskSpecError
 
 from .data.loader import Backend
@@ -71,6 +71,11 @@ class DataConfig:
 class DiffusionConfig:
     schedule: Schedule = "cosine"
     num_timesteps: int = 1000
+    # uniform: the plain eps-MSE (the paper's, every paper recipe); min_snr: each sample's loss
+    # times min(SNR_t, min_snr_gamma) / SNR_t (Hang et al. 2023), which learns faster on small
+    # budgets (the demo: docs/demo.md). The logged loss is then the weighted one.
+    loss_weight: LossWeight = "uniform"
+    min_snr_gamma: float = 5.0
 
 
 @dataclass
@@ -392,6 +397,9 @@ def validate(cfg: Config) -> None:
     if o.ema_every < 1 or o.ema_power <= 0 or o.ema_start < 0:
         raise ConfigError("optim.ema_every must be >= 1, optim.ema_power > 0 and "
                           "optim.ema_start >= 0")
+    if not cfg.diffusion.min_snr_gamma > 0:
+        raise ConfigError(f"diffusion.min_snr_gamma must be > 0 (5 in Hang et al.), got "
+                          f"{cfg.diffusion.min_snr_gamma}")
     if not 1 <= cfg.eval.steps <= cfg.diffusion.num_timesteps:
         raise ConfigError(f"eval.steps must be in 1..{cfg.diffusion.num_timesteps}")
     if cfg.eval.fid_every < 0 or cfg.eval.fid_samples < 2 or cfg.eval.batch < 1:

@@ -90,8 +90,12 @@ def prepare(cfg: Config):
 
 
 def _check_resume_config(saved: dict, cfg: Config) -> list[str]:
-    now = cfg.flat()
+    """Keys of the checkpoint's config that differ now: a fixed one refuses, the others are
+    listed. A key the checkpoint lacks (written by an older maskdm) counts as its default, the
+    value that older version behaved as."""
+    now, defaults = cfg.flat(), Config().flat()
     old = {f"{s}.{k}": v for s, sec in saved.items() for k, v in sec.items()}
+    old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
     fixed, changed = [], []
     for key in sorted(set(now) | set(old)):
         if now.get(key) != old.get(key):
@@ -253,7 +257,9 @@ class Trainer:
         o = cfg.optim
         self.ema = EMA(self.engine.module, o.ema_decay, every=o.ema_every, warmup=o.ema_warmup,
                        power=o.ema_power, start=o.ema_start)
-        self.objective = DiffusionObjective.for_model(self.diffusion, mcfg, t.mae_weight)
+        self.objective = DiffusionObjective.for_model(
+            self.diffusion, mcfg, t.mae_weight, cfg.diffusion.loss_weight,
+            cfg.diffusion.min_snr_gamma)
         try:
             self.loader = Loader(self.reader, global_batch=self.micro_global, rank=self.rank,
                                  world_size=self.world, seed=t.seed, device=self.device,

@@ -162,6 +162,8 @@ def test_base_inheritance_overrides_and_yaml_numbers(tmp_path):
     (["data.image_size=64", "model.patch_size=2", "mask.block_size=8", "mask.ratio=0.1"],
      "masks no block of the 4 8x8 blocks"),
     (["eval.fid_samples=1"], "eval.fid_samples >= 2"),
+    (["diffusion.loss_weight=minsnr"], "diffusion.loss_weight"),
+    (["diffusion.min_snr_gamma=0"], "diffusion.min_snr_gamma must be > 0"),
     (["trainsteps=3"], "section.name"),
 ])
 def test_bad_values_are_named(sets, message):
@@ -189,3 +191,18 @@ def test_dry_run_says_first_that_the_shards_are_missing(capsys, tmp_path):
     first = captured.err.splitlines()[0]
     assert first.startswith("warning: ") and f"data.shards={missing} does not exist" in first
     assert "maskdm shard SRC" in first and captured.out.startswith("# resolved config")
+
+
+def test_resuming_a_checkpoint_from_an_older_version_reads_its_missing_keys_as_defaults():
+    """A checkpoint's config written before a key existed (here diffusion.loss_weight) resumes
+    when the key is at its default (what the older version did); a fixed key that differs
+    from it is refused by name."""
+    from maskdm.pipeline.train import _check_resume_config
+    cfg = load_config([str(ROOT / "configs/test_tiny.yaml")])
+    saved = cfg.to_dict()
+    del saved["diffusion"]["loss_weight"], saved["diffusion"]["min_snr_gamma"]
+    assert _check_resume_config(saved, cfg) == []
+    weighted = load_config([str(ROOT / "configs/test_tiny.yaml")],
+                           ["diffusion.loss_weight=min_snr"])
+    with pytest.raises(ConfigError, match="diffusion.loss_weight: 'uniform' -> 'min_snr'"):
+        _check_resume_config(saved, weighted)

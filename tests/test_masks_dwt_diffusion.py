@@ -248,6 +248,51 @@ def test_msm_loss_is_the_noise_error_on_the_visible_patches_exactly():
     assert obj(oracle, B, keep, t, noise).item() < 1e-10
 
 
+
+def test_min_snr_weights_cap_only_the_nearly_clean_steps():
+    """min(SNR, gamma) / SNR from the schedule's own alpha-bar: 1 wherever SNR <= gamma (the noisy
+    steps), SNR-proportionally smaller where the noise is weak, never above 1."""
+    for schedule in ("cosine", "linear"):
+        d = GaussianDiffusion(schedule, 1000)
+        t = torch.arange(1000)
+        w = d.min_snr_weight(t, 5.0).double()
+        ac = torch.tensor(d.alphas_cumprod)
+        snr = ac / (1 - ac)
+        want = torch.where(snr > 5, 5 / snr, torch.ones_like(snr))
+        assert torch.allclose(w, want, rtol=1e-5)
+        assert (w <= 1).all() and w[-1] == 1 and w[0] < 0.01
+        assert (w[1:] >= w[:-1] - 1e-7).all()  # more noise, no smaller weight
+
+
+def test_min_snr_loss_weighs_each_sample_by_its_timestep_dsm_and_msm():
+    """The same predictions under uniform and min-SNR weighting: DSM and MSM losses are each
+    sample's MSE times its weight, averaged as before; uniform is the plain MSE."""
+    d = GaussianDiffusion("cosine", 1000)
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.rand(3, 1, 4, 4, generator=gen) * 2 - 1
+    noise = torch.randn(3, 1, 4, 4, generator=gen)
+    t = torch.tensor([2, 100, 990])  # weights ~0.001, ~0.14, 1
+    w = d.min_snr_weight(t, 5.0)
+    assert w[0] < 0.01 and 0.01 < w[1] < 1 and w[2] == 1
+
+    class B:
+        labels = None
+    B.x0 = x0
+    full = torch.randn(3, 1, 4, 4, generator=gen)
+    keep = torch.tensor([[0, 3], [1, 2], [0, 1]])
+    vis = torch.randn(3, 2, 4, generator=gen)
+    per_full = ((full - noise) ** 2).flatten(1).mean(1)
+    tokens = noise.view(3, 1, 2, 2, 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(3, 4, 4)
+    per_vis = torch.stack([((vis[b] - tokens[b, keep[b]]) ** 2).mean() for b in range(3)])
+    for name, weight in (("uniform", torch.ones(3)), ("min_snr", w)):
+        obj = DiffusionObjective(d, patch_size=2, loss_weight=name, min_snr_gamma=5.0)
+        dsm = obj(lambda *a: full, B, None, t, noise)
+        msm = obj(lambda *a: vis, B, keep, t, noise)
+        assert dsm.item() == pytest.approx((per_full * weight).mean().item(), rel=1e-5)
+        assert msm.item() == pytest.approx((per_vis * weight).mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="loss_weight"):
+        DiffusionObjective(d, patch_size=2, loss_weight="snr")
+
 def test_q_sample_statistics():
     d = GaussianDiffusion("cosine", 1000)
     x0 = torch.full((20000, 1), 0.5)
