@@ -71,3 +71,34 @@ def test_relay_keeps_bars_out_of_the_log_and_draws_them_in_place():
         assert "chatter" not in shown and "  step 2/10  loss 0.5\n" in shown
         assert shown.endswith("  done\n")
         assert ("1/10" in shown and "2/10" in shown and CLEAR in shown) == tty
+
+
+@pytest.mark.slow
+def test_the_demo_variants_benchmark_measures_resumes_and_reuses_a_pretraining(tmp_path):
+    """`python -m benchmarks.demo_variants --quick`: each variant trains both stages, samples and
+    is scored against held-out faces; a variant sharing another's pre-training fine-tunes from
+    it; a re-run reads the finished variants back instead of training again."""
+    import json
+    from tests.conftest import ROOT
+    out = tmp_path / "dv"
+    cmd = [sys.executable, "-m", "benchmarks.demo_variants", "--quick", "--out", str(out),
+           "--variants", "min_snr,min_snr_pretrain_only"]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count(": pre-training") == 1  # the second variant reuses the first's
+    doc = json.loads((out / "results.json").read_text())
+    a, b = doc["variants"]
+    assert b["pretrain_run"] == a["pretrain_run"] and b["pretrain_s"] is None
+    assert b["finetune_sets"] == ["diffusion.loss_weight=uniform"]
+    for v in (a, b):
+        assert v["n"] == 16 and v["swd_patch"] > 0 and v["swd_image"] > 0
+        assert len(list((out / v["variant"] / "samples").glob("*.png"))) == 16
+    assert "| min_snr_pretrain_only | shared |" in r.stdout
+    assert Image.open(out / "grid.png").size == (16 * 32 * 3, 3 * 32 * 3)
+    again = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and ": pre-training" not in again.stdout
+    assert ": fine-tuning" not in again.stdout
+    assert json.loads((out / "results.json").read_text())["variants"] == doc["variants"]
+    bad = subprocess.run(cmd[:-1] + ["min_snr,nope"], cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown variant(s) nope" in bad.stderr
