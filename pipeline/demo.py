@@ -46,6 +46,11 @@ def _train(config: Path, sets: list[str], log: Path) -> None:
     print(f"$ {shown}", flush=True)
     code = run_maskdm(["train", "--config", str(config), "--resume", "auto",
                        *[a for s in sets for a in ("--set", s)]], log)
+    if code == 2:  # refused before training (the reason is the line above), e.g. resuming a
+        # run that another maskdm version made with other settings
+        raise SystemExit(f"error: the training stage refused to start (see above; log {log}). If "
+                         f"this demo folder was made by another maskdm version, `maskdm demo "
+                         f"--fresh` starts over.")
     if code != 0:
         raise SystemExit(f"error: the training stage failed (exit {code}); its log is {log}. "
                          f"Re-run `maskdm demo` to resume it.")

@@ -52,6 +52,20 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     assert "(0 written now, 64 already there)" in r2.stdout
 
+    # a demo folder from an older maskdm (its checkpoints lack diffusion.loss_weight: the uniform
+    # loss): the re-run refuses to resume it with min-SNR, says why and how to start over
+    import json
+    for meta in (out / "runs" / "pretrain" / "checkpoints").glob("*/meta.json"):
+        d = json.loads(meta.read_text())
+        del d["config"]["diffusion"]["loss_weight"]
+        meta.write_text(json.dumps(d))
+    r3 = subprocess.run([sys.executable, "-m", "maskdm", "demo", "--quick", "--out", str(out)],
+                        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
+    assert r3.returncode == 1
+    assert "cannot resume with a different diffusion.loss_weight: 'uniform' -> 'min_snr'" in \
+        r3.stdout
+    assert "`maskdm demo --fresh` starts over" in r3.stderr
+
 
 def test_relay_keeps_bars_out_of_the_log_and_draws_them_in_place():
     import io
