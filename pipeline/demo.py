@@ -22,7 +22,7 @@ HELDOUT = 256  # held-out procedural faces (a second image set) the samples are 
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="run the whole pipeline on the built-in procedural set (CPU, ~6 min)",
+    p = sub.add_parser("demo", help="run the whole pipeline on the built-in procedural set (CPU, ~7 min)",
                        description="Shard the built-in procedural face set, pre-train with masked "
                        "score matching, fine-tune with denoising score matching, sample a grid, "
                        "and track both runs in MLflow. Re-running resumes unfinished stages.")
@@ -74,7 +74,7 @@ def run(args) -> int:
           f"  2. pre-train a tiny U-ViT with masked score matching (90% of the 4x4-pixel patches "
           f"hidden)\n"
           f"  3. fine-tune it with denoising score matching\n  4. sample 64 images (DDIM); both runs go to "
-          f"MLflow experiment 'maskdm-demo'\nexpected time: {'~1-2 min' if args.quick else '~6 min on 2 CPU cores'}")
+          f"MLflow experiment 'maskdm-demo'\nexpected time: {'~1-2 min' if args.quick else '~7 min on 2 CPU cores'}")
     _shard_stage(out, count)
     runs = out / "runs"
     _train_stages(configs, out, runs, args.quick)
