@@ -45,7 +45,8 @@ VARIANTS: dict[str, tuple[list[str], list[str], str | None]] = {
                               ["diffusion.loss_weight=min_snr"], "uniform"),
     "uniform_linear": (["diffusion.loss_weight=uniform", "diffusion.schedule=linear"], [], None),
 }
-QUICK = ["train.steps=20", "train.ckpt_every=10", "train.log_every=10", "train.sample_every=0"]
+QUICK = ["train.steps=20", "train.ckpt_every=10", "train.log_every=10", "train.sample_every=0",
+         "eval.steps=10"]
 
 
 def maskdm(args: list[str], log: Path) -> None:
