@@ -55,7 +55,12 @@ def load_images(path: str | os.PathLike, n: int | None = None) -> np.ndarray:
 
 
 def score_swd(samples: str, ref: str, *, n: int | None, seed: int, patches: int) -> dict:
+    from maskdm.shardformat.fsutil import url_refusal
+
     from .swd import swd_scores
+    for value, name in ((samples, "--samples"), (ref, "--ref")):  # before reading anything
+        if (refused := url_refusal(value, name, remote_ok=True)) is not None:
+            raise ScoreError(refused)
     a = load_images(samples, n)
     b = load_images(ref, len(a))
     if a.shape[1:] != b.shape[1:]:
