@@ -48,13 +48,21 @@ class DataConfig:
     space: Space = "dwt"  # dwt: Haar subbands (12 x S/2 x S/2); pixel: 3 x S x S
     hflip: bool = True
     strict: bool = False  # damaged samples: replace and count (false) or stop (true)
+    # The order (docs/data.md#order): the shards are dealt once to `partitions` partitions and
+    # every global batch takes the same number of samples from each (null: the largest power of
+    # two <= 16 that divides the batch per micro-step and is at most the number of shards); a
+    # node reads only its ranks' partitions. Within a partition the samples of `shuffle_window`
+    # shards are shuffled together (null: 8), so batches mix shards even when they were written
+    # in sorted order. Both are fixed for a run (kept in its checkpoints).
+    partitions: int | None = None
+    shuffle_window: int | None = None
     # data.shards may be an s3://, gs:// or http(s):// folder: each node keeps the shards it reads
     # in cache_dir (default $MASKDM_CACHE or ~/.cache/maskdm/shards; shared by the node's ranks),
-    # at most cache_limit_gb (0: no limit; it must hold cache_lookahead + 1 shards), downloading
-    # cache_lookahead shards ahead of the one being read.
+    # at most cache_limit_gb (0: no limit; it must hold, per partition the node reads, the window
+    # and the cache_lookahead shards downloaded ahead of it; null lookahead: the window).
     cache_dir: str | None = None
     cache_limit_gb: float = 0.0
-    cache_lookahead: int = 2
+    cache_lookahead: int | None = None
     # An unreachable store (refused, reset, timed out, 5xx, throttled, a listed object missing) is
     # waited out this long (training pauses, the data never changes), then the run stops with
     # exit code 4 and `--resume auto` continues exactly. Every request times out after
@@ -342,9 +350,19 @@ def validate(cfg: Config) -> None:
     d, t, o = cfg.data, cfg.train, cfg.optim
     if d.workers < 0:
         raise ConfigError("data.workers must be >= 0")
-    if d.cache_limit_gb < 0 or d.cache_lookahead < 0:
+    if d.cache_limit_gb < 0 or (d.cache_lookahead is not None and d.cache_lookahead < 0):
         raise ConfigError("data.cache_limit_gb must be >= 0 (0: no limit) and "
-                          "data.cache_lookahead >= 0")
+                          "data.cache_lookahead >= 0 (or null: the shuffle window)")
+    if d.partitions is not None and d.partitions < 1:
+        raise ConfigError(f"data.partitions must be >= 1 (or null: automatic), got {d.partitions}")
+    if d.shuffle_window is not None and d.shuffle_window < 1:
+        raise ConfigError(f"data.shuffle_window must be >= 1 shard (or null: 8), got "
+                          f"{d.shuffle_window}")
+    if d.partitions is not None and (t.global_batch // max(t.grad_accum, 1)) % d.partitions:
+        raise ConfigError(f"data.partitions={d.partitions} must divide the global batch per "
+                          f"micro-step (train.global_batch / train.grad_accum = "
+                          f"{t.global_batch // max(t.grad_accum, 1)}): every batch takes the same "
+                          f"number of samples from each partition")
     if d.remote_patience_s < 0 or d.remote_timeout_s <= 0:
         raise ConfigError("data.remote_patience_s must be >= 0 and data.remote_timeout_s > 0 "
                           "(seconds)")

@@ -2,8 +2,9 @@
 
 - model initialisation: ``init_seed(seed)`` (the same weights on every rank);
 - rank-local torch RNG (anything not covered below): ``rank_seed(seed, world, rank)``;
-- sample order and flips: ``epoch_rng(seed, epoch)`` and ``flip_coins(seed, positions)``
-  (used by ``pipeline.data.order``, a pure function of (shard sizes, seed, epoch));
+- sample order and flips: ``deal_rng(seed)`` (shards to partitions), ``epoch_rng(seed, epoch)``
+  / ``partition_rng(seed, epoch, p)`` and ``flip_coins(seed, positions)`` (used by
+  ``pipeline.data.order``, a pure function of (shard sizes, seed, partitions, window, batch));
 - per-step timesteps, noise and masks: ``draw_step(seed, step, ...)``;
 - sampling: image ``i`` of a sample set ``s`` uses ``image_seed(s, i)``.
 
@@ -31,6 +32,7 @@ DEFAULT_CHUNK = 64
 _GOLDEN, _C1, _C2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _ORDER_TAG = 0x0D3E5
 _FLIP_TAG = 0xF11B
+_DEAL_TAG = 0xDEA1
 
 
 def mix(*parts):
@@ -62,6 +64,17 @@ def rank_seed(seed: int, world_size: int, rank: int) -> int:
 def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     """The generator of one epoch's shard and sample permutation."""
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), _ORDER_TAG]))
+
+
+def partition_rng(seed: int, epoch: int, partition: int) -> np.random.Generator:
+    """The generator of one partition's epoch (window order and the shuffle within windows)."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), _ORDER_TAG,
+                                                         int(partition)]))
+
+
+def deal_rng(seed: int) -> np.random.Generator:
+    """The generator that deals shards to partitions, once per run (not per epoch)."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), _DEAL_TAG]))
 
 
 def flip_coins(seed: int, positions: np.ndarray) -> np.ndarray:

@@ -36,6 +36,7 @@ from maskdm.shardformat.remote import RemoteError, RemoteUnreachable
 from . import checkpoint as ckpt
 from . import dist
 from .config import Config, ConfigError, check_shapes, deepspeed_config, precision_of, to_yaml
+from .data.order import OrderError
 from .ema import EMA
 from .randomness import draw_step, rank_seed
 
@@ -266,9 +267,13 @@ class Trainer:
                                  backend=cfg.data.backend, workers=cfg.data.workers,
                                  space=cfg.data.space, hflip=cfg.data.hflip,
                                  strict=cfg.data.strict, dali_threads=max(cfg.data.workers, 1),
-                                 lookahead=cfg.data.cache_lookahead)
+                                 lookahead=cfg.data.cache_lookahead,
+                                 partitions=cfg.data.partitions,
+                                 window=cfg.data.shuffle_window)
         except SampleError as e:
             raise ConfigError(f"data.shards: {e}") from None
+        except OrderError as e:
+            raise ConfigError(str(e)) from None
         amp_on = self.precision != "fp32"
         self.amp = dict(device_type=self.device.type, enabled=amp_on,
                         dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
@@ -297,7 +302,10 @@ class Trainer:
             raise ConfigError(f"--resume: {e}") from None
         self.step, self.run_id = meta.step, meta.mlflow_run_id
         self.last_ckpt = ckpt.tag(self.step)
-        self.loader.load_state_dict(meta.loader)
+        try:
+            self.loader.load_state_dict(meta.loader)
+        except OrderError as e:
+            raise ConfigError(f"--resume: {e}") from None
         self.log(f"resumed from {self.resume_from} at step {self.step} ({meta.samples_seen} "
                  f"samples)")
         if meta.world_size != self.world:
@@ -766,6 +774,7 @@ class Trainer:
                     "checkpoint": str(self.resume_from), "already_finished": True}
         self._build()
         self._restore()
+        self.log(self.loader.describe())
         self._start_tracking()
         handlers = {s: signal.signal(s, self._on_signal)
                     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}

@@ -343,7 +343,7 @@ class RemoteShards:
             raise CacheFull(f"data.cache_limit_gb={self.options.limit_gb} is smaller than the "
                             f"shards training needs at once ({len(keep)} shards, "
                             f"{(total + need) / 2 ** 30:.2f} GiB in {self.dir}): raise the limit "
-                            f"or lower data.cache_lookahead")
+                            f"or lower data.shuffle_window / data.cache_lookahead")
 
 
 SLOT = ".download-slot"  # the node's one shard download at a time (see the module)

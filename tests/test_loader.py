@@ -62,7 +62,7 @@ def test_restore_from_state_yields_exactly_the_remaining_batches(dwt_set, backen
     first = Loader(dwt_set, **kw)
     _take(first, 11)
     state = first.state_dict()
-    assert state == {"seed": 5, "samples_seen": 66, "global_batch": 6}
+    assert state == {"seed": 5, "samples_seen": 66, "global_batch": 6, "partitions": 2, "window": 8}
     resumed = Loader(dwt_set, **kw)
     resumed.load_state_dict(state)
     _same(_take(resumed, 19), full[11:])
@@ -110,8 +110,8 @@ def test_cpu_workers_convert_exactly_as_the_device_does(dwt_set, jpeg_set, tmp_p
         loader = Loader(shards, global_batch=6, seed=seed, workers=2, space=space)
         got = _take(loader, n_batches)
         assert loader.skipped_samples == 1
-        stream = RankStream(ShardReader(shards), seed=seed, start=0, global_batch=6, rank=0,
-                            world_size=1, hflip=True, strict=False)  # no space: the GPU path
+        stream = RankStream(ShardReader(shards), order=loader.order, start=0, global_batch=6,
+                            rank=0, world_size=1, hflip=True, strict=False)  # no space: GPU path
         order = stream.order()
         for k, b in enumerate(got):
             raw = stream.load(k, order)

@@ -130,7 +130,7 @@ def test_a_cache_smaller_than_the_dataset_evicts_and_downloads_each_shard_once_p
         got.append(Path(rpath).name)
         return real(rpath, lpath, **kw)
     reader.remote.fs.get_file = counted
-    loader = Loader(reader, global_batch=8, workers=0, lookahead=2)
+    loader = Loader(reader, global_batch=8, workers=0, lookahead=2, partitions=1, window=1)
     for _ in range(12):  # one epoch: 96 samples
         next(loader)
         files = reader.remote.cached_bytes()
@@ -140,16 +140,17 @@ def test_a_cache_smaller_than_the_dataset_evicts_and_downloads_each_shard_once_p
     # into the next epoch with (downloaded ahead in the background, evicted since their first use)
     from collections import Counter
     from maskdm.pipeline.data.order import StreamOrder
-    order = StreamOrder(reader.order_sizes, loader.seed)
+    order = StreamOrder(reader.order_sizes, loader.seed)  # one partition, window 1
     nxt = list(dict.fromkeys(int(i) for i in order.locate(order.epoch(1))[0]))[:2]
     ahead = {reader.shard_entry(i).name for i in nxt}
     counts = Counter(n for n in got if n.endswith(".tar"))
     assert sorted(counts) == sorted(s.name for s in reader.manifest.shards)
     assert all(c == 1 or (c == 2 and n in ahead) for n, c in counts.items()), counts
     assert reader.remote.stats["evictions"] >= 3
-    with pytest.raises(CacheFull, match="smaller than the shards training needs at once"):
+    with pytest.raises(CacheFull, match="smaller than what this node reads at once: 1 "
+                                        r"partition\(s\) x \(window 1 \+ lookahead 2\) = 3 shards"):
         tiny = ShardReader(s3["url"], cache=CacheOptions(str(tmp_path / "t"), shard / 2 ** 31))
-        tiny_loader = Loader(tiny, global_batch=8, workers=0, lookahead=2)
+        tiny_loader = Loader(tiny, global_batch=8, workers=0, lookahead=2, partitions=1, window=1)
         for _ in range(30):
             next(tiny_loader)
 

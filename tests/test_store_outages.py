@@ -147,10 +147,10 @@ def test_a_server_down_for_a_while_is_waited_out_and_said_once(local, tmp_path, 
     ended, and the node's outage record holds it."""
     srv = HttpFolder(local).start()
     cache = tmp_path / "cache"
-    opts = CacheOptions(str(cache), 2.5 * _shard_bytes(local) / 2 ** 30, patience_s=120,
+    opts = CacheOptions(str(cache), CACHE_SHARDS * _shard_bytes(local) / 2 ** 30, patience_s=120,
                         timeout_s=2, backoff=0.1, backoff_cap=0.5)
     reader = ShardReader(srv.url, cache=opts)
-    kw = dict(global_batch=8, seed=5, workers=0, lookahead=1)
+    kw = dict(global_batch=8, seed=5, workers=0, **ORDER)
     want = _take(Loader(local, **kw), 24)  # 2 epochs: every shard downloaded twice
     loader = Loader(reader, **kw)
     got, sizes = [next(loader) for _ in range(3)], []
@@ -190,10 +190,10 @@ def test_a_stalled_connection_times_out_and_the_loader_continues(local, tmp_path
     again the loader continues with the right batches."""
     srv = HttpFolder(local).start()
     cache = tmp_path / "cache"
-    opts = CacheOptions(str(cache), 2.5 * _shard_bytes(local) / 2 ** 30, patience_s=120,
+    opts = CacheOptions(str(cache), CACHE_SHARDS * _shard_bytes(local) / 2 ** 30, patience_s=120,
                         timeout_s=3, backoff=0.1, backoff_cap=0.3)
     reader = ShardReader(srv.url, cache=opts)
-    kw = dict(global_batch=8, seed=2, workers=0, lookahead=1)
+    kw = dict(global_batch=8, seed=2, workers=0, **ORDER)
     want = _take(Loader(local, **kw), 14)
     loader = Loader(reader, **kw)
     got = [next(loader)]
@@ -287,8 +287,13 @@ def test_a_same_size_corrupted_object_is_damage_and_quick_verify_says_what_it_ch
 
 
 # ---------------------------------------------------------------------------------- training
+# the partitioned order, with a cache that holds 4.5 of the 6 shards: two partitions of three
+# shards, each needing its window of one shard and one shard downloaded ahead (4 at once)
+ORDER = dict(partitions=2, window=1, lookahead=1)
+CACHE_SHARDS = 4.5
 OUTAGE_SETS = ("train.steps=36", "train.ckpt_every=12", "train.log_every=1", "data.workers=2",
-               "data.cache_lookahead=1", "data.remote_timeout_s=3")
+               "data.partitions=2", "data.shuffle_window=1", "data.cache_lookahead=1",
+               "data.remote_timeout_s=3")
 
 
 def _steps_done(run_dir: Path) -> int:
@@ -357,7 +362,7 @@ def test_training_through_an_outage_ends_bit_identical(local, reference, tmp_pat
         env.update(store.env)
         aws_env(store)
         store.upload()
-    limit = 2.5 * _shard_bytes(local)
+    limit = CACHE_SHARDS * _shard_bytes(local)
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     cmd = train_cmd(store.url, run_dir, *OUTAGE_SETS, f"data.cache_dir={cache}",
                     f"data.cache_limit_gb={limit / 2 ** 30}", "data.remote_patience_s=300")
@@ -384,7 +389,7 @@ def test_past_the_patience_the_run_stops_and_resumes_exactly(local, reference, t
     from tests.test_train import _env, ema, run_train, train_cmd
     store = HttpFolder(local).start()
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
-    limit = 2.5 * _shard_bytes(local)
+    limit = CACHE_SHARDS * _shard_bytes(local)
     sets = (*OUTAGE_SETS, f"data.cache_dir={cache}", f"data.cache_limit_gb={limit / 2 ** 30}")
     cmd = train_cmd(store.url, run_dir, *sets, "data.remote_patience_s=4")
     r, _ = _run_with_outage(cmd, _env(), run_dir, cache, store.stop, None, at_step=14,

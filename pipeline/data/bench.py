@@ -36,11 +36,12 @@ def raw_rate(reader, batch: int, n_batches: int, space: str | None = None
              ) -> tuple[float, float]:
     """One core doing exactly a worker's job (read + decode into a batch; with ``space``, into a
     model-space batch, as the torch workers do on a CPU device), no loader: img/s, MB/s."""
-    from .order import StreamOrder
+    from .order import DEFAULT_WINDOW, StreamOrder, auto_partitions
     from .torch_loader import RankStream
-    stream = RankStream(reader, seed=0, start=0, global_batch=batch, rank=0, world_size=1,
+    order = StreamOrder(reader.order_sizes, 0, window=DEFAULT_WINDOW, global_batch=batch,
+                        partitions=auto_partitions(len(reader.order_sizes), batch))
+    stream = RankStream(reader, order=order, start=0, global_batch=batch, rank=0, world_size=1,
                         hflip=True, strict=False, space=space)
-    order = StreamOrder(reader.order_sizes, 0)
     stream.load(0, order)
     t0 = time.perf_counter()
     for k in range(1, n_batches + 1):

@@ -1,9 +1,13 @@
 """The DALI backend: ``fn.readers.webdataset`` reads the shards, nvJPEG decodes on the GPU.
 
 To give exactly the order of ``order.StreamOrder`` (so that DALI and torch agree and resume
-exactly), each *segment* of the rank's stream (about one epoch of its batches) becomes a list of
-``(tar, index)`` pairs: consecutive samples from the same shard share one index file listing just
-them, in stream order, and the reader runs with ``random_shuffle=False``. Damaged samples are found
+exactly), each *segment* of the rank's stream (up to about one epoch of its batches) becomes a list
+of ``(tar, index)`` pairs and the reader runs with ``random_shuffle=False``: within each batch the
+samples are read grouped by shard (the shards in the order the batch first needs them), samples
+from one shard that follow each other share one index file listing just them, and the batch's rows
+are put back into stream order on the device (one gather; none when the batch was already
+grouped, as with one partition and a window of one shard). A segment ends before its pairs
+exceed ``MAX_PAIRS`` (the reader opens a file per pair). Damaged samples are found
 from the index before the segment is built and replaced like the torch backend does; a sample DALI
 cannot decode (corrupt JPEG) makes that batch fall back to the CPU path, after which the pipeline is
 rebuilt from the next batch. ``dwt16`` values are checked against the bounds of a Haar DWT of uint8
@@ -53,23 +57,25 @@ def bound_maxima(data):
 class DaliStream:
     """Raw batches (dicts, like ``RankStream.load``) of one rank, produced by DALI pipelines."""
 
-    def __init__(self, reader: ShardReader, *, seed: int, start: int, global_batch: int,
+    MAX_PAIRS = 512
+
+    def __init__(self, reader: ShardReader, *, order: StreamOrder, start: int, global_batch: int,
                  rank: int, world_size: int, hflip: bool, strict: bool, device: torch.device,
                  threads: int = 4, segment_batches: int | None = None):
         if not dali_available():
             raise RuntimeError("data.backend=dali needs NVIDIA DALI: pip install 'maskdm[dali]' "
                                "(CUDA 12) or 'maskdm[dali-cuda13]'; or use data.backend=torch")
-        self.reader, self.seed, self.start = reader, seed, start
+        self.reader, self.seed, self.start = reader, order.seed, start
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
         self.local = global_batch // world_size
         self.hflip, self.strict = hflip, strict
         self.device = device
         self.threads = threads
-        self.order = StreamOrder(reader.order_sizes, seed)
+        self.order = order
         per_rank_epoch = max(1, reader.num_samples // global_batch)
         self.segment_batches = segment_batches or min(2000, per_rank_epoch)
         self._tmp = Path(tempfile.mkdtemp(prefix="maskdm-dali-"))
-        self._fallback = RankStream(reader, seed=seed, start=start, global_batch=global_batch,
+        self._fallback = RankStream(reader, order=order, start=start, global_batch=global_batch,
                                     rank=rank, world_size=world_size, hflip=hflip, strict=strict)
         self.dali_errors = 0
 
@@ -82,15 +88,28 @@ class DaliStream:
 
     # ------------------------------------------------------------------ segments
     def _plan(self, first: int, n: int):
-        """Per batch: (positions, chosen (shard, j) per slot, keys, damaged samples)."""
-        plan = []
+        """Per batch: (positions, (shard, j) per slot in reading order, the slot of each row read
+        (None: reading order is stream order), keys, damaged samples); at least one batch, at
+        most ``n``, ending before the segment's (tar, index) pairs exceed ``MAX_PAIRS``."""
+        plan, pairs, last = [], 0, None
         for k in range(first, first + n):
             positions = rank_positions(self.start, k, self.global_batch, self.rank, self.world_size)
             shards, js, src, keys, damaged = resolve(
                 self.reader, positions, self.order,
                 lambda i, s, j: self.reader.entries(s, j)[0], self.strict)
-            slots = [(shards[j], js[j]) for j in src]
-            plan.append((positions, slots, [keys[j] for j in src], damaged))
+            slots = [(int(shards[j]), int(js[j])) for j in src]
+            first_need = {}
+            for s, _ in slots:
+                first_need.setdefault(s, len(first_need))
+            rows = sorted(range(len(slots)), key=lambda i: first_need[slots[i][0]])  # stable
+            reading = [slots[i] for i in rows]
+            runs = sum(1 for i, (s, _) in enumerate(reading)
+                       if (reading[i - 1][0] if i else last) != s)
+            if plan and pairs + runs > self.MAX_PAIRS:
+                break
+            pairs, last = pairs + runs, reading[-1][0]
+            perm = None if rows == list(range(len(rows))) else rows
+            plan.append((positions, reading, perm, [keys[j] for j in src], damaged))
         return plan
 
     def _build(self, first: int, n: int):
@@ -112,7 +131,7 @@ class DaliStream:
                 idx_paths.append(str(p))
                 run.clear()
 
-        for _, slots, _, _ in plan:
+        for _, slots, _, _, _ in plan:
             for s, j in slots:
                 if run and run[-1][0] != s:
                     flush()
@@ -156,7 +175,7 @@ class DaliStream:
             n = self.segment_batches
             it, plan, seg = self._build(k, n)
             try:
-                for positions, _, keys, bad in plan:
+                for positions, _, perm, keys, bad in plan:
                     try:
                         out = next(it)[0]
                     except StopIteration:
@@ -173,7 +192,7 @@ class DaliStream:
                         # the torch backend does (rare, so its cost does not matter)
                         yield self._fallback.load(k, self.order)
                     else:
-                        yield self._raw(k, positions, keys, bad, out)
+                        yield self._raw(k, positions, perm, keys, bad, out)
                     k += 1
             finally:
                 del it
@@ -184,15 +203,20 @@ class DaliStream:
         bits, mag = out["max_bits"].cpu().numpy(), out["max_mag"].cpu().numpy()  # CPU outputs
         return bool(out_of_bounds(bits, mag).any())
 
-    def _raw(self, k, positions, keys, bad, out) -> dict:
-        labels = None
+    def _raw(self, k, positions, perm, keys, bad, out) -> dict:
+        data, labels = out["data"], None
         if self.reader.manifest.labels is not None:
             meta = out["meta"].cpu().numpy()
             labels = torch.tensor([json.loads(bytes(row).rstrip(b"\0")).get("label", -1)
                                    for row in meta], dtype=torch.long)
+        if perm is not None:  # rows were read grouped by shard: row r holds slot perm[r]
+            inverse = np.argsort(perm)
+            data = data[torch.from_numpy(inverse).to(data.device)]
+            if labels is not None:
+                labels = labels[torch.from_numpy(inverse)]
         return {
             "batch_index": k,
-            "data": out["data"],
+            "data": data,
             "labels": labels,
             "keys": keys,
             "flips": torch.from_numpy(self.order.flips(positions)) if self.hflip else None,

@@ -1,8 +1,10 @@
 """``Loader``: the training data interface (iterator of ``Batch``) over either backend.
 
-Its state is three scalars, ``{seed, samples_seen, global_batch}``; the order is recomputed from
-them, never stored. ``Loader(..., samples_seen=n)`` (or ``load_state_dict``) yields exactly the
-batches an uninterrupted loader would yield after ``n`` samples.
+Its state is five scalars, ``{seed, samples_seen, global_batch, partitions, window}``; the order
+(``order.StreamOrder``) is recomputed from them, never stored. ``Loader(..., samples_seen=n)`` (or
+``load_state_dict``) yields exactly the batches an uninterrupted loader would yield after ``n``
+samples. A state without ``partitions``/``window`` (a checkpoint of maskdm before 0.3) continues
+with the order it was written with: one partition, a window of one shard.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from maskdm.shardformat.reader import SampleError, ShardReader
 from maskdm.shardformat.remote import RemoteError
 
 from .batch import Batch
+from .order import DEFAULT_WINDOW, OrderError, StreamOrder, auto_partitions
 from .transform import SPACES, model_input_shape, to_model_space
 
 log = logging.getLogger("maskdm.data")
@@ -29,10 +32,13 @@ class Loader:
                  rank: int = 0, world_size: int = 1, seed: int = 0, device="cpu",
                  backend: str = "torch", workers: int = 2, space: str = "dwt", hflip: bool = True,
                  strict: bool = False, samples_seen: int = 0, dali_threads: int = 4,
-                 segment_batches: int | None = None, lookahead: int = 2):
+                 segment_batches: int | None = None, lookahead: int | None = None,
+                 partitions: int | None = None, window: int | None = None):
         """``shards``: a folder, an s3:// / gs:// / http(s):// URL (read through the default
-        cache; pass a ``ShardReader`` for other cache settings) or a reader. ``lookahead``: shards
-        downloaded ahead of the one being read (remote shards only)."""
+        cache; pass a ``ShardReader`` for other cache settings) or a reader. ``partitions``
+        (None: ``order.auto_partitions``) and ``window`` (shards shuffled together per partition,
+        None: ``order.DEFAULT_WINDOW``): see ``order.py``. ``lookahead``: shards per partition
+        downloaded ahead of the window being read (remote shards only; None: the window)."""
         if backend not in BACKENDS:
             raise ValueError(f"data.backend must be one of {BACKENDS}, got {backend!r}")
         if space not in SPACES:
@@ -54,20 +60,23 @@ class Loader:
             log.warning("%d damaged shard(s) left out of the order (%d of %d samples): %s; run "
                         "`maskdm shard --verify %s`", len(excluded), lost,
                         self.reader.manifest.num_samples, "; ".join(excluded.values()), where)
-        if self.reader.manifest.shuffle_seed is None:
-            log.warning("%s was sharded with --no-shuffle: each shard holds neighbouring source "
-                        "files, so batches are correlated; re-shard without --no-shuffle", where)
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
         self.local_batch = global_batch // world_size
         self.seed = int(seed)
         self.device = torch.device(device)
         self.backend, self.workers, self.space = backend, workers, space
         self.hflip, self.strict = hflip, strict
+        self.partitions_setting, self.window_setting = partitions, window
+        self.order = self._make_order(
+            partitions or auto_partitions(len(self.reader.order_sizes), global_batch),
+            window or DEFAULT_WINDOW)
+        if self.reader.manifest.shuffle_seed is None and self.order.partitions * self.order.window == 1:
+            log.warning("%s was sharded with --no-shuffle: each shard holds neighbouring source "
+                        "files and this order reads one shard at a time, so batches are "
+                        "correlated; use several partitions or a larger data.shuffle_window", where)
         self.dali_threads, self.segment_batches = dali_threads, segment_batches
-        if self.reader.remote is not None and segment_batches is None:
-            # a DALI segment opens every shard it spans: keep it within the cache window
-            self.segment_batches = max(1, min(self.reader.order_sizes) // self.local_batch)
         self.lookahead = lookahead
+        self._check_cache()
         self.prefetcher = None
         self.start = int(samples_seen)
         self.batches_done = 0
@@ -86,15 +95,109 @@ class Loader:
     def epoch(self) -> float:
         return self.samples_seen / self.reader.num_samples
 
+    def _make_order(self, partitions: int, window: int) -> StreamOrder:
+        order = StreamOrder(self.reader.order_sizes, self.seed, partitions=partitions,
+                            window=window, global_batch=self.global_batch)
+        if partitions > len(self.reader.order_sizes):
+            log.warning("data.partitions=%d but %s has %d usable shards: partitions share shards, "
+                        "so nodes download some shards twice; use at most %d partitions",
+                        partitions, self.reader.location, len(self.reader.order_sizes),
+                        len(self.reader.order_sizes))
+        return order
+
+    def node_partitions(self) -> list[int]:
+        """The partitions the ranks of this node read (its ranks: ``LOCAL_RANK`` /
+        ``LOCAL_WORLD_SIZE`` as torchrun and the deepspeed launcher set them; else this rank)."""
+        try:
+            local, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+        except (KeyError, ValueError):
+            local, local_world = 0, 1
+        first = self.rank - local if 0 <= local <= self.rank else self.rank
+        ranks = range(first, min(first + max(local_world, 1), self.world_size))
+        return sorted({p for r in ranks for p in self.order.rank_partitions(r, self.world_size)})
+
+    def cache_need(self) -> tuple[int, int]:
+        """What this node's cache must hold at once: (shards, bytes of the largest). Per partition
+        its ranks read: the window and the lookahead (at most the partition's shards)."""
+        biggest = max(self.reader.shard_entry(s).bytes for s in range(len(self.reader.used)))
+        mine = self.node_partitions()
+        shards = sum(min(self.window + self.cache_lookahead, len(self.order.pieces[p]))
+                     for p in mine)
+        return min(shards, len(self.order.shards_of(mine))), biggest
+
+    def _check_cache(self) -> None:
+        remote = self.reader.remote
+        if remote is None or remote.limit is None:
+            return
+        shards, biggest = self.cache_need()
+        if shards * biggest > remote.limit:
+            from maskdm.shardformat.remote import CacheFull
+            gib = 2 ** 30
+            raise CacheFull(
+                f"data.cache_limit_gb={remote.options.limit_gb:.4g} is smaller than what this "
+                f"node reads at once: {len(self.node_partitions())} partition(s) x (window "
+                f"{self.window} + lookahead {self.cache_lookahead}) = {shards} shards of up to "
+                f"{biggest / 2 ** 20:.1f} MiB ({shards * biggest / gib:.3g} GiB); raise "
+                f"data.cache_limit_gb to at least {shards * biggest / gib * 1.05:.3g}, or lower "
+                f"data.shuffle_window or data.cache_lookahead (more nodes: fewer partitions each)")
+
+    def describe(self) -> str:
+        """One line: the order's settings and what each node reads (for the run's log)."""
+        o = self.order
+        try:
+            local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        except ValueError:
+            local_world = 1
+        nodes = max(1, self.world_size // local_world)
+        per = [len(set().union(*(o.rank_partitions(r, self.world_size)
+                                 for r in range(n * local_world,
+                                                min((n + 1) * local_world, self.world_size)))))
+               for n in range(nodes)]
+        shards = len(o.shards_of(self.node_partitions()))
+        line = (f"data order: {o.partitions} partitions x shuffle window {o.window} shards "
+                f"(a global batch takes {o.per_partition or self.global_batch} sample(s) of each "
+                f"partition); {nodes} node(s): each node reads {max(per)} partition(s) "
+                f"({shards} of {len(o.sizes)} shards on this node)")
+        if sum(per) > o.partitions:
+            line += (f"; {nodes} nodes do not split {o.partitions} partitions evenly, so "
+                     f"{sum(per) - o.partitions} partition(s) are read by two nodes: use a node "
+                     f"count that divides data.partitions")
+        return line
+
+    @property
+    def partitions(self) -> int:
+        return self.order.partitions
+
+    @property
+    def window(self) -> int:
+        return self.order.window
+
     def state_dict(self) -> dict:
         return {"seed": self.seed, "samples_seen": self.samples_seen,
-                "global_batch": self.global_batch}
+                "global_batch": self.global_batch, **self.order.state()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue a saved stream. The saved order settings win over the defaults; a setting
+        given explicitly (``partitions``/``window`` at construction) must agree with them, or this
+        raises ``OrderError`` naming it (changing them would change the samples of every step)."""
         self.close()
+        old = "partitions" not in state  # maskdm < 0.3: the single-partition order
+        partitions = int(state.get("partitions", 1))
+        window = int(state.get("window", 1))
+        for key, setting, saved in (("data.partitions", self.partitions_setting, partitions),
+                                    ("data.shuffle_window", self.window_setting, window)):
+            if setting is not None and int(setting) != saved:
+                raise OrderError(
+                    f"{key} is {setting} but the checkpoint's data order was written with "
+                    f"{saved}{' (a checkpoint of maskdm < 0.3, before partitions)' if old else ''}"
+                    f": remove {key} from the config to continue the run, or start a new run")
         self.seed = int(state["seed"])
         self.start = int(state["samples_seen"])
         self.batches_done = 0
+        if old:
+            log.info("the checkpoint predates partitioned streaming (maskdm < 0.3): the run "
+                     "continues with the order it was written with (1 partition, window 1)")
+        self.order = self._make_order(partitions, window)
 
     # ------------------------------------------------------------------ iteration
     def _raw_iter(self):
@@ -103,17 +206,23 @@ class Loader:
         # lock (an import, a logging handler) would leave that lock held in the worker forever
         if self.reader.remote is not None and self.prefetcher is None:
             from .prefetch import Prefetcher
-            self.prefetcher = Prefetcher(self.reader, self.seed, self.lookahead, self.start)
+            self.prefetcher = Prefetcher(self.reader, self.order, self.rank, self.world_size,
+                                         self.cache_lookahead, self.start)
         return it
 
     def _source_iter(self):
-        common = dict(seed=self.seed, start=self.start, global_batch=self.global_batch,
+        common = dict(order=self.order, start=self.start, global_batch=self.global_batch,
                       rank=self.rank, world_size=self.world_size, hflip=self.hflip,
                       strict=self.strict)
         if self.backend == "dali":
             from .dali_loader import DaliStream
+            segment = self.segment_batches
+            if self.reader.remote is not None and segment is None:
+                # a DALI segment opens every shard it spans: keep it within the cache window
+                segment = max(1, min(self.reader.order_sizes) * self.window // (
+                    self.order.per_partition or self.local_batch))
             self._dali = DaliStream(self.reader, device=self.device, threads=self.dali_threads,
-                                    segment_batches=self.segment_batches, **common)
+                                    segment_batches=segment, **common)
             return self._dali.batches(0)
         from .torch_loader import RankStream, make_dataloader
         # on the CPU the workers convert to model space themselves (see torch_loader)
@@ -167,6 +276,10 @@ class Loader:
         if self._dali is not None:
             self._dali.close()
             self._dali = None
+
+    @property
+    def cache_lookahead(self) -> int:
+        return self.window if self.lookahead is None else int(self.lookahead)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:

@@ -1,9 +1,10 @@
 """Download ahead: a background thread that keeps the next shards of the order in the node's cache.
 
-The sample order is a pure function of (seed, epoch) and an epoch visits shard after shard
-(``order.py``), so from the loader's stream position the prefetcher knows the shard being read and
-the ones after it. It keeps that window (the current shard + ``lookahead``) downloaded and
-verified, marking it recently used so that making room (``RemoteShards.fetch``, bounded by
+The sample order is a pure function of the loader's state and each partition visits its shards a
+window at a time (``order.py``), so from the loader's stream position the prefetcher knows the
+shards its rank is reading (the current window of each partition the rank reads) and the ones
+after them. It keeps those (plus ``lookahead`` shards per partition) downloaded and verified,
+marking them recently used so that making room (``RemoteShards.fetch``, bounded by
 ``data.cache_limit_gb``) evicts shards outside it first. Readers never wait on it: a shard that is
 not there yet is fetched by whoever needs it first (the node's download slot makes the other one
 wait for that download instead of starting a second). An unreachable store is waited out inside
@@ -24,13 +25,14 @@ from .order import StreamOrder
 
 
 class Prefetcher:
-    def __init__(self, reader, seed: int, lookahead: int, position: int):
+    def __init__(self, reader, order: StreamOrder, rank: int, world_size: int, lookahead: int,
+                 position: int):
         self.reader, self.remote = reader, reader.remote
-        self.order = StreamOrder(reader.order_sizes, seed)
+        self.order = order
+        self.partitions = order.rank_partitions(rank, world_size)
         self.lookahead = max(0, int(lookahead))
         self.error: BaseException | None = None
         self.stats = {"shards": 0, "hits": 0, "downloads": 0, "damaged": 0}
-        self._seq: dict[int, np.ndarray] = {}
         self._pos = int(position)
         self._stop = False
         self._cv = threading.Condition()
@@ -60,26 +62,14 @@ class Prefetcher:
         return self.stats["hits"] / n if n else None
 
     # ------------------------------------------------------------------ the window
-    def _sequence(self, epoch: int) -> np.ndarray:
-        """The shards (positions in ``reader.used``) in the order epoch ``epoch`` visits them."""
-        if epoch not in self._seq:
-            shards = self.order.locate(self.order.epoch(epoch))[0]
-            starts = np.r_[True, shards[1:] != shards[:-1]]
-            self._seq = {k: v for k, v in self._seq.items() if k >= epoch - 1}
-            self._seq[epoch] = shards[starts]
-        return self._seq[epoch]
-
     def window(self, position: int) -> list[int]:
-        """The shard holding stream ``position`` and the ``lookahead`` shards after it."""
-        epoch, within = divmod(int(position), self.order.num_samples)
-        current = int(self.order.locate(self.order.epoch(epoch)[within:within + 1])[0][0])
-        seq = list(self._sequence(epoch))
-        out = seq[seq.index(current):]
-        while len(out) < self.lookahead + 1:
-            epoch += 1
-            out += list(self._sequence(epoch))
-        out = out[:self.lookahead + 1]
-        return list(dict.fromkeys(int(s) for s in out))  # a 1-shard dataset repeats itself
+        """The shards this rank reads from stream ``position`` on: the current window of each of
+        its partitions, then ``lookahead`` more per partition, in the order they are needed."""
+        per = [self.order.needed(p, self.order.batch_start(position, p), self.lookahead)
+               for p in self.partitions]
+        out = [s for current, _ in per for s in current]
+        out += [a[k] for k in range(self.lookahead) for _, a in per if k < len(a)]
+        return list(dict.fromkeys(int(s) for s in out))
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:

@@ -136,10 +136,10 @@ class RankStream(IterableDataset):
     With ``space`` ("dwt" or "pixel") a batch's ``data`` is already in model space (float32,
     flips applied, ``"model_space": True``); without, it is what the shards hold."""
 
-    def __init__(self, reader: ShardReader, *, seed: int, start: int, global_batch: int,
+    def __init__(self, reader: ShardReader, *, order: StreamOrder, start: int, global_batch: int,
                  rank: int, world_size: int, hflip: bool, strict: bool, first_batch: int = 0,
                  space: str | None = None):
-        self.reader, self.seed, self.start = reader, seed, start
+        self.reader, self._order, self.start = reader, order, start
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
         self.hflip, self.strict, self.first_batch = hflip, strict, first_batch
         self.space = space
@@ -155,7 +155,7 @@ class RankStream(IterableDataset):
         return (n, r.image_size, r.image_size, 3), torch.uint8
 
     def order(self) -> StreamOrder:
-        return StreamOrder(self.reader.order_sizes, self.seed)
+        return self._order
 
     def __iter__(self):
         info = get_worker_info()
