@@ -44,7 +44,8 @@ class CheckpointMeta:
     without building the training config again."""
 
     step: int
-    loader: dict[str, int]  # Loader.state_dict(): seed, samples_seen, global_batch
+    loader: dict[str, int]  # Loader.state_dict(): seed, samples_seen, global_batch, partitions,
+    # window (the last two since 0.3: without them, the one-partition order of 0.2)
     world_size: int
     zero_stage: int
     precision: str  # bf16 | fp16 | fp32

@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sync(sub)
     from maskdm.pipeline.eval.cli import add_parsers as add_eval_parsers
     add_eval_parsers(sub)
+    _add_plan(sub)
     _add_bench(sub)
     _add_doctor(sub)
     from maskdm.pipeline.experiment.cli import add_parser as add_experiment_parser
@@ -268,6 +269,16 @@ def _run_doctor(args) -> int:
         code = max(code, doctor_run.run(args.nproc, args.full, args.keep,
                                         log=lambda m: print(m, flush=True)))
     return code
+
+
+def _add_plan(sub) -> None:
+    from maskdm.pipeline.data import plan  # light: numpy only
+    p = sub.add_parser("plan", help="what the data order asks of each node: downloads per "
+                       "epoch, cache, link rate, batch mixing (no training)",
+                       description=plan.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan.add_arguments(p)
+    p.set_defaults(func=plan.run)
 
 
 def _add_bench(sub) -> None:

@@ -79,8 +79,13 @@ class TarShardWriter:
         return self._pos, self._sha.hexdigest()
 
     def abort(self) -> None:
+        """Close without finishing (the caller deletes the file). Closing flushes the buffer,
+        which fails again on a full disk: that error is not the one to report."""
         if not self._f.closed:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:
+                pass
 
 
 def format_index(samples: list[list[Component]]) -> str:

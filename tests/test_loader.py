@@ -211,6 +211,44 @@ def test_bad_batch_configs(dwt_set):
         Loader(dwt_set, global_batch=4, backend="tf")
 
 
+def test_a_state_from_before_partitions_continues_the_order_it_was_written_with(dwt_set):
+    """A 0.2 checkpoint's loader state has no partitions/window: the loader continues with one
+    partition and a window of one shard (the 0.2 order), not with today's default."""
+    from maskdm.pipeline.data.order import OrderError
+    old = _take(Loader(dwt_set, global_batch=6, seed=3, partitions=1, window=1), 20)
+    resumed = Loader(dwt_set, global_batch=6, seed=3)  # the defaults: 2 partitions, window 8
+    assert resumed.partitions == 2
+    resumed.load_state_dict({"seed": 3, "samples_seen": 42, "global_batch": 6})
+    assert (resumed.partitions, resumed.window) == (1, 1)
+    _same(_take(resumed, 13), old[7:])
+    explicit = Loader(dwt_set, global_batch=6, seed=3, partitions=2)
+    with pytest.raises(OrderError, match=r"data.partitions is 2 but the checkpoint's data order "
+                                         r"was written with 1 \(a checkpoint of maskdm < 0.3"):
+        explicit.load_state_dict({"seed": 3, "samples_seen": 42, "global_batch": 6})
+    now = Loader(dwt_set, global_batch=6, seed=3, window=2)
+    with pytest.raises(OrderError, match="data.shuffle_window is 2 but .* written with 8"):
+        now.load_state_dict({"seed": 3, "samples_seen": 42, "global_batch": 6, "partitions": 2,
+                             "window": 8})
+
+
+@pytest.mark.parametrize("pairs", [3, 512])
+@needs_dali
+def test_dali_reads_partitioned_batches_grouped_by_shard_in_stream_order(dwt_set, monkeypatch,
+                                                                        pairs):
+    """Batches that mix shards are read by DALI grouped by shard and put back in stream order;
+    segments cut early (few pairs allowed) give the same batches."""
+    from maskdm.pipeline.data.dali_loader import DaliStream
+    monkeypatch.setattr(DaliStream, "MAX_PAIRS", pairs)
+    kw = dict(global_batch=8, seed=4, partitions=2, window=3, segment_batches=6)
+    torch_b = _take(Loader(dwt_set, backend="torch", workers=0, **kw), 12)
+    dali_b = _take(Loader(dwt_set, backend="dali", **kw), 12)
+    _same(dali_b, torch_b)
+    order = Loader(dwt_set, **kw).order  # the batches interleave shards (so rows were gathered)
+    shards = order.locate(order.ids_at(np.arange(12 * 8)))[0].reshape(12, 8)
+    runs = [sum(1 for i in range(8) if i == 0 or row[i] != row[i - 1]) for row in shards]
+    assert max(r - len(set(row)) for r, row in zip(runs, shards.tolist())) > 0
+
+
 # ----------------------------------------------------------------------------- damaged data
 
 def _copy(src: Path, tmp_path: Path) -> Path:

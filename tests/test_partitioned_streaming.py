@@ -106,10 +106,14 @@ def test_four_nodes_download_each_shard_once_mix_batches_and_resume_on_two(
     sizes = [PER_SHARD] * SHARDS
     order = StreamOrder(sizes, 0, partitions=auto_partitions(SHARDS, BATCH), window=8,
                         global_batch=BATCH)
+    from maskdm.pipeline.data.plan import replay
+    planned = replay(order, [1] * SHARDS, 4, 1, lookahead=8, cache_limit=None)
+    assert planned.total_downloads == sum(tars.values())  # `maskdm plan` said so beforehand
     for node in range(4):
         mine = order.shards_of(order.rank_partitions(node, 4))
         want = {f"shard-{s:06d}.tar" for s in mine}
         assert _cached_tars(tmp_path / "c4" / f"node{node}") == want
+        assert planned.first_epoch_shards[node] == mine
     # every global batch mixes many shards although they were written in sorted order
     trace = _trace(tmp_path / "run")
     assert sorted(trace) == list(range(1, 41))
@@ -138,3 +142,41 @@ def test_four_nodes_download_each_shard_once_mix_batches_and_resume_on_two(
         mine = order.shards_of(order.rank_partitions(node, 2))
         assert _cached_tars(tmp_path / "c2" / f"node{node}") <= \
             {f"shard-{s:06d}.tar" for s in mine}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return shard_set(tmp_path_factory.mktemp("small"), "s", count=96, samples_per_shard=16)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_from_before_partitions_continues_its_own_order(small, tmp_path):
+    """A checkpoint whose loader state has no partitions/window (maskdm 0.2) resumes with the
+    one-partition order it was written with: the same samples as the uninterrupted run of that
+    order; asking for another order on resume is refused, naming the setting."""
+    from tests.test_train import run_train
+    legacy = ("train.steps=6", "train.ckpt_every=3", "data.trace=true")
+    ref = run_train(small, tmp_path / "ref", *legacy, "data.partitions=1",
+                    "data.shuffle_window=1")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = tmp_path / "old"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "ref" / "checkpoints" / "step_00000003",
+                    run / "checkpoints" / "step_00000003")
+    meta_path = run / "checkpoints" / "step_00000003" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["loader"].pop("partitions") == 1 and meta["loader"].pop("window") == 1
+    meta_path.write_text(json.dumps(meta))  # what maskdm 0.2 wrote
+    refused = run_train(small, run, *legacy, "data.partitions=4", resume="auto")
+    assert refused.returncode == 2
+    assert "data.partitions is 4 but the checkpoint's data order was written with 1" in \
+        refused.stderr, refused.stderr[-2000:]
+    r = run_train(small, run, *legacy, resume="auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "written by maskdm < 0.3, so the run continues with the order it was written" in \
+        r.stdout
+    want, got = _trace(tmp_path / "ref"), _trace(run)
+    assert sorted(got) == [4, 5, 6] and all(got[s] == want[s] for s in got)
+    a, b = ema(tmp_path / "ref"), ema(run)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

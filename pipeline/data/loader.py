@@ -67,6 +67,7 @@ class Loader:
         self.backend, self.workers, self.space = backend, workers, space
         self.hflip, self.strict = hflip, strict
         self.partitions_setting, self.window_setting = partitions, window
+        self.legacy_order = False  # restored from a state of maskdm < 0.3
         self.order = self._make_order(
             partitions or auto_partitions(len(self.reader.order_sizes), global_batch),
             window or DEFAULT_WINDOW)
@@ -158,6 +159,10 @@ class Loader:
                 f"(a global batch takes {o.per_partition or self.global_batch} sample(s) of each "
                 f"partition); {nodes} node(s): each node reads {max(per)} partition(s) "
                 f"({shards} of {len(o.sizes)} shards on this node)")
+        if self.legacy_order:
+            line += ("; the checkpoint was written by maskdm < 0.3, so the run continues with "
+                     "the order it was written with (one partition, window 1; a new run gets "
+                     "the partitioned order)")
         if sum(per) > o.partitions:
             line += (f"; {nodes} nodes do not split {o.partitions} partitions evenly, so "
                      f"{sum(per) - o.partitions} partition(s) are read by two nodes: use a node "
@@ -194,9 +199,7 @@ class Loader:
         self.seed = int(state["seed"])
         self.start = int(state["samples_seen"])
         self.batches_done = 0
-        if old:
-            log.info("the checkpoint predates partitioned streaming (maskdm < 0.3): the run "
-                     "continues with the order it was written with (1 partition, window 1)")
+        self.legacy_order = old
         self.order = self._make_order(partitions, window)
 
     # ------------------------------------------------------------------ iteration
