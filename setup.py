@@ -17,7 +17,7 @@ LAYERS = ("preprocessing", "shardformat", "model", "pipeline", "pipeline.data", 
 
 setup(
     name="maskdm",
-    version="0.2.2",
+    version="0.3.0",
     description="MaskDM: masked score matching pre-training for U-ViT diffusion models, "
     "on DWT WebDataset shards, with DALI, DeepSpeed ZeRO and MLflow.",
     long_description=open("README.md", encoding="utf-8").read(),

@@ -83,6 +83,21 @@ def make_sets(work: Path, shards: int, per: int, size: int, s3_env: dict) -> dic
     return {"local": local, "mds": mds}
 
 
+def planned(local: Path, nodes: int, batch: int, order: dict) -> int:
+    """What `maskdm plan` predicts all ``nodes`` download in the first epoch (bytes)."""
+    from maskdm.pipeline.data.order import DEFAULT_WINDOW, StreamOrder, auto_partitions
+    from maskdm.pipeline.data.plan import replay
+    from maskdm.shardformat.manifest import load_manifest
+    m = load_manifest(local)
+    sizes, nbytes = [s.samples for s in m.shards], [s.bytes for s in m.shards]
+    window = order.get("window") or DEFAULT_WINDOW
+    o = StreamOrder(sizes, 0, partitions=order.get("partitions") or
+                    auto_partitions(len(sizes), batch), window=window, global_batch=batch)
+    lookahead = order.get("lookahead", window)
+    r = replay(o, nbytes, nodes, 1, lookahead, None, epochs=1)
+    return sum(nbytes[s] for shards in r.first_epoch_shards for s in shards)
+
+
 def key_to_shard(local: Path) -> dict[str, int]:
     from maskdm.shardformat.reader import ShardReader
     from maskdm.shardformat.tarfmt import sample_key
@@ -106,17 +121,37 @@ def _maskdm_node(url, cache, rank, nodes, batch, steps, order, q):
     q.put((rank, keys))
 
 
-def _mosaic_node(url, cache, rank, nodes, batch, steps, q):
+def _mosaic_node(url, cache, rank, nodes, batch, steps, out):
+    """One MosaicML "node" (run with a /dev/shm and IPC namespace of its own: streaming keeps its
+    per-node state in named shared memory, which real nodes do not share); ranks meet through torch.distributed
+    (gloo on 127.0.0.1, MASTER_ADDR/MASTER_PORT set by the caller)."""
     os.environ.update(WORLD_SIZE=str(nodes), RANK=str(rank), LOCAL_WORLD_SIZE="1",
                       LOCAL_RANK="0")
     from streaming import StreamingDataset
-    from streaming.base.util import clean_stale_shared_memory
-    clean_stale_shared_memory()
     ds = StreamingDataset(remote=url, local=cache, shuffle=True, batch_size=batch // nodes,
                           shuffle_seed=0)
     it = iter(ds)
     keys = [[next(it)["key"] for _ in range(batch // nodes)] for _ in range(steps)]
-    q.put((rank, keys))
+    Path(out).write_text(json.dumps(keys))
+
+
+def _run_mosaic(url, caches, nodes, batch, steps, work) -> dict[int, list]:
+    import subprocess
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               PYTHONPATH=str(ROOT))
+    outs = [work / f"mosaic-keys-{nodes}-{r}.json" for r in range(nodes)]
+    # a node of its own: a private /dev/shm (POSIX shared memory) and IPC namespace
+    node = ('mount -t tmpfs tmpfs /dev/shm && exec "$0" -c "import sys; from '
+            'benchmarks.streaming_nodes import _mosaic_node as f; f(sys.argv[1], sys.argv[2], '
+            '*map(int, sys.argv[3:7]), sys.argv[7])" "$@"')
+    procs = [subprocess.Popen(
+        ["unshare", "--mount", "--ipc", "sh", "-c", node, sys.executable,
+         url, str(caches[r]), str(r), str(nodes), str(batch), str(steps), str(outs[r])],
+        cwd=ROOT, env=env) for r in range(nodes)]
+    codes = [p.wait(timeout=900) for p in procs]
+    if any(codes):
+        raise RuntimeError(f"a MosaicML node exited with {max(codes)} (its error above)")
+    return {r: json.loads(outs[r].read_text()) for r in range(nodes)}
 
 
 def run_nodes(kind: str, url: str, work: Path, nodes: int, batch: int, steps: int,
@@ -128,23 +163,38 @@ def run_nodes(kind: str, url: str, work: Path, nodes: int, batch: int, steps: in
     for c in caches:
         shutil.rmtree(c, ignore_errors=True)
     procs = []
-    for rank in range(nodes):
-        if kind == "mosaic":
-            args = (url, str(caches[rank]), rank, nodes, batch, steps, q)
-            target = _mosaic_node
-        else:
-            args = (url, str(caches[rank]), rank, nodes, batch, steps, order, q)
-            target = _maskdm_node
-        procs.append(ctx.Process(target=target, args=args))
+    if kind == "mosaic":
+        got = _run_mosaic(url, caches, nodes, batch, steps, work)
+    else:
+        procs = [ctx.Process(target=_maskdm_node, args=(url, str(caches[rank]), rank, nodes,
+                                                        batch, steps, order, q))
+                 for rank in range(nodes)]
+        got = {}
     for p in procs:
         p.start()
-    got = dict(q.get(timeout=900) for _ in procs)
+    while len(got) < nodes:
+        try:
+            rank, keys = q.get(timeout=5)
+            got[rank] = keys
+        except Exception:  # noqa: BLE001 (queue.Empty): is everyone still alive?
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"a {kind} node exited with {dead[0]} (its error above)")
     for p in procs:
         p.join(timeout=60)
     per_step = [sum((got[r][k] for r in range(nodes)), []) for k in range(steps)]
     sizes = [sum(f.stat().st_size for f in c.rglob("*") if f.is_file()
                  and (f.suffix in (".tar", ".mds"))) for c in caches]
     return sizes, per_step
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------ read cost
@@ -233,13 +283,15 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [a.per_shard] * a.shards
         uniform = uniform_diversity(sizes, a.global_batch)
         total = sum(f.stat().st_size for f in sets["local"].glob("*.tar"))
+        totals = {"maskdm": total,
+                  "mosaic": sum(f.stat().st_size for f in sets["mds"].glob("*.mds"))}
         steps = a.shards * a.per_shard // a.global_batch
         print(f"{a.shards} shards x {a.per_shard} samples written in sorted order (dwt16, 32 px, "
               f"{total / 2 ** 20:.1f} MiB), global batch {a.global_batch}, one epoch "
               f"({steps} steps), moto S3 on 127.0.0.1; a uniform random draw mixes {uniform:.1f} "
               f"shards per batch")
         print(f"{'reader':<42} {'nodes':>5} {'max node MiB':>12} {'all nodes / dataset':>19} "
-              f"{'shards per batch':>16} {'vs uniform':>10}")
+              f"{'shards per batch':>16} {'vs uniform':>10} {'maskdm plan said':>16}")
         why_not = _mosaic_available()
         readers = [("maskdm (default order)", "maskdm", {}),
                    ("maskdm 0.2 order (1 partition, window 1)", "maskdm",
@@ -254,9 +306,11 @@ def main(argv: list[str] | None = None) -> int:
                 node_bytes, per_step = run_nodes(kind, url, work, n, a.global_batch, steps,
                                                  order)
                 mixed = np.mean([len({shard_of[k] for k in keys}) for keys in per_step])
+                said = "" if kind == "mosaic" else \
+                    f"{planned(sets['local'], n, a.global_batch, order) / total:>15.2f}x"
                 print(f"{label:<42} {n:>5} {max(node_bytes) / 2 ** 20:>12.2f} "
-                      f"{sum(node_bytes) / total:>18.2f}x {mixed:>16.1f} "
-                      f"{mixed / uniform:>9.0%}", flush=True)
+                      f"{sum(node_bytes) / totals[kind]:>18.2f}x {mixed:>16.1f} "
+                      f"{mixed / uniform:>9.0%} {said}", flush=True)
         if why_not is not None:
             print(f"MosaicML streaming: not measured here ({why_not}); install the bench extra "
                   f"where torch and torchvision match (docs/benchmarks.md)")

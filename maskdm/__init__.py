@@ -13,4 +13,4 @@ tree and owns one layer; data flows one way through them:
 - ``maskdm.deepspeed_configs`` (``deepspeed_configs/``): ZeRO stage + precision JSON files.
 """
 
-__version__ = "0.2.2"
+__version__ = "0.3.0"

@@ -180,3 +180,29 @@ def test_a_checkpoint_from_before_partitions_continues_its_own_order(small, tmp_
     a, b = ema(tmp_path / "ref"), ema(run)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_the_nodes_benchmark_runs_and_shows_the_difference(tmp_path):
+    """`python -m benchmarks.streaming_nodes --quick` (moto S3, 1/2/4 node processes): the
+    default order downloads the dataset once over all nodes and mixes batches; the 0.2 order
+    downloads it once per node and reads one shard per batch. (MosaicML's rows need the bench
+    extra; without it the table says so.)"""
+    pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
+    r = subprocess.run([sys.executable, "-m", "benchmarks.streaming_nodes", "--quick", "--work",
+                        str(tmp_path)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import re
+    rows = {}
+    for line in r.stdout.splitlines():
+        m = re.match(r"^(.*?)\s+(\d+)\s+[\d.]+\s+([\d.]+)x\s+[\d.]+\s+(\d+)%(?:\s+([\d.]+)x)?$",
+                     line)
+        if m:
+            rows[(m[1], int(m[2]))] = (float(m[3]), float(m[4]), m[5] and float(m[5]))
+    for n in (1, 2, 4):
+        fetched, mixed, planned = rows[("maskdm (default order)", n)]
+        assert fetched <= 1.1 and mixed >= 60 and planned == pytest.approx(fetched, abs=0.1)
+        fetched, mixed, planned = rows[("maskdm 0.2 order (1 partition, window 1)", n)]
+        assert fetched == pytest.approx(n) and mixed < 20 and planned == pytest.approx(n)
+    assert "img/s per core" in r.stdout
