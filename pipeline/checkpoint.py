@@ -4,7 +4,8 @@ Layout under ``RUN_DIR/checkpoints``: ``step_00001000/`` holds DeepSpeed's files
 LR schedule, ZeRO partitions), ``ema_rankNNNNN.pt`` (rank 0 only unless ZeRO-3 partitions it),
 ``rng_rankNNNNN.pt`` and ``meta.json`` (step, samples seen, loader state, world size, MLflow run,
 resolved config). Every ``.pt`` file, ours and DeepSpeed's, is read with ``torch.load(...,
-weights_only=True)`` (see ``safe_torch_load``): a shared checkpoint cannot run code. Every rank
+weights_only=True)`` (see ``safe_torch_load``; DeepSpeed's universal conversion too, through
+``universal_convert``): a shared checkpoint cannot run code. Every rank
 writes into ``.tmp-step_...``; after a barrier rank 0 writes ``meta.json`` and renames the folder,
 so a checkpoint exists only once it is complete: a crash while saving leaves the previous one
 usable. The newest ``keep_last`` are kept.
@@ -288,7 +289,8 @@ def universal_copy(ckpt: Path, scratch: Path) -> Path:
         t0 = time.time()
         workers = str(max(1, min(4, os.cpu_count() or 1)))
         with open(log, "w") as f:
-            r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+            # DeepSpeed's converter, every torch.load in it weights_only (universal_convert.py)
+            r = subprocess.run([sys.executable, "-m", "maskdm.pipeline.universal_convert",
                                 "--input_folder", str(ckpt), "--output_folder", str(tmp),
                                 "--inject_missing_state", "--num_extract_workers", workers,
                                 "--num_merge_workers", workers], stdout=f, stderr=subprocess.STDOUT)

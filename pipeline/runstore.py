@@ -36,7 +36,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from maskdm.shardformat.fsutil import atomic_write_bytes
+from maskdm.shardformat.fsutil import atomic_write_bytes, plain_name_problem
 from maskdm.shardformat.patience import Patience, RemoteError, StoreOptions
 from maskdm.shardformat.remote import default_cache_dir, filesystem, is_remote, url_scheme
 
@@ -119,6 +119,27 @@ class Bucket:
         self.call("/".join(parts), rm)
 
 
+def commit_files(bucket: Bucket, name: str) -> tuple[dict, dict[str, int]]:
+    """Checkpoint ``name``'s commit record and its files (name -> size), every name checked to be
+    a plain file name: the record comes from the bucket, and its names are joined to local
+    folders."""
+    record = bucket.read_json("checkpoints", name, COMMIT)
+    where = f"{bucket.url}/checkpoints/{name}/{COMMIT}"
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict):
+        raise RemoteError(f"{where} is not a commit record (no files): written by something "
+                          f"else or tampered with")
+    for f, size in files.items():
+        why = plain_name_problem(f)
+        if why is None and not (isinstance(size, int) and size >= 0):
+            why = f"has no valid size ({size!r})"
+        if why is not None:
+            raise RemoteError(f"{where}: file name {f!r} {why}; refusing to write outside the "
+                              f"run's copy (the record was written by something else or "
+                              f"tampered with)")
+    return record, files
+
+
 def committed(bucket: Bucket) -> list[str]:
     """The checkpoints (``step_*`` names) of a run folder in a bucket that are complete, oldest
     first."""
@@ -183,8 +204,7 @@ class RunStore:
                 for p in root.iterdir():
                     if STEP_DIR.match(p.name) and p.name not in keep:
                         shutil.rmtree(p, ignore_errors=True)
-        record = self.bucket.read_json("checkpoints", name, COMMIT)
-        files = record["files"]
+        record, files = commit_files(self.bucket, name)
         everything = int(record.get("world_size", world)) != world
         want = [f for f in files if everything or f in COMMON or owner(f) == self.rank]
         if only:
@@ -309,10 +329,10 @@ def fetch_weights(url: str, store: StoreOptions | None = None) -> Path:
         if not found:
             raise RemoteError(f"no committed checkpoint in {url}/checkpoints")
         name = found[-1]
-    record = bucket.read_json("checkpoints", name, COMMIT)
+    record, files = commit_files(bucket, name)
     key = hashlib.sha256(f"{bucket.url}/{name}/{record.get('time')}".encode()).hexdigest()[:12]
     dest = cache / f"{name}-{key}"
-    for f, size in record["files"].items():
+    for f, size in files.items():
         if f == "meta.json" or f.startswith("ema_rank"):
             local = dest / f
             if not (local.exists() and local.stat().st_size == size):

@@ -32,6 +32,20 @@ def url_refusal(location: str | os.PathLike, what: str, *, remote_ok: bool = Fal
             f"filesystem path, or an {', '.join(s + '://' for s in SCHEMES)} URL")
 
 
+def plain_name_problem(name: object) -> str | None:
+    """Why ``name`` (read from a manifest, a commit record, a bucket listing) is not a plain file
+    name inside its folder, or None. Plain: a non-empty string of one path component, not ``.``
+    or ``..``, without ``/``, ``\\`` or NUL, at most 255 bytes. Such names are joined to local
+    folders, so anything else could reach outside them."""
+    if not isinstance(name, str) or not name:
+        return "is not a non-empty string"
+    if name in (".", "..") or any(c in name for c in ("/", "\\", "\0")):
+        return "is not a plain file name (a path, '.', '..' or a NUL byte)"
+    if len(name.encode("utf-8", "surrogatepass")) > 255:
+        return "is longer than 255 bytes"
+    return None
+
+
 def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
     """Hex sha256 of a file, read in blocks."""
     h = hashlib.sha256()

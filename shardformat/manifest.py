@@ -91,6 +91,13 @@ class ShardManifest:
             raise DatasetError(f"{where}: malformed manifest ({e}); re-run `maskdm shard`") from None
         if m.encoding not in ENCODINGS:
             raise DatasetError(f"{where}: unknown encoding {m.encoding!r}")
+        from .fsutil import plain_name_problem
+        for s in m.shards:
+            for name in (s.name, s.index):
+                if (why := plain_name_problem(name)) is not None:
+                    raise DatasetError(f"{where}: shard name {name!r} {why}: a manifest names "
+                                       f"only files inside its own folder (this one was not "
+                                       f"written by `maskdm shard`, or was tampered with)")
         return m
 
 

@@ -352,6 +352,28 @@ def test_a_tampered_checkpoint_cannot_run_code(shards, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_tampered_checkpoint_cannot_run_code_when_resumed_on_another_world_size(shards, tmp_path):
+    """Resuming on another number of ranks converts the ZeRO partitions with DeepSpeed's
+    universal-checkpoint tool, which asks torch.load for weights_only=False: maskdm runs it with
+    every load made weights_only, so a pickle that would run code stops the conversion (issue 35,
+    finding 1: before, the command ran)."""
+    run_dir = tmp_path / "run"
+    r = run_train(shards, run_dir, "train.steps=3", "train.zero_stage=2", ranks=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    marker = tmp_path / "pwned"
+    ck = run_dir / "checkpoints" / "step_00000003"
+    fname = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    original = torch.load(ck / fname, weights_only=False)
+    torch.save({"evil": _Payload(marker), **original}, ck / fname)
+    res = run_train(shards, run_dir, "train.steps=6", "train.zero_stage=2",
+                    f"train.scratch_dir={tmp_path / 'scratch'}", resume="auto")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "universal-checkpoint conversion" in res.stderr and "refusing to load" in res.stderr, \
+        res.stderr[-3000:]
+    assert not marker.exists(), "the conversion ran the pickled code"
+
+
+@pytest.mark.slow
 def test_damaged_shards_do_not_stop_training(shards, tmp_path):
     """A garbage index and a NaN inside a tensor used to stop the run (all samples of a batch
     unreadable; a non-finite loss blamed on the learning rate). With data.strict: false training

@@ -17,8 +17,6 @@ import json
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import numpy as np
-
 from .order import (DEFAULT_WINDOW, StreamOrder, auto_partitions, batch_diversity,
                     uniform_diversity)
 

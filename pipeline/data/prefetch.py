@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
-
 from maskdm.shardformat.remote import RemoteDamaged, _touch
 
 from .order import StreamOrder
