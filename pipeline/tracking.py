@@ -456,10 +456,15 @@ class Tracker:
         return False
 
 
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
 def sync(run_dir: str | os.PathLike, uri: str | None = None, log=print) -> int:
     """``maskdm sync RUN_DIR``: send what a run could not deliver to MLflow (metrics from
     ``metrics.jsonl`` after the last delivered line, and its final status). Safe to repeat: a
-    metric point sent twice is stored once."""
+    metric point sent twice is stored once. The server: ``uri``, else ``MLFLOW_TRACKING_URI``,
+    else the one the folder's record names, but that one only without MLflow credentials in the
+    environment (a folder written by someone else must not collect them)."""
     import mlflow
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -469,14 +474,22 @@ def sync(run_dir: str | os.PathLike, uri: str | None = None, log=print) -> int:
         raise TrackingError(f"{run_dir} has no {RECORD}: it was not tracked with MLflow, or the "
                             f"server was never reachable during the run (its metrics are in "
                             f"{run_dir / 'metrics.jsonl'})")
-    client = mlflow.MlflowClient(uri or record["uri"])
+    target = uri or os.environ.get("MLFLOW_TRACKING_URI") or record.get("uri")
+    held = [v for v in CREDENTIAL_VARS if os.environ.get(v)]
+    if not (uri or os.environ.get("MLFLOW_TRACKING_URI")) and held and \
+            str(target).startswith(("http://", "https://")):
+        # the folder may be someone else's: its server gets no credentials without being named
+        raise TrackingError(f"{run_dir / RECORD} names the server {target!r}, and your MLflow "
+                            f"credentials ({', '.join(held)}) go only to a server you name: pass "
+                            f"--uri {target} (or set MLFLOW_TRACKING_URI) if it is yours")
+    client = mlflow.MlflowClient(target)
     run_id = record["run_id"]
     try:
         status = client.get_run(run_id).info.status
     except mlflow.exceptions.MlflowException as e:
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise  # unreachable: the caller says so
-        raise TrackingError(f"run {run_id} is not on {uri or record['uri']}; pass --uri if the "
+        raise TrackingError(f"run {run_id} is not on {target}; pass --uri if the "
                             f"server moved") from None
     records = read_jsonl(run_dir / "metrics.jsonl", int(record.get("metrics_sent", 0)))
     send_metrics(client, run_id, records)

@@ -71,3 +71,46 @@ def test_a_commit_record_naming_files_outside_the_run_is_refused(bucket, tmp_pat
     assert "is not a plain file name" in err and "refusing to write outside" in err, err
     assert not target.exists()
     assert not list(Path("/tmp").glob("escaped"))
+
+
+# ------------------------------------------------------------------ credentials and mlflow.json
+def test_sync_sends_no_credentials_to_a_server_named_only_by_the_folder(tmp_path, monkeypatch,
+                                                                        capsys):
+    """A run folder from someone else whose mlflow.json names their server: `maskdm sync` with
+    MLFLOW_TRACKING_TOKEN set refuses before sending anything (before: the bearer token reached
+    the folder's server); naming that server with --uri is the user's choice."""
+    import http.server
+    import threading
+
+    from maskdm.pipeline.cli import main
+    seen = []
+
+    class Listener(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(404)
+            self.end_headers()
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Listener)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        run = tmp_path / "theirs"
+        run.mkdir()
+        (run / "mlflow.json").write_text(json.dumps({"uri": url, "run_id": "abc",
+                                                      "metrics_sent": 0}))
+        (run / "metrics.jsonl").write_text("")
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "secret-token")
+        assert main(["sync", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert "go only to a server you name" in err and "--uri" in err, err
+        assert "secret-token" not in err and seen == []
+        main(["sync", str(run), "--uri", url])  # named: the user's choice (404: not MLflow)
+        assert seen and seen[0] == "Bearer secret-token"
+    finally:
+        srv.shutdown()
+        srv.server_close()
