@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import signal
 import sys
@@ -129,6 +130,7 @@ class Trainer:
             raise ConfigError(f"train.run_dir: {e}") from None
         self.run_dir = self.store.local
         self.ckpt_root = self.run_dir / "checkpoints"
+        self._lock = self._lock_run_folder() if self.rank == 0 else None
         self.resume_mode = resume
         self.resume_from = self._resume_source(resume)
         self.resume_meta = ckpt.read_meta(self.resume_from) if self.resume_from else None
@@ -203,7 +205,48 @@ class Trainer:
             done = self.store.bucket.read_json("export", "config.json") or {}
         return done.get("step") == m.step
 
+    def _lock_run_folder(self):
+        """One job per run folder: rank 0 holds an exclusive lock on ``RUN_DIR/.maskdm.lock`` (of
+        the node's copy for a bucket) for as long as it runs; a second job is refused, naming
+        the holder. (A lock on a network filesystem holds only where it supports ``flock``.)"""
+        import fcntl
+        import socket
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / ".maskdm.lock"
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ConfigError(f"{self.store.where} is in use by another `maskdm train` "
+                              f"({holder}): wait for it to finish, or choose another "
+                              f"train.run_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        return f
+
+    def _refuse_used_folder(self, newest: str | None) -> None:
+        """A run without --resume into a folder that holds another run's checkpoints would mix
+        the two (pruning by step number deletes one run's checkpoints for the other's)."""
+        if newest is not None:
+            raise ConfigError(f"{self.store.where} already holds a run (newest checkpoint "
+                              f"{newest}): `--resume auto` continues it; for a new run choose "
+                              f"another train.run_dir, or delete {self.store.where}/checkpoints "
+                              f"to start this one over")
+
     def _resume_source(self, resume: str | None) -> Path | None:
+        if resume is None:
+            try:
+                newest = self.store.newest() if self.store.remote else next(
+                    (p.name for p in reversed(ckpt.complete_checkpoints(self.ckpt_root))), None)
+            except RemoteError as e:
+                raise ConfigError(f"train.run_dir: {e}") from None
+            self._refuse_used_folder(newest)
         if self.store.remote:
             if resume not in (None, "auto"):
                 raise ConfigError(f"--resume {resume}: a run folder in a bucket resumes from its "

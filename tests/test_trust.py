@@ -114,3 +114,44 @@ def test_sync_sends_no_credentials_to_a_server_named_only_by_the_folder(tmp_path
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+# ------------------------------------------------------------------ one job per run folder
+@pytest.mark.slow
+def test_a_fresh_run_into_a_used_folder_and_a_second_job_are_refused(small, tmp_path):
+    """Issue 35, findings 8 and 9: a run without --resume into a folder holding another run's
+    checkpoints is refused (before: its pruning deleted the new run's checkpoints and a later
+    --resume auto continued the old run); a second job on a folder in use is refused, naming
+    the holder (before: both exited 0 and the folder mixed their checkpoints and metrics)."""
+    import subprocess
+    import time
+
+    from tests.test_train import _env, run_train, train_cmd
+    run = tmp_path / "run"
+    first = run_train(small, run, "train.steps=3", "optim.lr=1e-3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    again = run_train(small, run, "train.steps=3", "optim.lr=2e-3")
+    assert again.returncode == 2
+    assert "already holds a run (newest checkpoint step_00000003): `--resume auto` continues it" \
+        in again.stderr, again.stderr[-2000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    # a long job holds the folder; a second one is refused while it runs
+    busy = tmp_path / "busy"
+    proc = subprocess.Popen(train_cmd(small, busy, "train.steps=100000", "train.ckpt_every=100000"),
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = busy / ".maskdm.lock"
+        for _ in range(600):
+            if lock.exists() and lock.read_text().startswith("pid"):
+                break
+            time.sleep(0.1)
+        second = run_train(small, busy, "train.steps=3", resume="auto")
+        assert second.returncode == 2
+        assert f"is in use by another `maskdm train` (pid {proc.pid} on" in second.stderr, \
+            second.stderr[-2000:]
+    finally:
+        proc.kill()
+        proc.wait()
+    third = run_train(small, busy, "train.steps=3", resume="auto")  # the lock went with it
+    assert third.returncode == 0, third.stderr[-3000:]
