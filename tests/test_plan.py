@@ -52,3 +52,16 @@ def test_the_command_prints_the_table_and_refuses_bad_input(capsys):
     assert main(["plan", "--dataset", "16x40x0.5", "--global-batch", "16", "--partitions",
                  "3"]) == 2
     assert "data.partitions=3 must divide" in capsys.readouterr().out
+
+
+def test_the_command_reads_a_config_and_a_real_manifest(demo_shards, capsys):
+    from maskdm.pipeline.cli import main
+    from tests.conftest import ROOT
+    config = str(ROOT / "configs" / "test_tiny.yaml")
+    assert main(["plan", "--config", config]) == 2  # the config names no shards
+    assert "give --shards" in capsys.readouterr().out
+    assert main(["plan", "--config", config, "--shards", str(demo_shards), "--nodes", "1", "2",
+                 "--ranks-per-node", "1"]) == 0
+    out = capsys.readouterr().out
+    # test_tiny: global batch 8; 3 shards -> 2 partitions (the largest power of two <= 3)
+    assert "3 shards, 150 samples" in out and "global batch 8, 2 partitions x window 8" in out

@@ -90,7 +90,7 @@ def replay(order: StreamOrder, shard_bytes: list[int], nodes: int, ranks_per_nod
 
 # ---------------------------------------------------------------------------------- the command
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--shards", help="a shard folder or s3:// / gs:// / http(s):// URL (only its "
                      "manifest is read)")
     src.add_argument("--dataset", metavar="SHARDSxSAMPLESxMB",
@@ -151,6 +151,10 @@ def run(args) -> int:
     window = args.window or window or DEFAULT_WINDOW
     lookahead = args.lookahead if args.lookahead is not None else lookahead
     lookahead = window if lookahead is None else lookahead
+    if not (args.shards or args.dataset):
+        print("error: give --shards DIR|URL, --dataset SHARDSxSAMPLESxMB, or a --config whose "
+              "data.shards is set")
+        return 2
     sizes, nbytes, what = _dataset(args)
     partitions = partitions or auto_partitions(len(sizes), batch)
     from .order import OrderError
