@@ -448,3 +448,18 @@ def test_bench_data_measures_cpu_workers_against_the_same_work(dwt_set, capsys):
     raw_ms, torch_row = float(rows[1][-7]), rows[2]
     delivered, share = float(torch_row[-7]), float(torch_row[-6].rstrip("%"))
     assert abs(share - 100 * delivered / raw_ms) <= 1  # the torch row against raw+model space
+
+
+@pytest.mark.parametrize("env", [{"LOCAL_WORLD_SIZE": "2"}, {"LOCAL_SIZE": "2"},
+                                 {"SLURM_NTASKS_PER_NODE": "2(x2)"}])
+def test_a_node_is_its_launcher_s_local_ranks(dwt_set, monkeypatch, env):
+    """torchrun, the deepspeed launcher and srun each say how many ranks a node has: the node's
+    partitions (what its cache must hold and what it downloads) are those of all of them."""
+    for var in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    loader = Loader(dwt_set, global_batch=8, rank=3, world_size=4, partitions=4)
+    assert loader.node_partitions() == [2, 3]
+    assert "2 node(s): each node reads 2 partition(s)" in loader.describe()

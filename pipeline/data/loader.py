@@ -27,6 +27,17 @@ Backend = Literal["torch", "dali"]
 BACKENDS = get_args(Backend)
 
 
+def local_world_size() -> int:
+    """Ranks per node, as the launcher says: ``LOCAL_WORLD_SIZE`` (torchrun), ``LOCAL_SIZE``
+    (the deepspeed launcher), ``SLURM_NTASKS_PER_NODE`` (srun; "8(x2)" reads 8); else 1."""
+    for var in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(var, "")
+        digits = value.split("(")[0].strip()
+        if digits.isdigit() and int(digits) > 0:
+            return int(digits)
+    return 1
+
+
 class Loader:
     def __init__(self, shards: str | os.PathLike | ShardReader, *, global_batch: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, device="cpu",
@@ -107,14 +118,15 @@ class Loader:
         return order
 
     def node_partitions(self) -> list[int]:
-        """The partitions the ranks of this node read (its ranks: ``LOCAL_RANK`` /
-        ``LOCAL_WORLD_SIZE`` as torchrun and the deepspeed launcher set them; else this rank)."""
+        """The partitions the ranks of this node read (its ranks: this rank's neighbours by
+        ``LOCAL_RANK`` and ``local_world_size()``; without them, this rank alone)."""
+        local_world = local_world_size()
         try:
-            local, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
-        except (KeyError, ValueError):
-            local, local_world = 0, 1
+            local = int(os.environ.get("LOCAL_RANK", 0))
+        except ValueError:
+            local = 0
         first = self.rank - local if 0 <= local <= self.rank else self.rank
-        ranks = range(first, min(first + max(local_world, 1), self.world_size))
+        ranks = range(first, min(first + local_world, self.world_size))
         return sorted({p for r in ranks for p in self.order.rank_partitions(r, self.world_size)})
 
     def cache_need(self) -> tuple[int, int]:
@@ -145,10 +157,7 @@ class Loader:
     def describe(self) -> str:
         """One line: the order's settings and what each node reads (for the run's log)."""
         o = self.order
-        try:
-            local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-        except ValueError:
-            local_world = 1
+        local_world = local_world_size()
         nodes = max(1, self.world_size // local_world)
         per = [len(set().union(*(o.rank_partitions(r, self.world_size)
                                  for r in range(n * local_world,
