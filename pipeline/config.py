@@ -187,7 +187,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as plain data, with any credentials inside URLs shown as *** (this is what
+        is written to config.yaml, meta.json, export/config.json and MLflow params; the live
+        config keeps them for connecting)."""
+        from maskdm.shardformat.fsutil import redact_tree
+        return redact_tree(dataclasses.asdict(self))
 
     def flat(self) -> dict[str, Any]:
         out = {}

@@ -20,6 +20,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from maskdm.shardformat.fsutil import redact_url
+
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 
 
@@ -232,23 +234,38 @@ def _check_tracking(cfg) -> Check:
         return Check("mlflow", WARN, "train.run_dir is in a bucket and no tracking server is set: "
                      "the MLflow store would be a file on node 0's scratch disk",
                      "export MLFLOW_TRACKING_URI=http://HOST:5000")
+    shown = redact_url(uri)  # what the report says: never a credential inside the URI
     if uri.startswith(("http://", "https://")):
+        import base64
+        import urllib.parse
         import urllib.request
+        parts = urllib.parse.urlsplit(uri)
+        host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+        plain = parts._replace(netloc=host + (f":{parts.port}" if parts.port else ""))
+        request = urllib.request.Request(urllib.parse.urlunsplit(plain).rstrip("/") + "/health")
+        if parts.username is not None:  # user:password@ in the URI: HTTP basic auth, as MLflow
+            token = f"{urllib.parse.unquote(parts.username)}:" \
+                    f"{urllib.parse.unquote(parts.password or '')}"
+            request.add_header("Authorization",
+                               "Basic " + base64.b64encode(token.encode()).decode())
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as r:
+            with urllib.request.urlopen(request, timeout=10) as r:
                 r.read()
         except Exception as e:
-            return Check("mlflow", FAIL, f"{uri} does not answer ({type(e).__name__}: "
-                         f"{str(e)[:160]})", "start the server (mlflow server --host 0.0.0.0), "
-                         "fix MLFLOW_TRACKING_URI / tracking.uri, or --set "
-                         "tracking.enabled=false; training itself would go on and sync later")
+            return Check("mlflow", FAIL, f"{shown} does not answer ({type(e).__name__}: "
+                         f"{redact_url(str(e))[:160]})", "start the server (`mlflow server --host "
+                         "ADDRESS`: 127.0.0.1 serves this machine only, an address of the "
+                         "cluster network serves every node, and MLflow's server has no "
+                         "authentication unless you add it), fix MLFLOW_TRACKING_URI / "
+                         "tracking.uri, or --set tracking.enabled=false; training itself would "
+                         "go on and sync later")
         return _check_artifacts(uri)
     if uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).parent
         ok = os.access(_existing(folder), os.W_OK)
-        return Check("mlflow", OK if ok else FAIL, f"{uri} (a local file store)",
+        return Check("mlflow", OK if ok else FAIL, f"{shown} (a local file store)",
                      "" if ok else f"make {folder} writable, or set MLFLOW_TRACKING_URI")
-    return Check("mlflow", OK, f"{uri}")
+    return Check("mlflow", OK, f"{shown}")
 
 
 def _check_artifacts(uri: str) -> Check:
@@ -267,10 +284,10 @@ def _check_artifacts(uri: str) -> Check:
             client.log_artifact(run.info.run_id, str(Path(tmp) / "probe.txt"))
         client.delete_run(run.info.run_id)
     except Exception as e:
-        return Check("mlflow", FAIL, f"{uri} answers but logging an artifact failed "
-                     f"({type(e).__name__}: {str(e).splitlines()[0][:160]})",
+        return Check("mlflow", FAIL, f"{redact_url(uri)} answers but logging an artifact failed "
+                     f"({type(e).__name__}: {redact_url(str(e).splitlines()[0])[:160]})",
                      "check the server's --artifacts-destination and this node's access to it")
-    return Check("mlflow", OK, f"{uri} answers; an artifact was logged and deleted")
+    return Check("mlflow", OK, f"{redact_url(uri)} answers; an artifact was logged and deleted")
 
 
 def _existing(p: Path) -> Path:
@@ -323,6 +340,8 @@ def _check_disks(cfg) -> list[Check]:
 
 def report(checks: list[Check], *, as_json: bool, file=None) -> int:
     file = file or sys.stdout
+    # shard and tracking URLs appear in the details: never with their credentials
+    checks = [Check(c.name, c.status, redact_url(c.detail), redact_url(c.fix)) for c in checks]
     failed = any(c.status == FAIL for c in checks)
     if as_json:
         print(json.dumps({"node": node_identity(), "ok": not failed,

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from maskdm.shardformat.fsutil import redact_url
+
 # Fail fast instead of retrying for minutes against an unreachable server (user settings win).
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -63,7 +65,9 @@ def ui_server_command(uri: str) -> str | None:
 
 
 def ui_command(uri: str, experiment_id: str | None = None) -> str:
-    """How to look at an experiment's runs: the page to open (after starting the UI)."""
+    """How to look at an experiment's runs: the page to open (after starting the UI); any
+    credentials in ``uri`` shown as ***."""
+    uri = redact_url(uri)
     server = ui_server_command(uri)
     if server is None:
         return f"open {runs_url(uri, experiment_id)} in a browser"
@@ -83,7 +87,7 @@ def reason(e: Exception, limit: int = 200) -> str:
     """An exception as one short line (its type if it has no message): for a failed MLflow
     request, the address and the network cause ("http://.../runs/log-batch unreachable: [Errno
     111] Connection refused"), never cut in the middle of a word."""
-    text = (str(e).strip().splitlines() or [""])[0]
+    text = redact_url((str(e).strip().splitlines() or [""])[0])
     if not text:
         return type(e).__name__
     request = _REQUEST.search(text)
@@ -185,6 +189,11 @@ class Tracker:
             self.uri, art = default_uri(self.run_dir)
             art.mkdir(parents=True, exist_ok=True)
             self._artifacts = art.as_uri()
+        if redact_url(self.uri) != self.uri:
+            # MLflow prints run and model links with the URI as given: with credentials in it,
+            # only maskdm's own (redacted) link is printed
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+            os.environ["MLFLOW_PRINT_MODEL_URLS_ON_CREATION"] = "false"
         self._experiment, self._run_name, self._tags = experiment, run_name, tags or {}
         self._client = None
         self._queue: queue.Queue = queue.Queue()
@@ -300,7 +309,7 @@ class Tracker:
             return
         from maskdm.shardformat.fsutil import atomic_write_json
         atomic_write_json(self.run_dir / RECORD, {
-            "uri": self.uri, "run_id": self.run_id, "experiment": self._experiment,
+            "uri": redact_url(self.uri), "run_id": self.run_id, "experiment": self._experiment,
             "experiment_id": self.experiment_id,
             "metrics_sent": self._sent, "status": self._status, "status_sent": self._status_sent})
 

@@ -30,6 +30,7 @@ import torch
 from maskdm.model.diffusion import GaussianDiffusion
 from maskdm.model.flops import step_flops
 from maskdm.model.objective import DiffusionObjective
+from maskdm.shardformat.fsutil import redact_url
 from maskdm.shardformat.manifest import DatasetError
 from maskdm.shardformat.reader import SampleError
 from maskdm.shardformat.remote import RemoteError, RemoteUnreachable
@@ -794,6 +795,7 @@ class Trainer:
         glued to it."""
         if not dist.is_main():
             return
+        args = tuple(redact_url(str(a)) for a in args)  # never a credential inside a URL
         if self.bar is not None and not self.bar.disable:
             self.bar.write(" ".join(str(a) for a in args), file=file or sys.stdout)
             sys.stdout.flush()

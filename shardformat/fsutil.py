@@ -32,6 +32,50 @@ def url_refusal(location: str | os.PathLike, what: str, *, remote_ok: bool = Fal
             f"filesystem path, or an {', '.join(s + '://' for s in SCHEMES)} URL")
 
 
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)"
+                       r"(?P<pw>:[^/@\s]*)?@")
+_SECRET_QUERY = re.compile(r"(?i)(?P<key>[?&](?:[a-z0-9_-]*(?:token|secret|password|passwd|"
+                           r"signature|sig|credential|apikey|api_key|key)))=(?P<value>[^&#\s]*)")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the credentials of every URL in it replaced by ``***``: a password
+    (``user:***@``), a bare token in the user part (``***@``), and the values of query
+    parameters named like tokens, signatures, keys or passwords. What maskdm writes anywhere (logs,
+    configs, meta files, MLflow, folder names) goes through this; the URL itself is used unchanged
+    to connect."""
+    if "://" not in text and "=" not in text:
+        return text
+
+    def userinfo(m):
+        if m["pw"]:
+            return f"{m['scheme']}{m['user']}:***@"
+        return f"{m['scheme']}***@" if m["user"] else m[0]
+    text = _USERINFO.sub(userinfo, text)
+    return _SECRET_QUERY.sub(lambda m: f"{m['key']}=***", text)
+
+
+def redact_tree(obj):
+    """``redact_url`` on every string of a JSON-like tree (dicts, lists, tuples)."""
+    if isinstance(obj, str):
+        return redact_url(obj)
+    if isinstance(obj, dict):
+        return {k: redact_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact_tree(v) for v in obj)
+    return obj
+
+
+class RedactFilter:
+    """A ``logging`` filter that shows the credentials of URLs in a record's message as ***."""
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        if "://" in message or "=" in message:
+            record.msg, record.args = redact_url(message), ()
+        return True
+
+
 def plain_name_problem(name: object) -> str | None:
     """Why ``name`` (read from a manifest, a commit record, a bucket listing) is not a plain file
     name inside its folder, or None. Plain: a non-empty string of one path component, not ``.``

@@ -33,7 +33,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .fsutil import RedactFilter
+
 log = logging.getLogger("maskdm.data")
+log.addFilter(RedactFilter())  # its lines name stores by URL, never with their credentials
 
 REPORT_EVERY_S = 60.0
 OUTAGE, OUTAGES = ".outage.json", ".outages.jsonl"

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fsutil import sha256_file
+from .fsutil import redact_url, sha256_file
 from .patience import (  # noqa: F401  (re-exported: the errors callers catch)
     CacheFull,
     Patience,
@@ -127,7 +127,9 @@ class RemoteShards:
         self._pid = os.getpid()
         key = hashlib.sha256(self.url.encode()).hexdigest()[:12]
         base = Path(self.options.dir) if self.options.dir else default_cache_dir()
-        self.dir = base / f"{Path(self.root).name or 'root'}-{key}"
+        # the folder's name and SOURCE say where it came from, never with credentials
+        name = Path(redact_url(str(self.root))).name.replace("*", "") or "root"
+        self.dir = base / f"{name}-{key}"
         try:
             (self.dir / ".locks").mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -135,7 +137,7 @@ class RemoteShards:
                             f"set data.cache_dir to a writable folder") from None
         source = self.dir / "SOURCE"
         if not source.exists():
-            source.write_text(self.url + "\n")
+            source.write_text(redact_url(self.url) + "\n")
         self.limit = self.options.limit_bytes
         self.patience = Patience(self.url, self.options.store, self.dir)
         self.stats = {"hits": 0, "downloads": 0, "bytes": 0, "retries": 0, "evictions": 0}

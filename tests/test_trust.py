@@ -155,3 +155,77 @@ def test_a_fresh_run_into_a_used_folder_and_a_second_job_are_refused(small, tmp_
         proc.wait()
     third = run_train(small, busy, "train.steps=3", resume="auto")  # the lock went with it
     assert third.returncode == 0, third.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ credentials inside URLs
+@pytest.mark.slow
+def test_credentials_inside_urls_are_written_nowhere(small, tmp_path):
+    """Issue 35, finding 4: a tracked run with a password in its MLflow URI and in its shard URL
+    (a real MLflow server, Python's web server for the shards) writes neither password to the
+    run folder (config, meta, export, mlflow.json, metrics), the MLflow store (params,
+    artifacts), the shard cache (folder names, SOURCE) or its console."""
+    import functools
+    import http.server
+    import subprocess
+    import sys
+    import threading
+
+    pytest.importorskip("aiohttp", reason="needs aiohttp (the dev extra)")
+    from tests.test_tracking import Server
+    from tests.test_train import ROOT, _env, train_cmd
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                          functools.partial(Quiet, directory=str(small)))
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    (tmp_path / "mlflow").mkdir()
+    server = Server(tmp_path / "mlflow")
+    try:
+        shards = f"http://bob:hunter2@127.0.0.1:{web.server_address[1]}/"
+        uri = server.uri.replace("http://", "http://alice:s3cret@")
+        run = tmp_path / "run"
+        cmd = train_cmd(shards, run, "train.steps=3", "tracking.enabled=true",
+                        f"tracking.uri={uri}", f"data.cache_dir={tmp_path / 'cache'}")
+        env = _env()
+        env.pop("MLFLOW_TRACKING_URI", None)
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "alice:***@" in (run / "config.yaml").read_text()
+        # doctor reaches the server with the URI's credentials (before: FAIL) and shows none
+        doc = subprocess.run([sys.executable, "-m", "maskdm", "doctor", "--config",
+                              str(ROOT / "configs" / "test_tiny.yaml"), "--set",
+                              f"data.shards={shards}", "--set", "tracking.enabled=true",
+                              "--set", f"tracking.uri={uri}", "--set",
+                              f"data.cache_dir={tmp_path / 'cache'}"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        line = next(ln for ln in doc.stdout.splitlines() if "mlflow" in ln)
+        assert "OK" in line and "alice:***@" in line, doc.stdout[-2000:]
+        r = subprocess.CompletedProcess(cmd, 0, r.stdout + doc.stdout, r.stderr + doc.stderr)
+        for secret in ("hunter2", "s3cret"):
+            assert secret not in r.stdout + r.stderr
+            for root in (run, tmp_path / "mlflow", tmp_path / "cache"):
+                for p in root.rglob("*"):
+                    assert secret not in p.name, p
+                    if p.is_file():
+                        assert secret.encode() not in p.read_bytes(), p
+    finally:
+        server.stop()
+        web.shutdown()
+        web.server_close()
+
+
+@pytest.mark.parametrize("url,shown", [
+    ("http://alice:s3cret@host:5000/x", "http://alice:***@host:5000/x"),
+    ("https://TOKEN@host/x", "https://***@host/x"),
+    ("s3://bucket/shards", "s3://bucket/shards"),
+    ("https://h/x?X-Amz-Signature=abc&part=1&access_token=t", "https://h/x?X-Amz-Signature=***&part=1&access_token=***"),
+    ("sqlite:////tmp/runs/mlflow.db", "sqlite:////tmp/runs/mlflow.db"),
+    ("see http://a:b@h:1 and gs://c/d", "see http://a:***@h:1 and gs://c/d"),
+])
+def test_redact_url(url, shown):
+    from maskdm.shardformat.fsutil import redact_tree, redact_url
+    assert redact_url(url) == shown
+    assert redact_tree({"a": [url, 3], "b": None}) == {"a": [shown, 3], "b": None}
