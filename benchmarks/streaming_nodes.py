@@ -47,7 +47,7 @@ def _mosaic_available() -> str | None:
 
 
 # ------------------------------------------------------------------------------------ data
-def make_sets(work: Path, shards: int, per: int, size: int, s3_env: dict) -> dict:
+def make_sets(work: Path, shards: int, per: int, size: int) -> dict:
     """maskdm dwt16 shards and MDS shards of the same sorted samples, uploaded to the bucket."""
     from maskdm.preprocessing.shard_job import ShardOptions, run
     local = work / "maskdm"
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="maskdm-nodes-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        sets = make_sets(work, a.shards, a.per_shard, 32, env)
+        sets = make_sets(work, a.shards, a.per_shard, 32)
         shard_of = key_to_shard(sets["local"])
         from maskdm.pipeline.data.order import uniform_diversity
         sizes = [a.per_shard] * a.shards
