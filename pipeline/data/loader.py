@@ -127,7 +127,7 @@ class Loader:
             local = 0
         first = self.rank - local if 0 <= local <= self.rank else self.rank
         ranks = range(first, min(first + local_world, self.world_size))
-        return sorted({p for r in ranks for p in self.order.rank_partitions(r, self.world_size)})
+        return self.order.ranks_partitions(ranks, self.world_size)
 
     def cache_need(self) -> tuple[int, int]:
         """What this node's cache must hold at once: (shards, bytes of the largest). Per partition
@@ -159,10 +159,9 @@ class Loader:
         o = self.order
         local_world = local_world_size()
         nodes = max(1, self.world_size // local_world)
-        per = [len(set().union(*(o.rank_partitions(r, self.world_size)
-                                 for r in range(n * local_world,
-                                                min((n + 1) * local_world, self.world_size)))))
-               for n in range(nodes)]
+        per = [len(o.ranks_partitions(range(n * local_world,
+                                            min((n + 1) * local_world, self.world_size)),
+                                      self.world_size)) for n in range(nodes)]
         shards = len(o.shards_of(self.node_partitions()))
         line = (f"data order: {o.partitions} partitions x shuffle window {o.window} shards "
                 f"(a global batch takes {o.per_partition or self.global_batch} sample(s) of each "

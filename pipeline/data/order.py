@@ -27,6 +27,7 @@ sample's position in its shard; stream positions are global (``samples_seen``).
 from __future__ import annotations
 
 from collections import OrderedDict
+from math import exp, lgamma
 
 import numpy as np
 
@@ -206,6 +207,18 @@ class StreamOrder:
         lo, hi = rank * local, (rank + 1) * local
         return list(range(lo // self.per_partition, (hi - 1) // self.per_partition + 1))
 
+    def ranks_partitions(self, ranks, world_size: int) -> list[int]:
+        """The partitions a group of ranks (a node) reads, sorted."""
+        return sorted({p for r in ranks for p in self.rank_partitions(r, world_size)})
+
+    def needed_at(self, partitions, position: int, lookahead: int) -> list[int]:
+        """The shards ``partitions`` need from stream ``position`` on, in the order to fetch them:
+        every partition's current window, then their lookahead shards taken in turn."""
+        per = [self.needed(p, self.batch_start(position, p), lookahead) for p in partitions]
+        out = [s for current, _ in per for s in current]
+        out += [a[k] for k in range(lookahead) for _, a in per if k < len(a)]
+        return list(dict.fromkeys(int(s) for s in out))
+
     def needed(self, p: int, t: int, lookahead: int) -> tuple[list[int], list[int]]:
         """Shards of partition ``p`` needed from its stream position ``t`` on: (those of the window
         being read, up to ``lookahead`` more in the order they will be needed)."""
@@ -258,7 +271,6 @@ def uniform_diversity(sizes, global_batch: int) -> float:
     """Expected distinct shards in ``global_batch`` samples drawn uniformly without replacement
     from shards of ``sizes`` (the yardstick of a perfectly shuffled dataset)."""
     n = sum(sizes)
-    from math import lgamma, exp
 
     def p_none(s):  # P(no sample of a shard of size s among the draw)
         if n - s < global_batch:

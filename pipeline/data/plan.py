@@ -2,7 +2,7 @@
 
 For N nodes of R ranks, it walks the global batches of an epoch as the loaders do: at each batch a
 node needs the current window of every partition its ranks read plus the lookahead
-(``StreamOrder.needed``, what the prefetcher keeps), and its cache (least recently used first,
+(``StreamOrder.needed_at``, what the prefetcher keeps), and its cache (least recently used first,
 never evicting what is needed, like ``shardformat.remote``) downloads what it lacks. It prints, per
 node count: the bytes each node downloads in the first epoch (cold cache) and in a later one (the
 cache at its limit), the cache a node needs at once, the link rate each node needs at a target
@@ -34,12 +34,6 @@ class NodePlan:
     total_downloads: int  # shard downloads of all nodes together in epoch 0
 
 
-def node_partitions(order: StreamOrder, node: int, nodes: int, ranks_per_node: int) -> list[int]:
-    world = nodes * ranks_per_node
-    ranks = range(node * ranks_per_node, (node + 1) * ranks_per_node)
-    return sorted({p for r in ranks for p in order.rank_partitions(r, world)})
-
-
 def replay(order: StreamOrder, shard_bytes: list[int], nodes: int, ranks_per_node: int,
            lookahead: int, cache_limit: int | None, epochs: int = 2) -> NodePlan:
     """Simulate every node's cache over ``epochs`` epochs of global batches (see the module)."""
@@ -49,7 +43,8 @@ def replay(order: StreamOrder, shard_bytes: list[int], nodes: int, ranks_per_nod
     first_sets, need_peak, total = [], 0, 0
     parts_max = 0
     for node in range(nodes):
-        mine = node_partitions(order, node, nodes, ranks_per_node)
+        mine = order.ranks_partitions(range(node * ranks_per_node, (node + 1) * ranks_per_node),
+                                      nodes * ranks_per_node)
         parts_max = max(parts_max, len(mine))
         cache: OrderedDict[int, None] = OrderedDict()
         used = 0
@@ -58,11 +53,7 @@ def replay(order: StreamOrder, shard_bytes: list[int], nodes: int, ranks_per_nod
         for e in range(epochs):
             for k in range(steps):
                 position = (e * steps + k) * g
-                need: list[int] = []
-                for p in mine:
-                    current, ahead = order.needed(p, order.batch_start(position, p), lookahead)
-                    need += current + ahead
-                need = list(dict.fromkeys(need))
+                need = order.needed_at(mine, position, lookahead)  # what the prefetcher keeps
                 need_peak = max(need_peak, sum(shard_bytes[s] for s in need))
                 keep = set(need)
                 for s in need:

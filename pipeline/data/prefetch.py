@@ -63,11 +63,7 @@ class Prefetcher:
     def window(self, position: int) -> list[int]:
         """The shards this rank reads from stream ``position`` on: the current window of each of
         its partitions, then ``lookahead`` more per partition, in the order they are needed."""
-        per = [self.order.needed(p, self.order.batch_start(position, p), self.lookahead)
-               for p in self.partitions]
-        out = [s for current, _ in per for s in current]
-        out += [a[k] for k in range(self.lookahead) for _, a in per if k < len(a)]
-        return list(dict.fromkeys(int(s) for s in out))
+        return self.order.needed_at(self.partitions, position, self.lookahead)
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
