@@ -432,8 +432,13 @@ class Tracker:
 
         def terminate():
             if self._monitor is not None:  # its last samples first, while the run still runs
-                self._monitor.finish()
-                self._monitor = None
+                monitor, self._monitor = self._monitor, None
+                monitor.finish()
+                # and one closing sample: a run shorter than the sampling interval (or one whose
+                # monitor thread had not yet reached its first publish) still shows its machine
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
             self._client.set_terminated(self.run_id, status=status)
             self._status_sent = True
         self._call(terminate)
