@@ -306,7 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    from maskdm.shardformat.fsutil import RedactingStream
+    for name in ("stdout", "stderr"):  # no credential inside a URL reaches the console
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, RedactingStream):
+            setattr(sys, name, RedactingStream(stream))
+    from maskdm.shardformat.patience import CacheFull
+    try:
+        return int(args.func(args) or 0)
+    except CacheFull as e:  # a download did not fit on its disk: the message names the folder
+        print(f"error: {e}", file=sys.stderr)
+        return 5
 
 
 if __name__ == "__main__":

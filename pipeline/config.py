@@ -120,8 +120,16 @@ class TrainConfig:
     deepspeed_config: str | None = None  # explicit JSON instead of zero_stage + precision
     run_dir: str = "runs/maskdm"
     # This node's local working folder (universal-checkpoint conversions when resuming on another
-    # number of ranks); default: one per run under the system's temporary folder.
+    # number of ranks, the local copy of a run folder in a bucket); made 0700 and refused if
+    # another user owns it; default: one per run under $TMPDIR/maskdm-<uid>/scratch.
     scratch_dir: str | None = None
+    # Keep the scratch folder after a run in a bucket finishes (default: removed once everything
+    # is uploaded; it holds a full copy of the run's last checkpoints).
+    keep_scratch: bool = False
+    # A run folder in a bucket has one writer: the job holds a lease object in it, renewed every
+    # lease_s / 3 s. A job finding another's lease watches it this long: renewed -> refused (the
+    # other job is alive); unchanged -> taken over (that job died without releasing it).
+    lease_s: float = 90.0
     ckpt_every: int = 1000
     keep_last: int = 3
     log_every: int = 50
@@ -405,6 +413,8 @@ def validate(cfg: Config) -> None:
     if cfg.tracking.points < 1:
         raise ConfigError(f"tracking.points must be >= 1 (points per metric curve), got "
                           f"{cfg.tracking.points}")
+    if cfg.train.lease_s <= 0:
+        raise ConfigError(f"train.lease_s must be > 0 seconds, got {cfg.train.lease_s}")
     if cfg.tracking.system_metrics_every < 0:
         raise ConfigError(f"tracking.system_metrics_every must be >= 0 seconds (0: off), got "
                           f"{cfg.tracking.system_metrics_every}")
@@ -430,9 +440,18 @@ def validate(cfg: Config) -> None:
         check_shapes(cfg, d.image_size)
 
 
+MAX_TOKENS = 65536  # tokens per image: attention memory grows with its square
+
+
 def check_shapes(cfg: Config, image_size: int) -> ModelConfig:
     """Model and mask against the real image size (called again once the manifest is read)."""
     mcfg = cfg.model_config(image_size)
+    tokens = mcfg.grid[0] * mcfg.grid[1] * mcfg.token_groups
+    if tokens > MAX_TOKENS:
+        raise ConfigError(f"{image_size}px {cfg.data.space} input with patch {mcfg.patch_size} "
+                          f"gives {tokens:,} tokens per image, more than the {MAX_TOKENS:,} this "
+                          f"transformer is built for (512px DWT input with patch 1 is 65,536): "
+                          f"check data.image_size, or raise model.patch_size")
     try:
         cfg.mask.validate(mcfg.grid)
     except MaskSpecError as e:

@@ -1,7 +1,7 @@
 """All torch.distributed handling in one place: init, rank, world size, print0, stop flags.
 
 Works under the ``deepspeed`` launcher, ``torchrun``, Slurm ``srun`` (SLURM_* variables) and as a
-plain process (a world of one, with a free local port). On machines without CUDA it selects
+plain process (a world of one, which listens on no network interface). On machines without CUDA it selects
 DeepSpeed's CPU accelerator and the gloo backend before DeepSpeed is imported.
 """
 
@@ -100,8 +100,22 @@ def init(device: torch.device) -> None:
         note = op_build_note(device)
         if note and launch_rank() == 0:
             print(note, flush=True)
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   verbose=False)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if launch_world_size() == 1:
+            _init_alone(backend)  # DeepSpeed then finds the group made and uses it
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def _init_alone(backend: str) -> None:
+    """A world of one opens no port to the network: its rendezvous store lives in the process
+    (torch's env:// rendezvous would serve an unauthenticated TCP store on every interface) and
+    gloo's own socket binds the loopback interface."""
+    if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
+        loopback = [name for _, name in socket.if_nameindex() if name == "lo"]
+        if loopback:
+            os.environ["GLOO_SOCKET_IFNAME"] = loopback[0]
+    torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0,
+                                         world_size=1)
 
 
 def rank() -> int:

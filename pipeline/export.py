@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
-from maskdm.shardformat.fsutil import atomic_write_json
+from maskdm.shardformat.fsutil import atomic_write_json, fsync_dir
 
 from . import checkpoint as ckpt
 
@@ -23,25 +24,36 @@ def export_weights(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike) -> 
     weights, meta = ckpt.load_ema_weights(src)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp),
-              metadata={"format": "maskdm-ema", "step": str(meta.step)})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # as any other file (safetensors writes 0600)
-    os.replace(tmp, out / "model.safetensors")
+    # The pair is tied by an id in both files: a crash between the two renames below leaves
+    # weights and a config of different exports, which load_export refuses (never mixes).
+    export_id = secrets.token_hex(8)
+    tmp_w = out / f".model.safetensors.{os.getpid()}.tmp"
+    tmp_c = out / f".config.json.{os.getpid()}.tmp"
     cfg = meta.config
-    atomic_write_json(out / "config.json", {
-        "format": "maskdm-export", "format_version": 1,
-        "weights": "EMA (decay %s)" % cfg["optim"]["ema_decay"],
-        "model": meta.model, "image_size": meta.image_size, "space": meta.space,
-        "diffusion": cfg["diffusion"], "stage": meta.stage, "step": meta.step,
-        "source_checkpoint": str(src.resolve()), "mlflow_run_id": meta.mlflow_run_id,
-        "data": {"shards": cfg["data"]["shards"]},
-        # the recipe's evaluation protocol: `maskdm sample` uses it unless told otherwise
-        "evaluation": {k: cfg["eval"][k] for k in ("sampler", "steps", "eta", "fid_samples",
-                                                    "fid_ref") if k in cfg.get("eval", {})},
-    })
+    try:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_w),
+                  metadata={"format": "maskdm-ema", "step": str(meta.step),
+                            "export_id": export_id})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_w, 0o666 & ~umask)  # as any other file (safetensors writes 0600)
+        atomic_write_json(tmp_c, {
+            "format": "maskdm-export", "format_version": 1, "export_id": export_id,
+            "weights": "EMA (decay %s)" % cfg["optim"]["ema_decay"],
+            "model": meta.model, "image_size": meta.image_size, "space": meta.space,
+            "diffusion": cfg["diffusion"], "stage": meta.stage, "step": meta.step,
+            "source_checkpoint": str(src.resolve()), "mlflow_run_id": meta.mlflow_run_id,
+            "data": {"shards": cfg["data"]["shards"]},
+            # the recipe's evaluation protocol: `maskdm sample` uses it unless told otherwise
+            "evaluation": {k: cfg["eval"][k] for k in ("sampler", "steps", "eta", "fid_samples",
+                                                        "fid_ref") if k in cfg.get("eval", {})},
+        })
+        os.replace(tmp_w, out / "model.safetensors")
+        os.replace(tmp_c, out / "config.json")
+        fsync_dir(out)
+    finally:  # an error (a full disk) leaves no temporary file behind
+        tmp_w.unlink(missing_ok=True)
+        tmp_c.unlink(missing_ok=True)
     return out
 
 
@@ -54,4 +66,12 @@ def load_export(path: str | os.PathLike):
         raise ckpt.CheckpointError(f"{p} is not a maskdm export (needs model.safetensors and "
                                    f"config.json; make one with `maskdm export CKPT OUT`)")
     conf = json.loads((p / "config.json").read_text())
+    from safetensors import safe_open
+    with safe_open(str(p / "model.safetensors"), framework="pt") as f:
+        theirs = (f.metadata() or {}).get("export_id")
+    if conf.get("export_id") is not None and theirs != conf.get("export_id"):
+        raise ckpt.CheckpointError(
+            f"{p}: model.safetensors and config.json belong to different exports (export_id "
+            f"{theirs} vs {conf.get('export_id')}: an export interrupted between writing the "
+            f"two); run `maskdm export` again")
     return load_file(str(p / "model.safetensors")), conf["model"], conf

@@ -25,6 +25,7 @@ skipped; past the patience the error stops the run after its last committed chec
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -36,9 +37,23 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from maskdm.shardformat.fsutil import atomic_write_bytes, plain_name_problem
-from maskdm.shardformat.patience import Patience, RemoteError, StoreOptions
-from maskdm.shardformat.remote import default_cache_dir, filesystem, is_remote, url_scheme
+from maskdm.shardformat.fsutil import (
+    NotPrivate,
+    atomic_write_bytes,
+    plain_name_problem,
+    private_folder,
+    redact_url,
+)
+from maskdm.shardformat.patience import CacheFull, Patience, RemoteError, StoreOptions
+from maskdm.shardformat.remote import (
+    SMALL_FILE_MAX,
+    default_cache_dir,
+    filesystem,
+    is_remote,
+    read_capped,
+    size_cap,
+    url_scheme,
+)
 
 COMMIT = "COMMITTED.json"
 MARK = ".uploaded-rank{:05d}.json"
@@ -89,10 +104,18 @@ class Bucket:
         return {Path(e["name"]).name: e for e in self.call("/".join(parts) or "listing", ls)}
 
     def read_json(self, *parts: str) -> dict | None:
+        """A small JSON record (at most ``SMALL_FILE_MAX`` bytes read), or None if absent."""
+        where = f"{redact_url(self.url)}/{'/'.join(parts)}"
         try:
-            return json.loads(self.call(parts[-1], lambda: self.fs.cat_file(self.key(*parts))))
+            data = self.call(parts[-1], lambda: read_capped(self.fs, self.key(*parts),
+                                                            SMALL_FILE_MAX, where))
         except FileNotFoundError:
             return None
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise RemoteError(f"{where} is not JSON: written by something else or damaged; "
+                              f"check the folder") from None
 
     def put_bytes(self, data: bytes, *parts: str) -> None:
         self.call(parts[-1], lambda: self.fs.pipe_file(self.key(*parts), data))
@@ -100,13 +123,23 @@ class Bucket:
     def put(self, path: Path, *parts: str) -> None:
         self.call(parts[-1], lambda: self.fs.put_file(str(path), self.key(*parts)))
 
-    def get(self, local: Path, *parts: str) -> None:
-        """Download to ``local`` through a hidden part file (never a partial file by name)."""
+    def get(self, local: Path, size: int, *parts: str) -> None:
+        """Download to ``local`` through a hidden part file (never a partial file by name), never
+        more than ``size`` bytes (what the commit record or the listing says it holds)."""
         part = local.with_name(f".{local.name}.{os.getpid()}.part")
         local.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.call(parts[-1], lambda: self.fs.get_file(self.key(*parts), str(part)))
+        where = f"{redact_url(self.url)}/{'/'.join(parts)}"
+        try:  # a fresh count per attempt
+            self.call(parts[-1], lambda: self.fs.get_file(self.key(*parts), str(part),
+                                                          callback=size_cap(size, where)))
             os.replace(part, local)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise CacheFull(f"no space left on the disk of {local.parent} while downloading "
+                            f"{where} ({size / 2 ** 20:.0f} MiB): free space there, or point "
+                            f"train.scratch_dir (MASKDM_CACHE for export/sample/init_from) at "
+                            f"a larger disk") from None
         finally:
             part.unlink(missing_ok=True)
 
@@ -162,11 +195,12 @@ class RunStore:
     """Where a run folder lives: a local folder (shared by the nodes, as before), or a bucket with
     a local copy on each node."""
 
-    def __init__(self, run_dir: str, scratch: Path, store: StoreOptions | None = None, *,
+    def __init__(self, run_dir: str, scratch: Path | None, store: StoreOptions | None = None, *,
                  rank: int = 0, local_rank: int = 0, world: int = 1):
         self.rank, self.world = rank, world
         self.url = str(run_dir).rstrip("/") if is_remote(run_dir) else None
         self.bucket = None
+        self.lease = None  # rank 0's lease on a folder in a bucket (hold())
         if self.url is None:
             self.local = Path(run_dir)
             return
@@ -178,6 +212,19 @@ class RunStore:
         self._thread: threading.Thread | None = None
         self._uploading: str | None = None
         self.error: BaseException | None = None
+
+    def hold(self, what: str, ttl_s: float, log) -> None:
+        """Rank 0: take the folder's lease (one job writes a run folder in a bucket) or raise
+        LeaseHeld naming the job that holds it; checked before every commit."""
+        from maskdm.shardformat.lease import NAME, bucket_lease
+        self.lease = bucket_lease(self.bucket.fs, self.bucket.key(NAME), self.url, what,
+                                  self.bucket.call, ttl_s=ttl_s)
+        self.lease.acquire(log)
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
 
     @property
     def remote(self) -> bool:
@@ -215,7 +262,7 @@ class RunStore:
             with _flock(self.local / ".locks" / f"{name}-{f}.lock"):
                 if local.exists() and local.stat().st_size == files[f]:
                     continue
-                self.bucket.get(local, "checkpoints", name, f)
+                self.bucket.get(local, files[f], "checkpoints", name, f)
                 if local.stat().st_size != files[f]:
                     raise RemoteError(f"{self.url}/checkpoints/{name}/{f}: {local.stat().st_size} "
                                       f"bytes downloaded, the commit record says {files[f]}")
@@ -227,7 +274,7 @@ class RunStore:
         have = self.bucket.ls()
         for name in ("mlflow.json", "metrics.jsonl"):
             if name in have and not (self.local / name).exists():
-                self.bucket.get(self.local / name, name)
+                self.bucket.get(self.local / name, int(have[name].get("size") or 0), name)
 
     # ------------------------------------------------------------------ save
     def upload_checkpoint(self, path: Path, keep_last: int, log) -> None:
@@ -285,6 +332,8 @@ class RunStore:
         if wrong:
             raise RemoteError(f"{self.url}/checkpoints/{name}: {', '.join(wrong[:3])} missing or "
                               f"of another size after the upload")
+        if self.lease is not None:  # another job took the folder over: commit nothing
+            self.lease.check()
         self.bucket.put_bytes(json.dumps({"step": name, "world_size": self.world, "files": files,
                                           "time": time.time()}, indent=1).encode(),
                               "checkpoints", name, COMMIT)
@@ -299,6 +348,8 @@ class RunStore:
     def upload_tree(self, sub: str) -> None:
         """Rank 0, at the end: a folder of the local copy (``export``, ``samples``) and the run's
         records into the bucket."""
+        if self.lease is not None:
+            self.lease.check()
         folder = self.local / sub
         if folder.is_dir():
             for f in sorted(folder.rglob("*")):
@@ -332,10 +383,14 @@ def fetch_weights(url: str, store: StoreOptions | None = None) -> Path:
     record, files = commit_files(bucket, name)
     key = hashlib.sha256(f"{bucket.url}/{name}/{record.get('time')}".encode()).hexdigest()[:12]
     dest = cache / f"{name}-{key}"
+    try:  # files of the right size found here are trusted: the folder must be this user's
+        private_folder(dest, "MASKDM_CACHE")
+    except NotPrivate as e:
+        raise RemoteError(f"checkpoint cache: {e}") from None
     for f, size in files.items():
         if f == "meta.json" or f.startswith("ema_rank"):
             local = dest / f
             if not (local.exists() and local.stat().st_size == size):
-                bucket.get(local, "checkpoints", name, f)
+                bucket.get(local, size, "checkpoints", name, f)
     atomic_write_bytes(dest / "SOURCE", f"{bucket.url}/checkpoints/{name}\n".encode())
     return dest

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -33,7 +34,8 @@ from maskdm.model.objective import DiffusionObjective
 from maskdm.shardformat.fsutil import redact_url
 from maskdm.shardformat.manifest import DatasetError
 from maskdm.shardformat.reader import SampleError
-from maskdm.shardformat.remote import RemoteError, RemoteUnreachable
+from maskdm.shardformat.lease import LeaseLost
+from maskdm.shardformat.remote import CacheFull, RemoteError, RemoteUnreachable
 
 from . import checkpoint as ckpt
 from . import dist
@@ -116,13 +118,14 @@ class Trainer:
         self.device = dist.setup_env(self.t.device)
         self.world, self.rank = dist.launch_world_size(), dist.launch_rank()
         self.reader, self.mcfg = prepare(cfg)
-        self.scratch = Path(self.t.scratch_dir) if self.t.scratch_dir else \
-            default_scratch(self.t.run_dir)
+        self._scratch: Path | None = None  # made (private) when first needed: see .scratch
         from maskdm.shardformat.patience import StoreOptions
+        from maskdm.shardformat.remote import is_remote
 
         from .runstore import RunStore
         try:  # a local (shared) run folder, or one in a bucket with a local copy per node
-            self.store = RunStore(self.t.run_dir, self.scratch,
+            self.store = RunStore(self.t.run_dir,
+                                  self.scratch if is_remote(self.t.run_dir) else None,
                                   StoreOptions(cfg.data.remote_patience_s,
                                                cfg.data.remote_timeout_s),
                                   rank=self.rank, local_rank=dist.launch_local_rank(),
@@ -131,7 +134,22 @@ class Trainer:
             raise ConfigError(f"train.run_dir: {e}") from None
         self.run_dir = self.store.local
         self.ckpt_root = self.run_dir / "checkpoints"
+        self.log = self._print
+        self.bar = None
         self._lock = self._lock_run_folder() if self.rank == 0 else None
+        if self.rank == 0 and self.store.remote:  # one writer per run folder in a bucket
+            from maskdm.shardformat.lease import LeaseHeld
+            try:
+                self.store.hold("maskdm train", self.t.lease_s, self.log)
+            except LeaseHeld as e:
+                raise ConfigError(str(e)) from None
+        try:
+            self._prepare(cfg, resume)
+        except BaseException:
+            self.store.release()
+            raise
+
+    def _prepare(self, cfg: Config, resume: str | None) -> None:
         self.resume_mode = resume
         self.resume_from = self._resume_source(resume)
         self.resume_meta = ckpt.read_meta(self.resume_from) if self.resume_from else None
@@ -150,8 +168,6 @@ class Trainer:
         self.precision = precision_of(self.ds_config)
         self.micro_global = self.t.global_batch // self.t.grad_accum
         self.local = self.micro_global // self.world
-        self.log = self._print
-        self.bar = None
         self.init_fresh: set[str] = set()
         self.init_weights, self.parent = self._init_source()
         # Cumulative training FLOPs (logged as train_flops): the init_from chain's, then this run's
@@ -205,6 +221,13 @@ class Trainer:
                 return False
             done = self.store.bucket.read_json("export", "config.json") or {}
         return done.get("step") == m.step
+
+    @property
+    def scratch(self) -> Path:
+        """This node's private working folder for the run (made on first use)."""
+        if self._scratch is None:
+            self._scratch = private_scratch(self.t.scratch_dir, self.t.run_dir)
+        return self._scratch
 
     def _lock_run_folder(self):
         """One job per run folder: rank 0 holds an exclusive lock on ``RUN_DIR/.maskdm.lock`` (of
@@ -441,6 +464,9 @@ class Trainer:
             w0 = time.perf_counter()
             try:
                 batch = next(self.loader)
+            except CacheFull as e:
+                raise TrainingStopped(f"{e}. Stopped at step {self.step};"
+                                      + self._last_good(), EXIT_DISK_FULL) from None
             except (SampleError, RemoteError) as e:
                 where = (f"{self.ckpt_root / self.last_ckpt}" if self.last_ckpt
                          else "none was written yet")
@@ -620,6 +646,8 @@ class Trainer:
                 self.store.wait(self.log, before=ckpt.tag(self.step))
             path = ckpt.save(self.engine, self.ema, self.ckpt_root, meta, self.t.keep_last,
                              node_local=self.store.remote)
+        except LeaseLost as e:
+            raise TrainingStopped(str(e), EXIT_DATA) from None
         except RemoteError as e:
             raise TrainingStopped(f"checkpoint upload: {e}. Stopped at step {self.step}; resume "
                                   f"with `--resume auto` once the bucket answers (it continues "
@@ -700,6 +728,8 @@ class Trainer:
             return
         try:
             self.store.wait(self.log if say else None)
+        except LeaseLost as e:
+            raise TrainingStopped(str(e), EXIT_DATA) from None
         except RemoteError as e:
             raise TrainingStopped(f"checkpoint upload: {e}; the newest committed checkpoint in "
                                   f"{self.store.url} is the one to resume from", EXIT_DATA) \
@@ -764,14 +794,18 @@ class Trainer:
                      f"{self.store.url}")
             self._finish_upload(say=False)
             if dist.is_main():
-                for sub in ("export", "samples"):
-                    self.store.upload_tree(sub)
+                try:
+                    for sub in ("export", "samples"):
+                        self.store.upload_tree(sub)
+                except LeaseLost as e:
+                    raise TrainingStopped(str(e), EXIT_DATA) from None
 
     def _summary(self, delivered: bool) -> dict:
         from .tracking import ui_command
+        where = self.store.url or str(self.run_dir)  # a bucket run: its files are there
         summary = {"exit_code": 0, "step": self.step, "run_id": self.run_id,
-                   "run_dir": str(self.run_dir), "checkpoint": str(self.ckpt_root / self.last_ckpt),
-                   "samples": str(self.run_dir / "samples" / f"step_{self.step:08d}.png"),
+                   "run_dir": where, "checkpoint": f"{where}/checkpoints/{self.last_ckpt}",
+                   "samples": f"{where}/samples/step_{self.step:08d}.png",
                    "tracking_uri": self.tracker.uri, "tracking_ok": delivered,
                    "fid": self.last_fid["value"]}
         replaced, left_out = int(dist.all_sum(self.loader.skipped_samples)), self.reader.excluded
@@ -806,6 +840,12 @@ class Trainer:
         self.stop_signal = signum
 
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self.store.release()  # the re-queued (or next) job may write the folder at once
+
+    def _run(self) -> dict:
         from tqdm import tqdm
 
         from maskdm.console import show_progress
@@ -855,20 +895,64 @@ class Trainer:
         if code:
             self.log(message, file=sys.stderr)
             return {"exit_code": code, "step": self.step, "run_id": self.run_id}
-        return self._summary(delivered)
+        summary = self._summary(delivered)
+        if self.store.remote and not self.t.keep_scratch:
+            self._remove_scratch()
+        return summary
+
+    def _remove_scratch(self) -> None:
+        """After a run in a bucket finished and everything is uploaded: this node's local copy
+        and conversions are removed (``train.keep_scratch`` keeps them)."""
+        dist.barrier()  # every rank of the node is done with the copy
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+        if dist.launch_local_rank() != 0:
+            return
+        for p in (self.store.local.parent, self.scratch / "universal"):
+            shutil.rmtree(p, ignore_errors=True)
+        try:
+            self.scratch.rmdir()  # only if nothing else (another node's copy) is in it
+        except OSError:
+            pass
+        self.log(f"removed this node's local copy of the run ({self.store.local.parent}; "
+                 f"train.keep_scratch=true keeps it)")
+
+
+def scratch_root() -> Path:
+    """This user's folder for maskdm's scratch folders: ``$TMPDIR/maskdm-<uid>``."""
+    import tempfile
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"maskdm-{uid}"
 
 
 def default_scratch(run_dir: str) -> Path:
     """This node's local working folder for a run (universal-checkpoint conversions, the local
-    copy of a run folder in a bucket): under the system's temporary folder, one per run."""
+    copy of a run folder in a bucket): under this user's private folder in the system's
+    temporary folder (``scratch_root``), one per run."""
     import hashlib
-    import tempfile
 
     from maskdm.shardformat.remote import is_remote
     where = str(run_dir).rstrip("/") if is_remote(run_dir) else str(Path(run_dir).resolve())
     key = hashlib.sha256(where.encode()).hexdigest()[:12]
     name = where.rsplit("/", 1)[-1] or "run"
-    return Path(tempfile.gettempdir()) / "maskdm-scratch" / f"{name}-{key}"
+    return scratch_root() / "scratch" / f"{name}-{key}"
+
+
+def private_scratch(scratch_dir: str | None, run_dir: str) -> Path:
+    """The run's scratch folder, made private to this user (0700) and refused if another user
+    owns it (``train.scratch_dir``, or the default under ``scratch_root``). Raises ConfigError."""
+    from maskdm.shardformat.fsutil import NotPrivate, private_folder
+    try:
+        if scratch_dir:
+            return private_folder(scratch_dir, "train.scratch_dir")
+        private_folder(scratch_root(), "train.scratch_dir", tighten=True)
+        return private_folder(default_scratch(run_dir), "train.scratch_dir")
+    except NotPrivate as e:
+        raise ConfigError(f"scratch folder: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot create the scratch folder ({e}); set train.scratch_dir to a "
+                          f"writable local folder") from None
 
 
 def _size(n: float) -> str:

@@ -77,6 +77,9 @@ def add_shard_parser(sub) -> None:
     p.add_argument("--max-pixels", type=int, default=64_000_000,
                    help="skip images with more pixels than this (decompression-bomb guard; "
                    "default 64,000,000)")
+    p.add_argument("--max-file-mb", type=int, default=256, metavar="MB",
+                   help="skip source files (and zip members) larger than this before reading "
+                   "them (default 256)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard whatever OUT holds and start over")
     p.add_argument("--stage", default=None, metavar="DIR",
@@ -85,6 +88,10 @@ def add_shard_parser(sub) -> None:
                    "~/.cache/maskdm/staging/NAME-HASH, or under $MASKDM_CACHE's parent)")
     p.add_argument("--keep-stage", action="store_true",
                    help="keep the staging folder after a complete upload (default: remove it)")
+    p.add_argument("--lease-s", type=float, default=90.0, metavar="SECONDS",
+                   help="OUT in object storage: one job writes a prefix; a job finding another "
+                   "job's lease there watches it this long: renewed -> refused, unchanged (that "
+                   "job died) -> taken over (default 90)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_shard)
 
@@ -127,6 +134,10 @@ def run_shard(args) -> int:
     from .shard_job import ShardDiskFull, ShardJobError, ShardOptions, run
     from .sources import SourceError
     remote_out = is_remote(out) and url_refusal(out, "OUT", remote_ok=True) is None
+    if args.lease_s <= 0:
+        raise SystemExit("error: --lease-s must be > 0 seconds")
+    if args.max_file_mb < 1:
+        raise SystemExit("error: --max-file-mb must be >= 1")
     if (args.stage or args.keep_stage) and not remote_out:
         raise SystemExit("error: --stage and --keep-stage apply when OUT is an s3:// or gs:// URL")
     opts = ShardOptions(
@@ -135,12 +146,13 @@ def run_shard(args) -> int:
         samples_per_shard=args.samples_per_shard, workers=args.workers, count=args.count,
         gen_seed=args.gen_seed, split=args.split, bbox_csv=args.bbox_csv, small=args.small,
         min_side=args.min_side, max_pixels=args.max_pixels, jpeg_quality=args.jpeg_quality,
+        max_file_mb=args.max_file_mb,
         overwrite=args.overwrite)
     try:
         if remote_out:
             from .upload import run_remote
             run_remote(opts, out, stage=args.stage, keep_stage=args.keep_stage,
-                       progress=not args.quiet)
+                       progress=not args.quiet, lease_s=args.lease_s)
         else:
             run(opts, progress=not args.quiet)
     except ShardDiskFull as e:

@@ -24,6 +24,17 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000
+# Memory a decode may take, per --max-pixels pixel (about 0.5 GB at the default): images whose
+# pixel format needs more memory per pixel (16/32-bit, alpha) are allowed proportionally fewer
+# pixels.
+DECODE_BYTES_PER_PIXEL = 8
+# Peak bytes per pixel that prepare() takes, by decoded mode (measured with Pillow 11 on
+# 8000x8000 / 5600x5600 PNGs: RGB 3.9, L 4.9, I;16 6.9, RGBA 19.1): the decoded image, its
+# conversion to RGB, the resize's source.
+_PEAK_BYTES = {"1": 5, "L": 5, "P": 6, "RGB": 4, "RGBX": 4, "YCbCr": 8, "CMYK": 8, "LAB": 8,
+               "HSV": 8, "LA": 20, "PA": 20, "La": 20, "RGBA": 20, "RGBa": 20, "I;16": 7,
+               "I;16L": 7, "I;16B": 7, "I;16N": 7, "I": 9, "F": 8}
+DEFAULT_MAX_FILE_MB = 256  # a source file larger than this is skipped before it is read
 
 
 class Skip(Exception):
@@ -39,8 +50,16 @@ class Prepared:
     mode: str  # the source's PIL mode, for the record
 
 
-def read_file(path: str) -> bytes:
-    """Read a source file's bytes, turning every filesystem problem into a ``Skip``."""
+def too_large(nbytes: int, max_bytes: int | None) -> None:
+    """Skip a source file (or zip member) over ``max_bytes`` before it is read."""
+    if max_bytes is not None and nbytes > max_bytes:
+        raise Skip(f"file of {nbytes / 2 ** 20:.0f} MiB is larger than --max-file-mb "
+                   f"{max_bytes / 2 ** 20:.0f}; raise it if the image is genuine")
+
+
+def read_file(path: str, max_bytes: int | None = DEFAULT_MAX_FILE_MB * 2 ** 20) -> bytes:
+    """Read a source file's bytes, turning every filesystem problem into a ``Skip``; a file over
+    ``max_bytes`` is skipped before it is read."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -53,9 +72,12 @@ def read_file(path: str) -> bytes:
         raise Skip("not a regular file (device, FIFO or socket)")
     if st.st_size == 0:
         raise Skip("empty file (0 bytes)")
+    too_large(st.st_size, max_bytes)
     try:
         with open(path, "rb") as f:
-            return f.read()
+            data = f.read(max_bytes + 1) if max_bytes is not None else f.read()
+        too_large(len(data), max_bytes)  # it grew after the stat
+        return data
     except PermissionError:
         raise Skip("unreadable: permission denied") from None
     except OSError as e:
@@ -67,9 +89,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode == "RGB":
         return img
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        arr = np.asarray(img).astype(np.int64)
-        arr = (np.clip(arr, 0, 65535) * 255 + 32767) // 65535
-        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+        arr = np.asarray(img)
+        out = np.empty(arr.shape[:2], np.uint8)
+        for r in range(0, arr.shape[0], 256):  # in bands: no int64 copy of the whole image
+            band = np.clip(arr[r:r + 256].astype(np.int64), 0, 65535)
+            out[r:r + 256] = (band * 255 + 32767) // 65535
+        del arr
+        return Image.fromarray(out, "L").convert("RGB")
     if mode == "F":
         raise Skip("unsupported pixel format: 32-bit floating point (mode F); convert to 8-bit first")
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
@@ -154,7 +180,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         head = data[:16]
         kind = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "unknown data"
-        raise Skip(f"not an image: unrecognised format ({kind}, first bytes {head[:8]!r})") from None
+        # (never its bytes: skipped.jsonl is shared, and a link may reach any file)
+        raise Skip(f"not an image: unrecognised format ({kind}, {len(data)} bytes)") from None
     except Exception as e:
         raise Skip(f"corrupt image header ({type(e).__name__}: {e})") from None
     finally:
@@ -165,6 +192,13 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     if w * h > max_pixels:
         raise Skip(f"decompression bomb: {w}x{h} = {w * h:,} pixels exceeds --max-pixels "
                    f"{max_pixels:,}; raise --max-pixels if the image is genuine")
+    # the pixel format too, before decoding: 16-bit or alpha pixels take more memory
+    peak = w * h * _PEAK_BYTES.get(img.mode, 20)
+    if peak > max_pixels * DECODE_BYTES_PER_PIXEL:
+        raise Skip(f"decompression bomb: {w}x{h} pixels of mode {img.mode} would take about "
+                   f"{peak / 2 ** 20:,.0f} MiB to decode, more than --max-pixels "
+                   f"{max_pixels:,} allows ({max_pixels * DECODE_BYTES_PER_PIXEL / 2 ** 20:,.0f} "
+                   f"MiB); raise --max-pixels if the image is genuine")
     return img
 
 
@@ -183,8 +217,11 @@ def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def decode_jpeg(data: bytes) -> np.ndarray:
-    """JPEG bytes -> uint8 [H, W, 3] (raises on damage; callers decide how to report it)."""
+def decode_jpeg(data: bytes, size: int | None = None) -> np.ndarray:
+    """JPEG bytes -> uint8 [H, W, 3] (raises on damage; callers decide how to report it). With
+    ``size``, an image of another size (per its header) raises ValueError before decoding."""
     img = Image.open(io.BytesIO(data))
+    if size is not None and img.size != (size, size):
+        raise ValueError(f"image is {img.size[0]}x{img.size[1]}, expected {size}x{size}")
     img.load()
     return np.asarray(img.convert("RGB"), dtype=np.uint8)

@@ -42,7 +42,7 @@ from maskdm.shardformat.fsutil import (
 from maskdm.shardformat.manifest import MANIFEST, SKIPPED, ShardEntry, ShardManifest
 from maskdm.shardformat.tarfmt import TarShardWriter, format_index
 
-from .images import DEFAULT_MAX_PIXELS, Skip, decode_jpeg, encode_jpeg, prepare
+from .images import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS, Skip, decode_jpeg, encode_jpeg, prepare
 from .sources import Item, ItemLoader, Source, name_record, scan
 
 JOB = ".maskdm-job.json"
@@ -93,6 +93,7 @@ class ShardOptions:
     small: str = "upscale"
     min_side: int = 32
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_file_mb: int = DEFAULT_MAX_FILE_MB  # a larger source file (or zip member) is skipped unread
     jpeg_quality: int = 95
     overwrite: bool = False
 
@@ -143,6 +144,8 @@ def job_record(opts: ShardOptions, source: Source, n_planned: int) -> dict:
             "samples_per_shard", "count", "gen_seed", "split", "bbox_csv", "small", "min_side",
             "max_pixels", "jpeg_quality")
     rec = {k: getattr(opts, k) for k in keys}
+    if opts.max_file_mb != DEFAULT_MAX_FILE_MB:  # (recorded only when set: older jobs resume)
+        rec["max_file_mb"] = opts.max_file_mb
     rec.update(format_version=FORMAT_VERSION, src=source.root or "procedural",
                inputs=len(source.items), planned=n_planned, inputs_sha256=source.fingerprint())
     return rec
@@ -184,7 +187,7 @@ def _convert(pos: int, item: Item):
     """One input -> ("ok", components, meta, sum, sumsq) or ("skip", reason, skipped record)."""
     opts: ShardOptions = _W["opts"]
     try:
-        data = _W["loader"].load(item)
+        data = _W["loader"].load(item, max_bytes=opts.max_file_mb * 2 ** 20)
         prep = prepare(data, opts.size, bbox=item.bbox, small=opts.small, min_side=opts.min_side,
                        max_pixels=opts.max_pixels)
     except Skip as e:

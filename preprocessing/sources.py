@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import procedural
-from .images import Skip, read_file
+from .images import Skip, read_file, too_large
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif",
               ".ppm", ".pgm", ".pnm"}
@@ -95,7 +95,9 @@ class ItemLoader:
         self.__dict__.update(state)
         self._zip = None
 
-    def load(self, item: Item) -> bytes | np.ndarray:
+    def load(self, item: Item, max_bytes: int | None = None) -> bytes | np.ndarray:
+        """The item's bytes (or pixels); a file or zip member over ``max_bytes`` is skipped before
+        it is read (its size as stored, and what it really inflates to)."""
         if self.kind == "procedural":
             index = int(item.ref.rsplit("/", 1)[1])
             return procedural.render(self.gen_seed, index, self.image_size)
@@ -103,10 +105,14 @@ class ItemLoader:
             if self._zip is None:
                 self._zip = zipfile.ZipFile(self.root)
             try:
-                return self._zip.read(item.ref)
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
+                too_large(self._zip.getinfo(item.ref).file_size, max_bytes)
+                with self._zip.open(item.ref) as f:
+                    data = f.read(max_bytes + 1) if max_bytes is not None else f.read()
+                too_large(len(data), max_bytes)  # a member whose header understates its size
+                return data
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, KeyError) as e:
                 raise Skip(f"corrupt zip member ({type(e).__name__}: {e})") from None
-        return read_file(os.path.join(self.root, item.ref))
+        return read_file(os.path.join(self.root, item.ref), max_bytes)
 
 
 def _walk(root: Path, exclude: Path | None, ignored: dict[str, int]):

@@ -19,14 +19,17 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from maskdm.shardformat.fsutil import NotPrivate, private_folder, redact_url
 from maskdm.shardformat.manifest import MANIFEST, SKIPPED, ShardManifest
 from maskdm.shardformat.remote import (
+    SMALL_FILE_MAX,
     Patience,
     RemoteError,
     StoreOptions,
     default_cache_dir,
     filesystem,
     list_files,
+    read_capped,
     url_scheme,
 )
 
@@ -72,7 +75,8 @@ class _Bucket:
 
     def read_json(self, name: str) -> dict | None:
         try:
-            return json.loads(self._do(name, lambda: self.fs.cat_file(self.key(name))))
+            return json.loads(self._do(name, lambda: read_capped(
+                self.fs, self.key(name), SMALL_FILE_MAX, f"{redact_url(self.url)}/{name}")))
         except FileNotFoundError:
             return None
         except json.JSONDecodeError:
@@ -88,15 +92,41 @@ class _Bucket:
 
 def run_remote(opts: ShardOptions, url: str, *, stage: str | None = None,
                keep_stage: bool = False, progress: bool = True, log=print,
-               store: StoreOptions | None = None) -> ShardManifest:
-    """Shard ``opts.src`` into ``url`` (s3:// or gs://) through a local staging folder."""
+               store: StoreOptions | None = None, lease_s: float = 90.0) -> ShardManifest:
+    """Shard ``opts.src`` into ``url`` (s3:// or gs://) through a local staging folder. One job
+    writes a prefix: it holds the prefix's lease (``shardformat.lease``) while it runs."""
     scheme = url_scheme(url)
     if scheme in READ_ONLY:
         raise ShardJobError(f"OUT: {url}: {scheme}:// folders are read-only; shard into s3:// or "
                             f"gs:// (or a local folder your web server serves)")
     bucket = _Bucket(url, store or StoreOptions())
     stage_dir = Path(stage).expanduser() if stage else default_stage(url)
+    try:  # its shards are uploaded as they are: the folder must be this user's
+        private_folder(stage_dir, "--stage")
+    except NotPrivate as e:
+        raise ShardJobError(f"staging folder: {e}") from None
     opts.out = str(stage_dir)
+    from maskdm.shardformat.lease import NAME, LeaseHeld, LeaseLost, bucket_lease
+    lease = bucket_lease(bucket.fs, bucket.key(NAME), bucket.url, "maskdm shard", bucket._do,
+                         ttl_s=lease_s)
+    try:
+        lease.acquire(log)
+    except LeaseHeld as e:
+        raise ShardJobError(str(e)) from None
+    except FileNotFoundError as e:  # the first write: a bucket that is not there
+        raise ShardJobError(f"{redact_url(url)}: {e}; create the bucket first, or check the "
+                            f"URL") from None
+    try:
+        return _shard_and_upload(opts, url, bucket, stage_dir, lease, keep_stage=keep_stage,
+                                 progress=progress, log=log)
+    except LeaseLost as e:
+        raise ShardJobError(str(e)) from None
+    finally:
+        lease.release()
+
+
+def _shard_and_upload(opts: ShardOptions, url: str, bucket: _Bucket, stage_dir: Path, lease, *,
+                      keep_stage: bool, progress: bool, log) -> ShardManifest:
     found = {}
 
     def check_bucket(job: dict) -> ShardManifest | None:
@@ -159,6 +189,7 @@ def run_remote(opts: ShardOptions, url: str, *, stage: str | None = None,
         raise ShardJobError(f"{url}: after the upload {', '.join(wrong[:5])} "
                             f"{'is' if len(wrong) == 1 else 'are'} missing or of another size in "
                             f"the bucket; re-run the same command")
+    lease.check()  # another job took the prefix over: its shards, not ours, are there
     bucket.put(stage_dir / MANIFEST, MANIFEST)  # last: the folder is complete
     log(f"uploaded {len(todo)} file(s), {size / 1e6:.1f} MB, to {url}"
         f"{f' ({kept} already there)' if kept else ''}"

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,26 @@ class RedactFilter:
         return True
 
 
+class RedactingStream:
+    """A text stream (``sys.stdout``/``sys.stderr``) whose every write goes through
+    ``redact_url``: what a command prints (errors naming a shard URL, ``inspect``'s summary)
+    never shows a credential inside a URL."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact_url(text) if isinstance(text, str) else text)
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def plain_name_problem(name: object) -> str | None:
     """Why ``name`` (read from a manifest, a commit record, a bucket listing) is not a plain file
     name inside its folder, or None. Plain: a non-empty string of one path component, not ``.``
@@ -88,6 +109,30 @@ def plain_name_problem(name: object) -> str | None:
     if len(name.encode("utf-8", "surrogatepass")) > 255:
         return "is longer than 255 bytes"
     return None
+
+
+class NotPrivate(PermissionError):
+    """A working folder (scratch, cache, staging) that another user owns."""
+
+
+def private_folder(path: str | os.PathLike, setting: str, *, tighten: bool = False) -> Path:
+    """``path`` made if missing (mode 0700, private to this user) and refused (``NotPrivate``,
+    naming ``setting``) if another user owns it: on a shared machine whoever creates a folder
+    first under /tmp could otherwise read it or plant files that are later trusted (a cached
+    checkpoint of the right size is not downloaded again). ``tighten``: for the folders maskdm
+    names itself, also refuse a symlink and take group/other permissions away."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.lstat() if tighten else path.stat()
+    if tighten and not stat.S_ISDIR(st.st_mode):
+        raise NotPrivate(f"{path} is a link or not a folder; remove it (or set {setting} to a "
+                         f"folder of your own)")
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise NotPrivate(f"{path} belongs to another user (uid {st.st_uid}), so its files cannot "
+                         f"be trusted; set {setting} to a folder of your own")
+    if tighten and st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:

@@ -82,8 +82,8 @@ def kind_of(e: BaseException) -> str:
         return "bug"  # ours: raised as it is
     if isinstance(e, FileNotFoundError):
         return "missing"
-    if isinstance(e, PermissionError):
-        return "denied"
+    if isinstance(e, PermissionError) or getattr(e, "status", None) in (401, 403):
+        return "denied"  # (an http(s) server's 401/403 comes as aiohttp's ClientResponseError)
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return "full"
     if "Credentials" in type(e).__name__ or "credentials" in str(e).lower()[:200]:

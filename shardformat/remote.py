@@ -35,7 +35,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fsutil import redact_url, sha256_file
+from .fsutil import NotPrivate, private_folder, redact_url, sha256_file
+from .manifest import DatasetError
 from .patience import (  # noqa: F401  (re-exported: the errors callers catch)
     CacheFull,
     Patience,
@@ -117,6 +118,59 @@ def filesystem(url: str, timeout_s: float = 60.0):
                          f"pip install 'maskdm[{extra}]'") from None
 
 
+# The most a small file read from a store may hold: a manifest (a few hundred bytes per shard),
+# a commit record, a job record. Anything larger is not what maskdm wrote there.
+SMALL_FILE_MAX = 256 * 2 ** 20
+
+
+class TooLarge(RemoteDamaged):
+    """The store sent more bytes than the object may hold (its listed size, or a cap)."""
+
+
+def size_cap(limit: int, what: str):
+    """An fsspec callback for ``get_file`` that stops a download past ``limit`` bytes (a store
+    announcing more, or streaming on past it), instead of filling the disk or a retry loop."""
+    from fsspec.callbacks import Callback
+
+    class Cap(Callback):
+        def _refuse(self, n):
+            raise TooLarge(f"{what}: the store sent {'at least ' if n > limit else ''}{n} bytes, "
+                           f"more than the {limit} it may hold; refusing it (a damaged or "
+                           f"hostile store: check the URL)")
+
+        def set_size(self, size):
+            if size is not None and int(size) > limit:
+                self._refuse(int(size))
+
+        def relative_update(self, inc=1):
+            self.value += inc
+            if self.value > limit:
+                self._refuse(self.value)
+    return Cap()
+
+
+def read_capped(fs, path: str, limit: int, what: str) -> bytes:
+    """A whole small object, never more than ``limit`` bytes read (TooLarge past it): ranged
+    for object stores, streamed (and counted) for http(s), whose server may ignore ranges."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol not in ("http", "https"):
+        data = fs.cat_file(path, start=0, end=limit + 1)
+        if len(data) > limit:
+            raise TooLarge(f"{what}: more than {limit} bytes in the store; refusing it")
+        return data
+    chunks, n = [], 0
+    # (a size given: no HEAD first, whose every failure fsspec reports as "not found")
+    with fs.open(path, "rb", block_size=0, size=limit + 1) as f:
+        while True:
+            chunk = f.read(min(1 << 20, limit + 1 - n))
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            n += len(chunk)
+            if n > limit:
+                raise TooLarge(f"{what}: more than {limit} bytes sent by the store; refusing it")
+
+
 class RemoteShards:
     """One remote shard folder and its cache folder on this node."""
 
@@ -131,7 +185,10 @@ class RemoteShards:
         name = Path(redact_url(str(self.root))).name.replace("*", "") or "root"
         self.dir = base / f"{name}-{key}"
         try:
+            private_folder(self.dir, "data.cache_dir (or MASKDM_CACHE)")
             (self.dir / ".locks").mkdir(parents=True, exist_ok=True)
+        except NotPrivate as e:
+            raise DatasetError(f"shard cache: {e}") from None
         except OSError as e:
             raise CacheFull(f"cannot create the shard cache folder {self.dir} ({e.strerror}); "
                             f"set data.cache_dir to a writable folder") from None
@@ -187,7 +244,8 @@ class RemoteShards:
         """A small file (the manifest), always read from the remote; a copy is kept in the cache
         folder (which is then itself a readable shard folder)."""
         def cat():
-            return self.fs.cat_file(self.remote(name))
+            return read_capped(self.fs, self.remote(name), SMALL_FILE_MAX,
+                               f"{redact_url(self.url)}/{name}")
         text = self.call(name, cat).decode("utf-8")
         from .fsutil import atomic_write_text
         try:
@@ -281,8 +339,9 @@ class RemoteShards:
     def _download(self, name: str, size: int, part: Path) -> None:
         """One attempt: the object into ``part``. A short copy is an interrupted transfer unless
         the store itself holds another size (then the object is damaged)."""
-        try:
-            self.fs.get_file(self.remote(name), str(part))
+        try:  # never more than the manifest's size (a store streaming without end)
+            self.fs.get_file(self.remote(name), str(part),
+                             callback=size_cap(size, f"{redact_url(self.url)}/{name}"))
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 part.unlink(missing_ok=True)

@@ -159,8 +159,8 @@ def test_a_run_in_a_bucket_killed_mid_upload_resumes_from_the_bucket(shards, tmp
     fs.invalidate_cache()  # (the polling above filled s3fs's listing cache)
     fs.copy("runs/victim", "runs/victim1", recursive=True)  # the same state, for the 1-rank job
     assert _committed(fs, "runs/victim1") == {"step_00000004"}
-    r = run_train(shards, url, *sets, f"train.scratch_dir={tmp_path / 'b'}", ranks=2,
-                  resume="auto", env={**_env(), **bucket["env"]})
+    r = run_train(shards, url, *sets, f"train.scratch_dir={tmp_path / 'b'}",
+                  "train.keep_scratch=true", ranks=2, resume="auto", env={**_env(), **bucket["env"]})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "step_00000004 at step 4" in r.stdout, r.stdout[-2000:]
     a, b = ema(tmp_path / "ref"), ema(tmp_path / "b" / "node0" / "run")
@@ -173,7 +173,8 @@ def test_a_run_in_a_bucket_killed_mid_upload_resumes_from_the_bucket(shards, tmp
     exported = ema(tmp_path / "x")
     assert all(torch.equal(a[k], exported[k]) for k in a)
     one = run_train(shards, "s3://runs/victim1", *sets, f"train.scratch_dir={tmp_path / 'c'}",
-                    ranks=1, resume="auto", env={**_env(), **bucket["env"]})
+                    "train.keep_scratch=true", ranks=1, resume="auto",
+                    env={**_env(), **bucket["env"]})
     assert one.returncode == 0, one.stderr[-3000:]
     assert "world size 2 -> 1" in one.stdout
     want, got = _trace(tmp_path / "ref"), _trace(tmp_path / "c" / "node0" / "run")
@@ -213,9 +214,12 @@ def test_two_nodes_sharing_only_a_bucket_checkpoint_and_resume_on_one(shards, tm
     assert _committed(bucket["fs"], "runs/twonode") == {"step_00000004"}
     files = bucket["fs"].find("runs/twonode/checkpoints/step_00000004")
     assert any("zero_pp_rank_1_" in f for f in files)  # node 1's partition reached the bucket
-    assert not (tmp_path / "node1" / "node0").exists()  # each node kept its own copy
-    r = run_train(shards, url, *sets, f"train.scratch_dir={tmp_path / 'alone'}", ranks=1,
-                  resume="auto", env=env)
+    # each node had its own copy, and removed it once all was uploaded
+    assert f"removed this node's local copy of the run ({tmp_path / 'node0'}" in outs[0]
+    for node in (0, 1):
+        assert not (tmp_path / f"node{node}").exists(), list((tmp_path / f"node{node}").rglob("*"))
+    r = run_train(shards, url, *sets, f"train.scratch_dir={tmp_path / 'alone'}",
+                  "train.keep_scratch=true", ranks=1, resume="auto", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "world size 2 -> 1: the data stream continues at sample 32" in r.stdout
     want, got = _trace(tmp_path / "ref"), _trace(tmp_path / "alone" / "node0" / "run")

@@ -338,3 +338,62 @@ def test_shard_into_a_bucket_inspect_verify_and_bench_it(s3, tmp_path, monkeypat
     assert "remote, cold cache" in out and "warm cache / local folder:" in out
     cold, warm = [line.split() for line in out.splitlines() if line.startswith("remote,")][:2]
     assert cold[-1] == "4" and warm[-2:] == ["100%", "0"]  # downloads, then hits only
+
+
+@pytest.mark.slow
+def test_two_shard_jobs_into_one_prefix(s3, tmp_path):
+    """Issue 35, finding 10: a second `maskdm shard` into a prefix another job is writing is
+    refused, naming it (before: both said "uploaded" and the folder held a mix that --verify
+    found damaged); once that job is killed -9 its lease stops moving and a new job takes the
+    prefix over and completes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.netproxy import SlowLink
+    link = SlowLink(s3["port"], 1e6)  # job A uploads slowly: it is still running when B starts
+    url = "s3://bkt/contested"
+    job = ["procedural", url, "--size", "32", "--count", "1500", "--samples-per-shard", "100",
+           "--quiet", "--lease-s", "3"]
+    env = {**os.environ, "MASKDM_CACHE": str(tmp_path / "cache")}
+    a = subprocess.Popen([sys.executable, "-m", "maskdm", "shard", *job, "--stage",
+                          str(tmp_path / "a")],
+                         env={**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{link.port}"},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        fs = s3["fs"]
+        for _ in range(600):
+            fs.invalidate_cache()
+            if fs.exists("bkt/contested/.maskdm-lease.json"):
+                break
+            time.sleep(0.1)
+        b = subprocess.run([sys.executable, "-m", "maskdm", "shard", *job, "--seed", "7",
+                            "--stage", str(tmp_path / "b")], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert a.poll() is None, "job A ended before job B could meet it"
+        assert b.returncode == 1, b.stdout + b.stderr
+        assert f"{url} is being written by another job (maskdm shard pid {a.pid} on" in b.stderr
+    finally:
+        a.send_signal(signal.SIGKILL)
+        a.wait()
+        link.close()
+    c = subprocess.run([sys.executable, "-m", "maskdm", "shard", *job, "--seed", "7",
+                        "--stage", str(tmp_path / "c"), "--overwrite"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert c.returncode == 0, c.stderr[-2000:]
+    assert "taking over the lease of maskdm shard pid" in c.stdout
+    from maskdm.pipeline.cli import main
+    assert main(["shard", "--verify", url, "--quiet"]) == 0
+
+
+def test_sharding_into_a_missing_bucket_says_so(s3, tmp_path, monkeypatch, capsys):
+    """Issue 35, finding 13: `maskdm shard ... s3://missing-bucket/...` ended in a traceback."""
+    from maskdm.pipeline.cli import main
+    monkeypatch.setenv("MASKDM_CACHE", str(tmp_path / "cache"))
+    code = main(["shard", "procedural", "s3://no-such-bucket/x", "--size", "32", "--count", "8",
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.startswith("error: ") and "no-such-bucket" in err and "Traceback" not in err, err
+    assert "does not exist" in err

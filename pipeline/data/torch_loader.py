@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 
 import numpy as np
 import torch
@@ -43,15 +44,22 @@ def decode_sample(reader: ShardReader, key: str, comps: dict[str, bytes]):
         if problem:
             raise SampleError(f"{key}: {problem}")
     else:
+        n = reader.image_size
         try:
-            img = Image.open(io.BytesIO(comps["jpg"]))
+            with warnings.catch_warnings():  # its size is checked below, from the header
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(comps["jpg"]))
+            # the header's size first: a huge image in a shard is never decoded
+            if img.size != (n, n):
+                raise SampleError(f"{key}: jpg is {img.size[0]}x{img.size[1]}, expected {n}x{n}")
             img.load()
             arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        except SampleError:
+            raise
         except Exception as e:  # any decoder failure means a damaged sample
             raise SampleError(f"{key}: corrupt JPEG ({type(e).__name__}: {e})") from None
-        if arr.shape != (reader.image_size, reader.image_size, 3):
-            raise SampleError(f"{key}: jpg is {arr.shape}, expected "
-                              f"{reader.image_size}x{reader.image_size}x3")
+        if arr.shape != (n, n, 3):
+            raise SampleError(f"{key}: jpg is {arr.shape}, expected {n}x{n}x3")
     try:
         meta = json.loads(comps["json"])
     except ValueError:
