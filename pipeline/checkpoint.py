@@ -181,6 +181,21 @@ def load_pt(path: str | os.PathLike):
         return torch.load(path, map_location="cpu")
 
 
+def place_steps(opt: torch.optim.Optimizer) -> None:
+    """After DeepSpeed's universal load: every parameter its own ``step`` tensor (DeepSpeed shares
+    one), where torch's Adam expects it: on the parameter's device for the fused and capturable
+    kernels (CUDA runs use ``AdamW(fused=True)``; the converter read the step on the CPU, and
+    ``load_state_dict``, which would move it, is bypassed), on the CPU otherwise."""
+    # (the state is keyed by the tensors the optimizer steps, which under ZeRO are not always
+    # the ones its param_groups list after a load: every state is visited, keyed by itself)
+    on_device = any(g.get("fused") or g.get("capturable") for g in opt.param_groups)
+    for p, state in opt.state.items():
+        if not torch.is_tensor(state.get("step")):
+            continue
+        step = state["step"].detach().clone()
+        state["step"] = step.to(p.device) if on_device and torch.is_tensor(p) else step.cpu()
+
+
 def rng_state() -> dict:
     """This process's RNG states as tensors and plain data (loadable with weights_only=True)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -188,7 +203,23 @@ def rng_state() -> dict:
             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
                       "has_gauss": has_gauss, "cached_gaussian": cached},
             "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            # this rank's own device only: a resume may see fewer devices per process
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def cuda_state_for(saved, device_index: int):
+    """The CUDA RNG state to restore on device ``device_index`` from a checkpoint's: its one
+    state (0.3.1 on), or, from the list of every visible device that older checkpoints hold,
+    that device's (the last one if the list is shorter: a resume that sees more devices per
+    process); None if there is none."""
+    if saved is None:
+        return None
+    if torch.is_tensor(saved):
+        return saved
+    saved = list(saved)
+    if not saved:
+        return None
+    return saved[min(device_index, len(saved) - 1)]
 
 
 def set_rng_state(state: dict) -> None:
@@ -198,7 +229,9 @@ def set_rng_state(state: dict) -> None:
                          n["has_gauss"], n["cached_gaussian"]))
     random.setstate(state["python"])
     if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        own = cuda_state_for(state["cuda"], torch.cuda.current_device())
+        if own is not None:
+            torch.cuda.set_rng_state(own)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -338,9 +371,7 @@ def load(engine, ema, ckpt: Path, universal: Path | None = None) -> CheckpointMe
         opt = _optimizer(engine)
         for g, settings in zip(opt.param_groups, groups):
             g.update(settings)
-        for state in opt.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
+        place_steps(opt)
     rank = dist.rank()
     if ema.zero3 and meta.world_size != world:  # partitions of another world: merged, re-cut
         ema.load_full(load_ema_weights(ckpt)[0])

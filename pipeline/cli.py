@@ -73,13 +73,22 @@ def _run_train(args) -> int:
         return 2
     try:
         cfg = load_config(args.config, args.overrides)
-        check_optional_packages(cfg)
+        lacks = None
+        try:
+            check_optional_packages(cfg)
+        except ConfigError as e:
+            if not args.dry_run:
+                raise
+            # a login node checks a GPU config: said, not failed (the GPU nodes need it)
+            lacks = f"this machine cannot train this config as it is: {e}"
         if args.dry_run:
             import json
 
             from maskdm.pipeline.dist import launch_world_size
             world = launch_world_size()
             data_lines, missing = _dry_run_data_check(cfg)
+            if lacks:
+                print(f"warning: {lacks}", file=sys.stderr)
             if missing:  # first, where it cannot be missed (and once more at the end)
                 print(f"warning: {missing}", file=sys.stderr)
             print("# resolved config")
@@ -87,6 +96,8 @@ def _run_train(args) -> int:
             print(f"# DeepSpeed config for a world of {world} (set WORLD_SIZE to see another)")
             print(json.dumps(deepspeed_config(cfg, world), indent=2))
             print("\n".join(data_lines))
+            if lacks:
+                print(f"warning: {lacks}", file=sys.stderr)
             if missing:
                 print(f"warning: {missing}", file=sys.stderr)
             return 0

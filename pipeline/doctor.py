@@ -95,6 +95,7 @@ def check_machine(cfg=None) -> list[Check]:
     out.append(Check("distributed", OK if ok else FAIL, ", ".join(backends) or "none",
                      "" if "gloo" in backends else "a torch build with torch.distributed"))
     out += _check_deepspeed()
+    out += _check_triton_compiler(cfg)
     out += _check_dali(cfg)
     out += _check_xformers(cfg)
     out.append(_check_cores(cfg))
@@ -123,6 +124,23 @@ def _check_deepspeed() -> list[Check]:
         if not (compiler and ninja):
             status, fix = WARN, "install g++ and `pip install ninja` (or run on GPUs)"
     return [Check("deepspeed", status, detail, fix)]
+
+
+def _check_triton_compiler(cfg) -> list[Check]:
+    """On GPUs, torch.compile's Triton builds its kernel launchers with the system's C compiler:
+    without one, `train.compile: true` fails at the first step."""
+    import torch
+    if not torch.cuda.is_available():
+        return []  # (the CPU path's compiler need is in the deepspeed check)
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or \
+        shutil.which("clang")
+    if cc:
+        return [Check("C compiler (Triton)", OK, f"{cc} (torch.compile builds its kernels)")]
+    needed = cfg is not None and cfg.train.compile
+    return [Check("C compiler (Triton)", FAIL if needed else WARN,
+                  "missing: torch.compile on GPUs needs one to build Triton's launchers"
+                  + (" (train.compile=true)" if needed else ""),
+                  "install gcc (apt-get install gcc), set CC, or train.compile=false")]
 
 
 def _check_dali(cfg) -> list[Check]:

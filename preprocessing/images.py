@@ -28,7 +28,7 @@ DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000
 # pixel format needs more memory per pixel (16/32-bit, alpha) are allowed proportionally fewer
 # pixels.
 DECODE_BYTES_PER_PIXEL = 8
-# Peak bytes per pixel that prepare() takes, by decoded mode (measured with Pillow 11 on
+# Peak bytes per pixel that prepare() takes, by decoded mode (measured with Pillow 13 on
 # 8000x8000 / 5600x5600 PNGs: RGB 3.9, L 4.9, I;16 6.9, RGBA 19.1): the decoded image, its
 # conversion to RGB, the resize's source.
 _PEAK_BYTES = {"1": 5, "L": 5, "P": 6, "RGB": 4, "RGBX": 4, "YCbCr": 8, "CMYK": 8, "LAB": 8,

@@ -47,13 +47,19 @@ def test_usage_mistakes_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     assert "maskdm train needs --config YAML" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     cfg = str(ROOT / "configs" / "test_tiny.yaml")
-    for argv in (["train", "--config", cfg, "--set", "data.backend=dali", "--dry-run"],
-                 ["train", "--config", cfg, "--set", "data.backend=dali",
+    for argv in (["train", "--config", cfg, "--set", "data.backend=dali",
                   "--set", f"train.run_dir={tmp_path / 'r'}"],
                  ["bench", "data", str(tmp_path), "--backends", "dali"]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "needs NVIDIA DALI, which is not installed" in err[0], err
     assert not (tmp_path / "r").exists()  # nothing was started
+    # --dry-run on a login node without DALI checks a GPU recipe: it says what this machine
+    # lacks, and still prints the config (issue 36, item 11)
+    assert main(["train", "--config", cfg, "--set", "data.backend=dali", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert "# resolved config" in out.out
+    assert "warning: this machine cannot train this config as it is: data.backend=dali needs " \
+        "NVIDIA DALI, which is not installed" in out.err
     assert main(["shard", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
