@@ -5,7 +5,9 @@
 # skipped with a note, never cut off silently.
 #
 #   bash benchmarks/gpu_acceptance.sh                    # from a checkout, with network access
-#   WHEELS=/path/to/wheels bash benchmarks/gpu_acceptance.sh   # offline: pip installs from there
+#   WHEELS=/path/to/wheels bash benchmarks/gpu_acceptance.sh   # pip installs from that folder
+#   (a box without network: `python -m benchmarks.wheelhouse` here prints the transfers that bring
+#   and install everything offline, then runs this script with PYTHONPATH set: install is skipped)
 #   OUT=acceptance BUDGET_S=480 bash benchmarks/gpu_acceptance.sh
 #
 # Steps, in priority order (budget in seconds; a step that does not fit in what is left is
@@ -68,6 +70,10 @@ esac
 export PIP DALI
 
 install() {
+  if $PY -c "import maskdm.pipeline.cli, deepspeed, pywt, webdataset" 2> /dev/null; then
+    echo "maskdm and its needs are importable already (a wheelhouse, or an earlier run): nothing to install"
+    return 0
+  fi
   $PIP --no-deps -e . &&
   $PIP "deepspeed>=0.14,<0.20" "mlflow>=2.12,<3.18" webdataset PyWavelets safetensors pyyaml \
        scipy tqdm matplotlib psutil nvidia-ml-py fsspec &&
