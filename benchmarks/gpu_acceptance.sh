@@ -15,8 +15,15 @@
 # MaskDM-B recipe (split DWT tokens, bf16) at mask 0.7 and 0 (90 each; the DALI loader when it
 # runs here, else the torch loader, said in the row), doctor --json (20), bench data on what
 # loaders there are (40), the mask-0.7 row with torch.compile (110); doctor --run if time is left.
-# Results: $OUT/acceptance.json (every step's status, seconds and numbers) and
-# $OUT/acceptance.md (the table to paste into benchmarks/RESULTS.md), logs in $OUT/*.log.
+# Results: $OUT/acceptance.json (every step's status, seconds, why, and numbers),
+# $OUT/acceptance.md (the table to paste into benchmarks/RESULTS.md), $OUT/logs.tar.gz (each
+# step's log): three files, within what a device machine sends back.
+#
+# Rehearsal on a CPU machine (what CI runs, tests/test_acceptance.py):
+#   python -m benchmarks.wheelhouse --here && REHEARSE=1 OUT=dir BUDGET_S=900 bash benchmarks/gpu_acceptance.sh
+# makes a bare venv holding only torch, installs everything else offline from wheelhouse-here/
+# the way the box installs its wheelhouse, and runs every step in its CPU form (32 px shards, the
+# tiny model).
 # Open (issue 36): the offline wheelhouse and its transfer plan, and the CPU rehearsal.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -85,18 +92,72 @@ x.memory_efficient_attention(q, q, q); torch.cuda.synchronize(); print('xformers
     || { echo "note: no xformers build runs with this torch; SDPA is used"; $PY -m pip uninstall -y -q xformers; true; }; }
 }
 
+# `python -m maskdm` from this checkout must find the installed package, not the checkout's
+# maskdm/ folder (which holds only the namespace's root): no current folder on sys.path
+export PYTHONSAFEPATH=1
+SIZE=256 COUNT=2048 PER=256 RECIPE=configs/paper/celebahq256_maskdm_b_pretrain.yaml BATCH=32
+if [ -n "${REHEARSE:-}" ]; then
+  # The rehearsal, on a CPU machine: a bare venv holding only torch (this Python's, linked in, as
+  # the box holds only its torch), everything else installed offline from a wheelhouse made for
+  # this machine exactly as the box installs its own, then every step in its CPU form.
+  WH=${WHEELHOUSE:-wheelhouse-here}
+  if [ ! -f "$WH/SHA256SUMS" ]; then
+    echo "error: REHEARSE=1 installs from $WH, which is missing: python -m benchmarks.wheelhouse --here" >&2
+    exit 2
+  fi
+  OUTER=$PY
+  bare_venv() {
+    "$OUTER" -m venv --without-pip "$SCRATCH/venv" &&
+    "$OUTER" - "$SCRATCH/torch-only" "$SCRATCH/venv" <<'PYEOF'
+import importlib.metadata as md, os, sys, sysconfig
+from pathlib import Path
+from packaging.requirements import Requirement
+link, venv = Path(sys.argv[1]), Path(sys.argv[2])
+link.mkdir(parents=True)
+seen, todo = set(), ["torch"]
+while todo:
+    name = todo.pop().lower().replace("_", "-")
+    if name in seen:
+        continue
+    try:
+        dist = md.distribution(name)
+    except md.PackageNotFoundError:
+        continue
+    seen.add(name)
+    base = Path(dist.locate_file(""))
+    for top in {Path(str(f)).parts[0] for f in dist.files or []}:
+        src = base / top
+        if src.exists() and not (link / top).exists() and not top.endswith(".pth"):
+            os.symlink(src, link / top)
+    todo += [Requirement(r).name for r in dist.requires or []
+             if Requirement(r).marker is None or Requirement(r).marker.evaluate({"extra": ""})]
+site = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
+(site / "torch-only.pth").write_text(str(link) + "\n")
+print("a bare venv holding only", ", ".join(sorted(seen)))
+PYEOF
+  }
+  export OUTER WH SCRATCH
+  step venv 60 bare_venv || exit 1
+  PY="$SCRATCH/venv/bin/python"
+  export PY
+  install() {  # the wheelhouse, and the project's wheel built from this checkout (offline)
+    cp -al "$WH" "$SCRATCH/wh" 2> /dev/null || cp -r "$WH" "$SCRATCH/wh"
+    PYTHON="$OUTER" bash benchmarks/wheelhouse_install.sh "$SCRATCH/wh" "$SCRATCH/site" .
+  }
+  export PYTHONPATH="$SCRATCH/site"
+  SIZE=32 COUNT=512 PER=64 RECIPE=configs/test_tiny.yaml BATCH=8
+fi
 step install 90 install
 SH="$SCRATCH/shards"
-step shards 40 bash -c "$PY -m maskdm shard procedural $SH/dwt16 --size 256 --count 2048 --samples-per-shard 256 --quiet &&
-  $PY -m maskdm shard procedural $SH/jpeg --size 256 --count 2048 --samples-per-shard 256 --encoding jpeg --quiet"
+step shards 40 bash -c "$PY -m maskdm shard procedural $SH/dwt16 --size $SIZE --count $COUNT --samples-per-shard $PER --quiet &&
+  $PY -m maskdm shard procedural $SH/jpeg --size $SIZE --count $COUNT --samples-per-shard $PER --encoding jpeg --quiet"
 if $PY -c "import nvidia.dali" 2> /dev/null; then BACKEND=dali; BACKENDS="dali torch"
 else BACKEND=torch; BACKENDS=torch; echo "note: no DALI here: the torch loader feeds every row"; fi
-RECIPE=configs/paper/celebahq256_maskdm_b_pretrain.yaml
 row() {  # row RATIO COMPILE BUDGET
   local mask="--set mask.kind=patch --set mask.ratio=$1"; [ "$1" = 0 ] && mask="--set mask.kind=none"
   step "train_r$1_compile_$2_$BACKEND" "$3" $PY -m maskdm bench train --config $RECIPE \
     --set data.shards=$SH/dwt16 $mask \
-    --set train.global_batch=32 --set train.compile=$2 --set data.backend=$BACKEND \
+    --set train.global_batch=$BATCH --set train.compile=$2 --set data.backend=$BACKEND \
     --set tracking.enabled=false --steps 20 --warmup 5 \
     --json "$OUT/train_r$1_compile_$2_$BACKEND.json"
 }
@@ -108,12 +169,19 @@ step data 40 $PY -m maskdm bench data $SH/dwt16 $SH/jpeg --backends $BACKENDS --
 row 0.7 true 110
 step doctor_run 180 $PY -m maskdm doctor --run
 rm -rf "$SCRATCH"
+PY=${OUTER:-$PY}  # (the rehearsal's venv went with the scratch folder)
 
 $PY - "$OUT" <<'PYEOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 steps = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines() if l.strip()]
+for s in steps:  # why a step did not pass: the last line its log has
+    if s["status"] in ("failed", "timeout") and "why" not in s:
+        log = out / f"{s['step']}.log"
+        lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()] \
+            if log.exists() else []
+        s["why"] = lines[-1][-300:] if lines else f"exit {s.get('exit')}, no output"
 result = {"steps": steps, "train": {}, "doctor": None}
 for f in sorted(out.glob("train_r*.json")):
     result["train"][f.stem] = json.loads(f.read_text())
@@ -137,4 +205,8 @@ for name in ("doctor_run", "data"):
 (out / "acceptance.md").write_text("\n".join(lines) + "\n")
 print((out / "acceptance.md").read_text())
 PYEOF
-echo "total $(( $(date +%s) - T0 ))s of ${BUDGET_S}s; $OUT/acceptance.json, $OUT/acceptance.md"
+# at most 8 files come back from a device machine: the logs and per-row files go in one archive
+(cd "$OUT" && tar czf logs.tar.gz --exclude acceptance.json --exclude acceptance.md \
+   --exclude logs.tar.gz ./*.log ./*.json ./*.jsonl 2> /dev/null &&
+ find . -maxdepth 1 -type f ! -name acceptance.json ! -name acceptance.md ! -name logs.tar.gz -delete)
+echo "total $(( $(date +%s) - T0 ))s of ${BUDGET_S}s; $OUT/acceptance.json, $OUT/acceptance.md, $OUT/logs.tar.gz"

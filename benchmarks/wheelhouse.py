@@ -2,15 +2,16 @@
 
 Run here (with network): it resolves what `maskdm` needs on the box (Python 3.12, manylinux
 x86_64, torch 2.11 + CUDA 13 already there) against the box's package list
-(`benchmarks/gpu_box_packages.txt`), downloads the wheels that are missing (builds the project's
-and DeepSpeed's, which has no wheel on the index), splits any file larger than `--part-mib`
-into parts, writes `SHA256SUMS`, and prints the sequence of transfers that brings it all: each
+(`benchmarks/gpu_box_packages.txt`), downloads the wheels that are missing (builds DeepSpeed's,
+which has no wheel on the index; the project's own is built on the box from the checkout that
+travels), splits any file larger than `--part-mib` into parts, writes `SHA256SUMS`, and prints the sequence of transfers that brings it all: each
 within `--transfer-mib` together with the working tree, each moving what it brought to a folder
 the box keeps while it stays warm, the last joining the parts, checking every sum and
 installing offline (`benchmarks/wheelhouse_install.sh`) before the acceptance run.
 
     python -m benchmarks.wheelhouse                  # -> wheelhouse/ (git-ignored) and the plan
-    python -m benchmarks.wheelhouse --no-dali        # without DALI (~330 MB less)
+    python -m benchmarks.wheelhouse --no-dali        # without DALI (~240 MiB less)
+    python -m benchmarks.wheelhouse --here           # this machine's, for the CPU rehearsal
 
 Nothing the acceptance needs is fetched on the box. xformers is included only if a wheel built
 for the box's torch exists (its `torch==` requirement is checked); else SDPA is what runs.
@@ -36,7 +37,7 @@ PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
 # without them), the project's, the loaders'.
 NEEDS = ["hjson", "pydantic>=2,<3", "msgpack", "py-cpuinfo", "einops", "ninja", "psutil",
          "nvidia-ml-py", "webdataset", "PyWavelets", "safetensors", "pyyaml", "tqdm", "fsspec",
-         "scipy", "matplotlib"]
+         "scipy", "matplotlib", "numpy", "pillow"]
 DALI = "nvidia-dali-cuda130"
 DEEPSPEED = "deepspeed==0.19.8"
 BOX_TORCH_VERSION = "2.11.0"
@@ -143,27 +144,53 @@ def run(cmd: list[str], what: str) -> None:
         raise SystemExit(f"error: {what} failed:\n{r.stderr.strip()[-2000:]}")
 
 
-def resolve(needs: list[str], python: str) -> list[dict]:
-    """pip's own resolution for the box's Python and platform -> [{name, version, url}]."""
+def torch_closure() -> set[str]:
+    """torch and everything it requires, as installed here: what a bare venv "holding only
+    torch" has (the rehearsal's stand-in for the box)."""
+    import importlib.metadata as md
+    from packaging.requirements import Requirement
+    seen, todo = set(), ["torch"]
+    while todo:
+        name = norm(todo.pop())
+        if name in seen:
+            continue
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue
+        seen.add(name)
+        for r in dist.requires or []:
+            req = Requirement(r)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return seen
+
+
+def resolve(needs: list[str], python: str | None) -> list[dict]:
+    """pip's own resolution for the box's Python and platform (``python`` None: this machine's)
+    -> [{name, version, url}]."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
-               "--quiet", "--report", str(report), "--only-binary=:all:", "--python-version",
-               python, "--implementation", "cp", "--target", str(Path(tmp) / "t")]
-        for p in PLATFORMS:
-            cmd += ["--platform", p]
+               "--quiet", "--report", str(report), "--only-binary=:all:",
+               "--target", str(Path(tmp) / "t")]
+        if python is not None:
+            cmd += ["--python-version", python, "--implementation", "cp"]
+            for p in PLATFORMS:
+                cmd += ["--platform", p]
         run(cmd + needs, "resolving the wheels")
         data = json.loads(report.read_text())
     return [{"name": i["metadata"]["name"], "version": i["metadata"]["version"],
              "url": i["download_info"]["url"]} for i in data["install"]]
 
 
-def fetch(entries: list[dict], out: Path, python: str) -> None:
+def fetch(entries: list[dict], out: Path, python: str | None) -> None:
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-           "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
-           "-d", str(out)]
-    for p in PLATFORMS:
-        cmd += ["--platform", p]
+           "--only-binary=:all:", "-d", str(out)]
+    if python is not None:
+        cmd += ["--python-version", python, "--implementation", "cp"]
+        for p in PLATFORMS:
+            cmd += ["--platform", p]
     run(cmd + [f"{e['name']}=={e['version']}" for e in entries], "downloading the wheels")
 
 
@@ -207,7 +234,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="what one transfer may carry, the working tree included (64)")
     p.add_argument("--budget-s", type=int, default=420,
                    help="the acceptance's BUDGET_S in the plan (420)")
+    p.add_argument("--here", action="store_true",
+                   help="for the CPU rehearsal instead: the wheels a bare venv holding only "
+                   "torch lacks on this machine, into wheelhouse-here/ (no parts, no plan)")
     args = p.parse_args(argv)
+    if args.here:
+        return make_here(Path(args.out if args.out != str(ROOT / "wheelhouse")
+                              else ROOT / "wheelhouse-here"), not args.no_dali)
     out = Path(args.out)
     tree = sum((ROOT / f).stat().st_size for f in subprocess.run(
         ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
@@ -223,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"resolved {len(resolved)} wheel(s) the box lacks: "
           + ", ".join(f"{e['name']} {e['version']}" for e in resolved))
     fetch(resolved, out, args.python)
-    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out),
-         str(ROOT)], "building the project's wheel")
+    # (not the project's own wheel: wheelhouse_install.sh builds it on the box from the
+    # checkout that travels with every call, so it is never stale)
     run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out),
          DEEPSPEED], "building DeepSpeed's wheel (from its sdist)")
     print(xformers_for_box(args.python, out))
@@ -245,6 +278,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{out}: {len(sizes)} file(s), {sum(sizes.values()) / MiB:.1f} MiB in "
           f"{len(transfers)} folder(s) t1..t{len(transfers)}")
     print(plan_text(transfers, tree, out.name, args.budget_s))
+    return 0
+
+
+def make_here(out: Path, dali: bool) -> int:
+    """The rehearsal's wheelhouse: this machine's Python and platform, against torch's closure."""
+    import shutil
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    have = torch_closure()
+    needs = NEEDS + ([DALI] if dali else [])
+    resolved = [e for e in resolve(needs, None) if norm(e["name"]) not in have]
+    fetch(resolved, out, None)
+    # (not the project's own wheel: the rehearsal builds it from the checkout as it runs)
+    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out),
+         DEEPSPEED], "building DeepSpeed's wheel (from its sdist)")
+    write_sums(out, {w.name: hashlib.sha256(w.read_bytes()).hexdigest()
+                     for w in out.glob("*.whl")})
+    size = sum(f.stat().st_size for f in out.iterdir()) / MiB
+    print(f"{out}: {len(list(out.glob('*.whl')))} wheels, {size:.0f} MiB, for a bare venv "
+          f"holding only torch ({', '.join(sorted(have))}): "
+          f"REHEARSE=1 bash benchmarks/gpu_acceptance.sh installs them offline")
     return 0
 
 

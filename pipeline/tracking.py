@@ -327,9 +327,8 @@ class Tracker:
 
     # ------------------------------------------------------------------ public API
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        def do(items):
+        def do(items):  # (mlflow imported only when tracking is on: a GPU box may lack it)
+            from mlflow.entities import Param
             for i in range(0, len(items), 100):
                 self._client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
         items = [(k[:250], str(v)[:6000]) for k, v in params.items()]
