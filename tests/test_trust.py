@@ -318,9 +318,9 @@ def _memory_lease(store: dict, what: str, ttl: float):
 def test_a_lease_refuses_a_live_holder_and_takes_over_a_dead_one():
     from maskdm.shardformat.lease import LeaseHeld, LeaseLost
     store, said = {}, []
-    a = _memory_lease(store, "job A", 0.6)
+    a = _memory_lease(store, "job A", 1.2)
     a.acquire(said.append)
-    b = _memory_lease(store, "job B", 0.6)
+    b = _memory_lease(store, "job B", 1.2)
     with pytest.raises(LeaseHeld, match=r"being written by another job \(job A pid"):
         b.acquire(said.append)  # A renews while B watches
     assert "watching it for 1 s" in said[-1]
@@ -330,7 +330,7 @@ def test_a_lease_refuses_a_live_holder_and_takes_over_a_dead_one():
     assert store["lease"]["what"] == "job B"
     b._stop.set()  # B dies without releasing (killed -9): its lease stops moving
     b._thread.join()
-    c = _memory_lease(store, "job C", 0.6)
+    c = _memory_lease(store, "job C", 1.2)
     c.acquire(said.append)
     assert said[-1].startswith("taking over the lease of job B") and "not renewed in 1 s" \
         in said[-1]
