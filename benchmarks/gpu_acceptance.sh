@@ -106,35 +106,8 @@ if [ -n "${REHEARSE:-}" ]; then
     exit 2
   fi
   OUTER=$PY
-  bare_venv() {
-    "$OUTER" -m venv --without-pip "$SCRATCH/venv" &&
-    "$OUTER" - "$SCRATCH/torch-only" "$SCRATCH/venv" <<'PYEOF'
-import importlib.metadata as md, os, sys, sysconfig
-from pathlib import Path
-from packaging.requirements import Requirement
-link, venv = Path(sys.argv[1]), Path(sys.argv[2])
-link.mkdir(parents=True)
-seen, todo = set(), ["torch"]
-while todo:
-    name = todo.pop().lower().replace("_", "-")
-    if name in seen:
-        continue
-    try:
-        dist = md.distribution(name)
-    except md.PackageNotFoundError:
-        continue
-    seen.add(name)
-    base = Path(dist.locate_file(""))
-    for top in {Path(str(f)).parts[0] for f in dist.files or []}:
-        src = base / top
-        if src.exists() and not (link / top).exists() and not top.endswith(".pth"):
-            os.symlink(src, link / top)
-    todo += [Requirement(r).name for r in dist.requires or []
-             if Requirement(r).marker is None or Requirement(r).marker.evaluate({"extra": ""})]
-site = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
-(site / "torch-only.pth").write_text(str(link) + "\n")
-print("a bare venv holding only", ", ".join(sorted(seen)))
-PYEOF
+  bare_venv() {  # (run as a file: PYTHONSAFEPATH keeps the checkout off sys.path)
+    "$OUTER" benchmarks/wheelhouse.py --bare-venv "$SCRATCH"
   }
   export OUTER WH SCRATCH
   step venv 60 bare_venv || exit 1

@@ -144,12 +144,12 @@ def run(cmd: list[str], what: str) -> None:
         raise SystemExit(f"error: {what} failed:\n{r.stderr.strip()[-2000:]}")
 
 
-def torch_closure() -> set[str]:
-    """torch and everything it requires, as installed here: what a bare venv "holding only
-    torch" has (the rehearsal's stand-in for the box)."""
+def torch_closure() -> dict:
+    """torch and everything it requires, as installed here (normalised name -> distribution):
+    what a bare venv "holding only torch" has (the rehearsal's stand-in for the box)."""
     import importlib.metadata as md
     from packaging.requirements import Requirement
-    seen, todo = set(), ["torch"]
+    seen, todo = {}, ["torch"]
     while todo:
         name = norm(todo.pop())
         if name in seen:
@@ -158,12 +158,33 @@ def torch_closure() -> set[str]:
             dist = md.distribution(name)
         except md.PackageNotFoundError:
             continue
-        seen.add(name)
+        seen[name] = dist
         for r in dist.requires or []:
             req = Requirement(r)
             if req.marker is None or req.marker.evaluate({"extra": ""}):
                 todo.append(req.name)
     return seen
+
+
+def bare_venv(scratch: Path) -> None:
+    """``scratch/venv``: a venv without pip holding only torch's closure, linked in from this
+    Python's (``scratch/torch-only``, named by a .pth), as the GPU box holds only its torch."""
+    import os
+    import sysconfig
+    import venv
+    link, env = scratch / "torch-only", scratch / "venv"
+    venv.create(env, with_pip=False)
+    link.mkdir(parents=True)
+    closure = torch_closure()
+    for dist in closure.values():
+        base = Path(dist.locate_file(""))
+        for top in {Path(str(f)).parts[0] for f in dist.files or []}:
+            src = base / top
+            if src.exists() and not (link / top).exists() and not top.endswith(".pth"):
+                os.symlink(src, link / top)
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(env), "platbase": str(env)}))
+    (site / "torch-only.pth").write_text(f"{link}\n")
+    print("a bare venv holding only", ", ".join(sorted(closure)))
 
 
 def resolve(needs: list[str], python: str | None) -> list[dict]:
@@ -237,7 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--here", action="store_true",
                    help="for the CPU rehearsal instead: the wheels a bare venv holding only "
                    "torch lacks on this machine, into wheelhouse-here/ (no parts, no plan)")
+    p.add_argument("--bare-venv", metavar="DIR",
+                   help="make DIR/venv, a venv holding only this Python's torch (the "
+                   "rehearsal's stand-in for the box; run by gpu_acceptance.sh)")
     args = p.parse_args(argv)
+    if args.bare_venv:
+        bare_venv(Path(args.bare_venv))
+        return 0
     if args.here:
         return make_here(Path(args.out if args.out != str(ROOT / "wheelhouse")
                               else ROOT / "wheelhouse-here"), not args.no_dali)

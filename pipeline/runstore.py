@@ -91,6 +91,10 @@ class Bucket:
     def key(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
+    def where(self, *parts: str) -> str:
+        """The object's URL as messages show it (credentials redacted)."""
+        return "/".join([redact_url(self.url), *parts])
+
     def call(self, what: str, fn):
         return self.patience.call(fn, what)
 
@@ -105,7 +109,7 @@ class Bucket:
 
     def read_json(self, *parts: str) -> dict | None:
         """A small JSON record (at most ``SMALL_FILE_MAX`` bytes read), or None if absent."""
-        where = f"{redact_url(self.url)}/{'/'.join(parts)}"
+        where = self.where(*parts)
         try:
             data = self.call(parts[-1], lambda: read_capped(self.fs, self.key(*parts),
                                                             SMALL_FILE_MAX, where))
@@ -128,7 +132,7 @@ class Bucket:
         more than ``size`` bytes (what the commit record or the listing says it holds)."""
         part = local.with_name(f".{local.name}.{os.getpid()}.part")
         local.parent.mkdir(parents=True, exist_ok=True)
-        where = f"{redact_url(self.url)}/{'/'.join(parts)}"
+        where = self.where(*parts)
         try:  # a fresh count per attempt
             self.call(parts[-1], lambda: self.fs.get_file(self.key(*parts), str(part),
                                                           callback=size_cap(size, where)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +69,19 @@ def standin_inception(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("inception") / "standin_inception.pth"
     torch.save(net.state_dict(), path)
     return path
+
+
+@contextmanager
+def small_filesystem(where: Path, size: str):
+    """A tmpfs of ``size`` (e.g. "48m") mounted at ``where`` for the block, or the test skipped
+    where the machine does not let it mount one."""
+    import subprocess
+    where.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here ({r.stderr.strip() or r.returncode})")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

@@ -233,15 +233,9 @@ def test_two_nodes_sharing_only_a_bucket_checkpoint_and_resume_on_one(shards, tm
 @pytest.fixture()
 def small_disk(tmp_path):
     """A 48 MiB filesystem of its own (tmpfs), where the machine lets the test mount one."""
-    import subprocess
-    where = tmp_path / "small"
-    where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(where)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small filesystem here ({r.stderr.strip() or r.returncode})")
-    yield where
-    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+    from tests.conftest import small_filesystem
+    with small_filesystem(tmp_path / "small", "48m") as where:
+        yield where
 
 
 @pytest.mark.slow

@@ -17,6 +17,27 @@ def small(tmp_path_factory):
     return shard_set(tmp_path_factory.mktemp("trust"), "s", count=20, samples_per_shard=10)
 
 
+@pytest.fixture()
+def denying_server():
+    """A web server on 127.0.0.1 that answers 403 to every GET and HEAD -> "127.0.0.1:PORT"."""
+    import http.server
+    import threading
+
+    class Deny(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        do_HEAD = do_GET
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Deny)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
 # ------------------------------------------------------------------ names in a shard manifest
 @pytest.mark.parametrize("bad", ["../outside.tar", "/tmp/outside.tar", "sub/shard.tar", ".."])
 def test_a_manifest_naming_files_outside_its_folder_is_refused(small, tmp_path, bad, capsys):
@@ -577,8 +598,8 @@ def test_an_export_is_one_pair_and_leaves_no_temporary_file(tmp_path, monkeypatc
 
 
 # ------------------------------------------------------------------ stop at once, with one line
-def test_no_credentials_and_access_denied_stop_at_once_on_every_store_path(bucket, small, tmp_path,
-                                                                           monkeypatch):
+def test_no_credentials_and_access_denied_stop_at_once_on_every_store_path(
+        bucket, small, tmp_path, monkeypatch, denying_server):
     """What the docs promise: without usable credentials, or denied, a store request fails at
     once with one line naming the store and the fix, never a wait of data.remote_patience_s
     (here 1800 s): the shard cache, a run folder in a bucket, a checkpoint read from one, and a
@@ -610,30 +631,13 @@ def test_no_credentials_and_access_denied_stop_at_once_on_every_store_path(bucke
                                 workers=1), "s3://runs/up", stage=str(tmp_path / "stage"),
                    progress=False, log=lambda *a: None, store=patient)
     # denied: a web server that answers 403 to everything
-    import http.server
-    import threading
-
-    class Deny(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            self.send_response(403)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-        do_HEAD = do_GET
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Deny)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{srv.server_address[1]}/ds"
-        denied = RemoteShards(url, CacheOptions(str(tmp_path / "d"), patience_s=1800))
-        with pytest.raises(RemoteError, match=r"access to http://127.0.0.1:\d+/ds denied"):
-            denied.read_text("manifest.json")
-        with pytest.raises(RemoteError, match=r"access to http://127.0.0.1:\d+/ds denied"):
-            denied.listing()
-        assert denied.stats["retries"] == 0
-    finally:
-        srv.shutdown()
+    url = f"http://{denying_server}/ds"
+    denied = RemoteShards(url, CacheOptions(str(tmp_path / "d"), patience_s=1800))
+    with pytest.raises(RemoteError, match=r"access to http://127.0.0.1:\d+/ds denied"):
+        denied.read_text("manifest.json")
+    with pytest.raises(RemoteError, match=r"access to http://127.0.0.1:\d+/ds denied"):
+        denied.listing()
+    assert denied.stats["retries"] == 0
 
 
 def test_a_disk_that_fills_during_a_download_stops_naming_the_folder(bucket, tmp_path):
@@ -642,18 +646,12 @@ def test_a_disk_that_fills_during_a_download_stops_naming_the_folder(bucket, tmp
     filesystem fills during the download: one error naming the folder, no retries, no part
     file left behind."""
     import os
-    import subprocess
 
     from maskdm.pipeline.runstore import Bucket
     from maskdm.shardformat.patience import CacheFull, StoreOptions
     from maskdm.shardformat.remote import CacheOptions, RemoteShards
-    small = tmp_path / "small"
-    small.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small filesystem here ({r.stderr.strip() or r.returncode})")
-    try:
+    from tests.conftest import small_filesystem
+    with small_filesystem(tmp_path / "small", "2m") as small:
         blob = os.urandom(4 * 2 ** 20)
         bucket.pipe_file("runs/big/blob.bin", blob)
         shards = RemoteShards("s3://runs/big", CacheOptions(str(small / "cache"),
@@ -670,36 +668,16 @@ def test_a_disk_that_fills_during_a_download_stops_naming_the_folder(bucket, tmp
         assert not list(small.rglob("*.part")) and not list(small.rglob(".*.part"))
         assert not (small / "run" / "blob.bin").exists() and \
             not (small / "cache" / shards.dir.name / "blob.bin").exists()
-    finally:
-        subprocess.run(["umount", "-l", str(small)], capture_output=True)
 
 
-def test_commands_print_no_credential_inside_a_url(tmp_path, capsys):
+def test_commands_print_no_credential_inside_a_url(tmp_path, capsys, denying_server):
     """Issue 35, finding 4, outside the trainer: `inspect` and `shard --verify` of a URL with a
     password (here a server that denies everything) print their errors with it as ***."""
-    import http.server
-    import threading
-
     from maskdm.pipeline.cli import main
-
-    class Deny(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            self.send_response(403)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-        do_HEAD = do_GET
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Deny)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        url = f"http://alice:hunter2@127.0.0.1:{srv.server_address[1]}/ds?token=t0ps3cret"
-        for cmd in (["inspect", url], ["shard", "--verify", url, "--quiet"]):
-            assert main(cmd) != 0
-            out = capsys.readouterr()
-            text = out.out + out.err
-            assert "denied" in text and "alice:***@" in text, text
-            assert "hunter2" not in text and "t0ps3cret" not in text, text
-    finally:
-        srv.shutdown()
+    url = f"http://alice:hunter2@{denying_server}/ds?token=t0ps3cret"
+    for cmd in (["inspect", url], ["shard", "--verify", url, "--quiet"]):
+        assert main(cmd) != 0
+        out = capsys.readouterr()
+        text = out.out + out.err
+        assert "denied" in text and "alice:***@" in text, text
+        assert "hunter2" not in text and "t0ps3cret" not in text, text
