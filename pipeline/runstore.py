@@ -161,7 +161,7 @@ def commit_files(bucket: Bucket, name: str) -> tuple[dict, dict[str, int]]:
     a plain file name: the record comes from the bucket, and its names are joined to local
     folders."""
     record = bucket.read_json("checkpoints", name, COMMIT)
-    where = f"{bucket.url}/checkpoints/{name}/{COMMIT}"
+    where = bucket.where("checkpoints", name, COMMIT)
     files = record.get("files") if isinstance(record, dict) else None
     if not isinstance(files, dict):
         raise RemoteError(f"{where} is not a commit record (no files): written by something "
@@ -221,7 +221,7 @@ class RunStore:
         """Rank 0: take the folder's lease (one job writes a run folder in a bucket) or raise
         LeaseHeld naming the job that holds it; checked before every commit."""
         from maskdm.shardformat.lease import NAME, bucket_lease
-        self.lease = bucket_lease(self.bucket.fs, self.bucket.key(NAME), self.url, what,
+        self.lease = bucket_lease(self.bucket.fs, self.bucket.key(NAME), self.bucket.where(), what,
                                   self.bucket.call, ttl_s=ttl_s)
         self.lease.acquire(log)
 

@@ -107,8 +107,8 @@ def run_remote(opts: ShardOptions, url: str, *, stage: str | None = None,
         raise ShardJobError(f"staging folder: {e}") from None
     opts.out = str(stage_dir)
     from maskdm.shardformat.lease import NAME, LeaseHeld, LeaseLost, bucket_lease
-    lease = bucket_lease(bucket.fs, bucket.key(NAME), bucket.url, "maskdm shard", bucket._do,
-                         ttl_s=lease_s)
+    lease = bucket_lease(bucket.fs, bucket.key(NAME), redact_url(bucket.url), "maskdm shard",
+                         bucket._do, ttl_s=lease_s)
     try:
         lease.acquire(log)
     except LeaseHeld as e:
