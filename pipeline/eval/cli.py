@@ -136,8 +136,7 @@ def run_sample(args) -> int:
         return 2
     dist.print0(f"{res['n']} images in {res['out']} ({res['written']} written now, "
                 f"{res['skipped_existing']} already there) in {res['seconds']:.0f} s")
-    dist.destroy()
-    return 0
+    return 0  # maskdm's main ends the process group (dist.destroy)
 
 
 FALLBACK = {"sampler": "ddim", "steps": 50, "eta": 0.0}
