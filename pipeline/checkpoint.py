@@ -255,6 +255,7 @@ def save(engine, ema, root: str | os.PathLike, meta: CheckpointMeta, keep_last: 
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
+    ema.sync()  # ZeRO 1/2 under bf16/fp16: each rank updated its slice; rank 0 writes the whole
     error = None
     try:
         tmp.mkdir(parents=True, exist_ok=True)

@@ -14,12 +14,21 @@ The decay warms up so that early weights do not dominate, in one of two ways (``
   ``power = 2/3``, ``start = 100`` and decay 0.999 (the authors' settings) the averaging horizon is
   ~1000 updates = ~10k steps, against ~1k steps for ``ratio`` at every step.
 The decay is a function of the step alone, so a resumed run averages exactly as an uninterrupted one.
+
+Under bf16/fp16 the module's parameters are rounded copies; given DeepSpeed's ``optimizer`` the EMA
+averages the fp32 master weights instead (``pipeline/masters.py``). Under ZeRO 1/2 each rank holds
+the masters of its slice only: it updates that part of its whole copy, and ``sync`` (a collective,
+run before the EMA is read: ``full_state_dict``, ``checkpoint.save``) assembles the parts.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from . import masters as masters_of
+
+SYNC_CHUNK = 1 << 26  # elements per all-reduce of ``sync`` (256 MiB of fp32)
 
 
 def _is_zero3_param(p: torch.nn.Parameter) -> bool:
@@ -28,7 +37,8 @@ def _is_zero3_param(p: torch.nn.Parameter) -> bool:
 
 class EMA:
     def __init__(self, module: torch.nn.Module, decay: float, *, every: int = 1,
-                 warmup: str = "ratio", power: float = 2 / 3, start: int = 100):
+                 warmup: str = "ratio", power: float = 2 / 3, start: int = 100,
+                 optimizer=None):
         if warmup not in ("ratio", "power"):
             raise ValueError(f"EMA warmup must be 'ratio' or 'power', got {warmup!r}")
         self.decay, self.every, self.warmup, self.power, self.start = \
@@ -40,6 +50,61 @@ class EMA:
                          "numel": int(p.ds_numel if self.zero3 else p.numel())} for n, p in params}
         with torch.no_grad():
             self.shadow = {n: self._local(p).detach().float().clone() for n, p in params}
+        self.optimizer = optimizer  # DeepSpeed's: where the fp32 masters of a bf16/fp16 run are
+        self._owned: dict[str, list[tuple[int, int]]] = {}  # ZeRO 1/2: this rank's parts
+        self._stale = False  # the parts of other ranks changed since the last sync
+        self._from_masters(module, 0.0)  # start from the fp32 values, not their rounding
+        self.sync()
+
+    @torch.no_grad()
+    def _from_masters(self, module: torch.nn.Module, weight: float) -> set[str]:
+        """Lerp the pieces of the shadow this rank holds masters of toward them; -> the names
+        done (the others are their own masters)."""
+        found = masters_of.find(module, self.optimizer) if self.optimizer is not None else None
+        if found is None:
+            return set()
+        shadows, currents = [], []
+        for n, pieces in found.pieces.items():
+            flat = self.shadow[n].view(-1)
+            for piece in pieces:
+                shadows.append(flat.narrow(0, piece.local_start, piece.numel))
+                currents.append(piece.master)
+        if shadows:
+            torch._foreach_lerp_(shadows, currents, 1.0 - weight)
+        self._owned = {n: [(pc.local_start, pc.numel) for pc in found.pieces[n]]
+                       for n in found.split}
+        self._stale = self._stale or bool(found.split)
+        return {n for n, pieces in found.pieces.items() if pieces or n in found.split}
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Collective: every rank calls it. Under ZeRO 1/2 with bf16/fp16 each rank updated only
+        its slice of the whole copy; afterwards every rank holds the whole current EMA. A no-op
+        otherwise."""
+        if not self._stale:
+            return
+        self._stale = False
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return
+        names = sorted(self._owned)
+        while names:
+            chunk, total = [], 0
+            while names and (not chunk or total + self.shadow[names[0]].numel() <= SYNC_CHUNK):
+                chunk.append(names.pop(0))
+                total += self.shadow[chunk[-1]].numel()
+            buf = torch.zeros(total, dtype=torch.float32, device=self.shadow[chunk[0]].device)
+            offset = 0
+            for n in chunk:  # each element is held by exactly one rank: the sum assembles them
+                flat = self.shadow[n].view(-1)
+                for start, numel in self._owned[n]:
+                    buf[offset + start:offset + start + numel] = flat[start:start + numel]
+                offset += flat.numel()
+            dist.all_reduce(buf)
+            offset = 0
+            for n in chunk:
+                flat = self.shadow[n].view(-1)
+                flat.copy_(buf[offset:offset + flat.numel()])
+                offset += flat.numel()
 
     def _local(self, p: torch.nn.Parameter) -> torch.Tensor:
         return p.ds_tensor if self.zero3 else p.data
@@ -62,14 +127,20 @@ class EMA:
         d = self.current_decay(step)
         if d is None:
             return
+        done = self._from_masters(module, d)
         shadows, currents = [], []
         for n, p in module.named_parameters():
+            if n in done:
+                continue
             shadows.append(self.shadow[n])
             cur = self._local(p).detach()
             currents.append(cur if cur.dtype == torch.float32 else cur.float())
-        torch._foreach_lerp_(shadows, currents, 1.0 - d)
+        if shadows:
+            torch._foreach_lerp_(shadows, currents, 1.0 - d)
 
     def state_dict(self) -> dict:
+        if self._stale:
+            raise RuntimeError("the EMA is split over ranks: call sync() on every rank first")
         return {"decay": self.decay, "zero3": self.zero3, "meta": self.meta,
                 "shadow": {n: t.detach().cpu() for n, t in self.shadow.items()}}
 
@@ -87,6 +158,7 @@ class EMA:
                                    f"{tuple(self.shadow[n].shape)} (different world size under "
                                    f"ZeRO-3?)")
             self.shadow[n].copy_(t)
+        self._stale = False  # every rank loaded the whole EMA
 
     @torch.no_grad()
     def load_full(self, full: dict[str, torch.Tensor]) -> None:
@@ -107,10 +179,13 @@ class EMA:
             part = flat[rank * k:(rank + 1) * k]
             shadow.zero_()
             shadow.view(-1)[:len(part)].copy_(part)
+        self._stale = False
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full fp32 EMA weights (CPU). Under ZeRO-3 this is a collective: call it on all ranks."""
+        """Full fp32 EMA weights (CPU). A collective under ZeRO-3 and under ZeRO 1/2 with
+        bf16/fp16 (``sync``): call it on all ranks."""
+        self.sync()
         if not self.zero3:
             return {n: t.detach().cpu().clone() for n, t in self.shadow.items()}
         world = dist.get_world_size()

@@ -6,7 +6,8 @@ import torch
 
 from maskdm.model import ModelConfig, build_model
 
-from .config import Config
+from . import masters
+from .config import Config, precision_of
 from .weights import load_strict
 
 
@@ -45,8 +46,15 @@ def build_engine(cfg: Config, mcfg: ModelConfig, device: torch.device, ds_config
                                   betas=tuple(o.betas), eps=o.eps,
                                   fused=device.type == "cuda" or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(o.warmup_steps))
+    # bf16/fp16: DeepSpeed rounds the module and builds its fp32 masters from the rounded copy;
+    # the masters get the exact initial (or fine-tuning start) weights back from this copy
+    exact = {n: p.detach().clone() for n, p in net.named_parameters()} \
+        if precision_of(ds_config) != "fp32" else None
     engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
+    if exact is not None:
+        masters.write(engine.module, engine.optimizer, exact)
+        del exact
     if cfg.train.compile:
         engine.compile()
     return engine, net

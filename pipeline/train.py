@@ -324,7 +324,7 @@ class Trainer:
         torch.manual_seed(rank_seed(t.seed, self.world, self.rank))  # anything rank-local
         o = cfg.optim
         self.ema = EMA(self.engine.module, o.ema_decay, every=o.ema_every, warmup=o.ema_warmup,
-                       power=o.ema_power, start=o.ema_start)
+                       power=o.ema_power, start=o.ema_start, optimizer=self.engine.optimizer)
         self.objective = DiffusionObjective.for_model(
             self.diffusion, mcfg, t.mae_weight, cfg.diffusion.loss_weight,
             cfg.diffusion.min_snr_gamma)
