@@ -57,7 +57,7 @@ def _same(a, b):
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
 def test_restore_from_state_yields_exactly_the_remaining_batches(dwt_set, backend):
-    kw = dict(global_batch=6, seed=5, backend=backend, workers=2, segment_batches=4)
+    kw = dict(global_batch=6, seed=5, backend=backend, workers=2)
     full = _take(Loader(dwt_set, **kw), 30)  # 180 samples: more than two epochs of 70
     first = Loader(dwt_set, **kw)
     _take(first, 11)
@@ -74,7 +74,7 @@ def test_dali_cpu_and_torch_backends_are_identical(dwt_set, jpeg_set, which):
     shards = dwt_set if which == "dwt" else jpeg_set
     kw = dict(global_batch=4, seed=2, world_size=2, rank=1, hflip=True)
     a = _take(Loader(shards, backend="torch", workers=2, **kw), 25)
-    b = _take(Loader(shards, backend="dali", segment_batches=7, **kw), 25)
+    b = _take(Loader(shards, backend="dali", **kw), 25)
     _same(a, b)
 
 
@@ -231,19 +231,18 @@ def test_a_state_from_before_partitions_continues_the_order_it_was_written_with(
                              "window": 8})
 
 
-@pytest.mark.parametrize("pairs", [3, 512])
 @needs_dali
-def test_dali_reads_partitioned_batches_grouped_by_shard_in_stream_order(dwt_set, monkeypatch,
-                                                                        pairs):
-    """Batches that mix shards are read by DALI grouped by shard and put back in stream order;
-    segments cut early (few pairs allowed) give the same batches."""
-    from maskdm.pipeline.data.dali_loader import DaliStream
-    monkeypatch.setattr(DaliStream, "MAX_PAIRS", pairs)
-    kw = dict(global_batch=8, seed=4, partitions=2, window=3, segment_batches=6)
-    torch_b = _take(Loader(dwt_set, backend="torch", workers=0, **kw), 12)
-    dali_b = _take(Loader(dwt_set, backend="dali", **kw), 12)
+def test_dali_decodes_partitioned_batches_in_stream_order_with_one_pipeline(dwt_set):
+    """Batches that mix shards reach DALI in stream order, and one pipeline serves the whole
+    run: until 0.3 DALI's reader was rebuilt every few batches (its per-segment index files)."""
+    kw = dict(global_batch=8, seed=4, partitions=2, window=3)
+    torch_b = _take(Loader(dwt_set, backend="torch", workers=0, **kw), 30)
+    loader = Loader(dwt_set, backend="dali", **kw)
+    dali_b = [next(loader) for _ in range(30)]  # 240 samples: more than three epochs of 70
+    assert loader._dali.builds == 1
+    loader.close()
     _same(dali_b, torch_b)
-    order = Loader(dwt_set, **kw).order  # the batches interleave shards (so rows were gathered)
+    order = loader.order  # the batches interleave shards
     shards = order.locate(order.ids_at(np.arange(12 * 8)))[0].reshape(12, 8)
     runs = [sum(1 for i in range(8) if i == 0 or row[i] != row[i - 1]) for row in shards]
     assert max(r - len(set(row)) for r, row in zip(runs, shards.tolist())) > 0
@@ -360,7 +359,7 @@ def test_a_shard_found_damaged_while_training_is_replaced_from_other_shards(dwt_
     lines[5] = "this line is not an index entry"
     idx.write_text("\n".join(lines) + "\n")
     caplog.set_level("WARNING", logger="maskdm.data")
-    kw = dict(global_batch=4, backend=backend, workers=2, seed=3, segment_batches=6)
+    kw = dict(global_batch=4, backend=backend, workers=2, seed=3)
     loader = Loader(shards, **kw)
     batches = _take(loader, 70 // 4 * 2)  # two epochs
     assert not loader.reader.excluded

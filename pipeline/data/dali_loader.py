@@ -1,35 +1,31 @@
-"""The DALI backend: ``fn.readers.webdataset`` reads the shards, nvJPEG decodes on the GPU.
+"""The DALI backend: one DALI pipeline per run decodes the batches (nvJPEG on the GPU).
 
-To give exactly the order of ``order.StreamOrder`` (so that DALI and torch agree and resume
-exactly), each *segment* of the rank's stream (up to about one epoch of its batches) becomes a list
-of ``(tar, index)`` pairs and the reader runs with ``random_shuffle=False``: within each batch the
-samples are read grouped by shard (the shards in the order the batch first needs them), samples
-from one shard that follow each other share one index file listing just them, and the batch's rows
-are put back into stream order on the device (one gather; none when the batch was already
-grouped, as with one partition and a window of one shard). A segment ends before its pairs
-exceed ``MAX_PAIRS`` (the reader opens a file per pair). Damaged samples are found
-from the index before the segment is built and replaced like the torch backend does; a sample DALI
-cannot decode (corrupt JPEG) makes that batch fall back to the CPU path, after which the pipeline is
-rebuilt from the next batch. ``dwt16`` values are checked against the bounds of a Haar DWT of uint8
-pixels (two per-channel reductions on DALI's CPU threads, before the copy to the device); a batch
-with damaged values is also taken through the CPU path. With ``device=cpu`` the same pipeline runs
-on DALI's CPU operators (how CI tests it).
+The rank's batches are read in stream order (``order.StreamOrder``, the same samples as the torch
+backend, so both resume exactly) by a reading thread ``READ_AHEAD`` batches ahead: each sample's
+stored bytes by offset from its shard (``ShardReader.read_at``), damaged samples found and
+replaced like the torch backend does (``torch_loader.resolve``). The bytes reach the pipeline
+through ``fn.external_source``; the pipeline is built once and only rebuilt after DALI failed on a
+batch (a corrupt JPEG), which then takes the CPU path. ``dwt16`` values are checked against the
+bounds of a Haar DWT of uint8 pixels (two per-channel reductions on DALI's CPU threads, before the
+copy to the device); a batch with damaged values is also taken through the CPU path. With
+``device=cpu`` the same pipeline runs on DALI's CPU operators (how CI tests it).
+
+(Until 0.3 DALI's own webdataset reader read the shards from per-segment index files, which
+rebuilt the pipeline every few batches once batches mixed shards.)
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
-from pathlib import Path
+import pickle
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from maskdm.shardformat.haar import out_of_bounds, tensor_shape
-from maskdm.shardformat.reader import ShardReader
-from maskdm.shardformat.tarfmt import format_index
+from maskdm.shardformat.reader import SampleError, ShardReader
 
 from .order import StreamOrder, rank_positions
 from .torch_loader import RankStream, resolve
@@ -55,13 +51,14 @@ def bound_maxima(data):
 
 
 class DaliStream:
-    """Raw batches (dicts, like ``RankStream.load``) of one rank, produced by DALI pipelines."""
+    """Raw batches (dicts, like ``RankStream.load``) of one rank, decoded by a DALI pipeline."""
 
-    MAX_PAIRS = 512
+    READ_AHEAD = 3  # batches the reading thread keeps ready beyond the one DALI asks for
+    PREFETCH = 2  # DALI's own queue of batches in flight
 
     def __init__(self, reader: ShardReader, *, order: StreamOrder, start: int, global_batch: int,
                  rank: int, world_size: int, hflip: bool, strict: bool, device: torch.device,
-                 threads: int = 4, segment_batches: int | None = None):
+                 threads: int = 4):
         if not dali_available():
             raise RuntimeError("data.backend=dali needs NVIDIA DALI: pip install 'maskdm[dali]' "
                                "(CUDA 12) or 'maskdm[dali-cuda13]'; or use data.backend=torch")
@@ -72,114 +69,109 @@ class DaliStream:
         self.device = device
         self.threads = threads
         self.order = order
-        per_rank_epoch = max(1, reader.num_samples // global_batch)
-        self.segment_batches = segment_batches or min(2000, per_rank_epoch)
-        self._tmp = Path(tempfile.mkdtemp(prefix="maskdm-dali-"))
         self._fallback = RankStream(reader, order=order, start=start, global_batch=global_batch,
                                     rank=rank, world_size=world_size, hflip=hflip, strict=strict)
+        # the reading thread has its own reader (own file descriptors; the CPU path uses ours)
+        self._reading = pickle.loads(pickle.dumps(reader))
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maskdm-dali-read")
+        self._ahead: dict[int, Future] = {}
         self.dali_errors = 0
+        self.builds = 0  # DALI pipelines built: 1, plus one after each batch DALI failed on
 
     def close(self) -> None:
-        if getattr(self, "_tmp", None) is not None:  # (an init that failed made none)
-            shutil.rmtree(self._tmp, ignore_errors=True)
+        pool = getattr(self, "_pool", None)  # (an init that failed made none)
+        if pool is not None:
+            for f in self._ahead.values():
+                f.cancel()
+            self._ahead.clear()
+            pool.shutdown(wait=True)
+            self._pool = None
 
     def __del__(self):
         self.close()
 
-    # ------------------------------------------------------------------ segments
-    def _plan(self, first: int, n: int):
-        """Per batch: (positions, (shard, j) per slot in reading order, the slot of each row read
-        (None: reading order is stream order), keys, damaged samples); at least one batch, at
-        most ``n``, ending before the segment's (tar, index) pairs exceed ``MAX_PAIRS``."""
-        plan, pairs, last = [], 0, None
-        for k in range(first, first + n):
-            positions = rank_positions(self.start, k, self.global_batch, self.rank, self.world_size)
-            shards, js, src, keys, damaged = resolve(
-                self.reader, positions, self.order,
-                lambda i, s, j: self.reader.entries(s, j)[0], self.strict)
-            slots = [(int(shards[j]), int(js[j])) for j in src]
-            first_need = {}
-            for s, _ in slots:
-                first_need.setdefault(s, len(first_need))
-            rows = sorted(range(len(slots)), key=lambda i: first_need[slots[i][0]])  # stable
-            reading = [slots[i] for i in rows]
-            runs = sum(1 for i, (s, _) in enumerate(reading)
-                       if (reading[i - 1][0] if i else last) != s)
-            if plan and pairs + runs > self.MAX_PAIRS:
-                break
-            pairs, last = pairs + runs, reading[-1][0]
-            perm = None if rows == list(range(len(rows))) else rows
-            plan.append((positions, reading, perm, [keys[j] for j in src], damaged))
-        return plan
+    # ------------------------------------------------------------------ reading
+    def _read(self, k: int) -> dict:
+        """Batch ``k`` of the rank: the stored bytes of each row (damaged samples replaced), as
+        the arrays fed to DALI, with what ``_raw`` needs."""
+        reader, dwt16 = self._reading, self._reading.encoding == "dwt16"
+        positions = rank_positions(self.start, k, self.global_batch, self.rank, self.world_size)
+        stored: dict[int, dict[str, bytes]] = {}
 
-    def _build(self, first: int, n: int):
+        def probe(i: int, s: int, j: int) -> str:
+            key, stored[i] = reader.read_at(s, j)
+            return key
+
+        _, _, src, keys, damaged = resolve(reader, positions, self.order, probe, self.strict)
+        shape = tensor_shape(reader.image_size)
+        arrays = [np.frombuffer(stored[j]["dwt16"], dtype="<f2").reshape(shape) if dwt16
+                  else np.frombuffer(stored[j]["jpg"], dtype=np.uint8) for j in src]
+        labels = None
+        if reader.manifest.labels is not None:
+            labels = torch.tensor([json.loads(stored[j]["json"]).get("label", -1) for j in src],
+                                  dtype=torch.long)
+        return {"positions": positions, "arrays": arrays, "keys": [keys[j] for j in src],
+                "labels": labels, "bad": damaged}
+
+    def _batch(self, k: int) -> dict:
+        """Batch ``k``, read ahead by the thread; the next ``READ_AHEAD`` are then requested."""
+        for n in range(k, k + self.READ_AHEAD + 1):
+            if n not in self._ahead:
+                self._ahead[n] = self._pool.submit(self._read, n)
+        return self._ahead.pop(k).result()
+
+    # ------------------------------------------------------------------ the pipeline
+    def _build(self, first: int):
+        """A pipeline whose iteration i decodes the rank's batch ``first + i``; -> (iterator,
+        the batches fed to it by index, in feeding order)."""
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        plan = self._plan(first, n)
-        seg = self._tmp / f"seg-{first}"
-        seg.mkdir()
-        paths, idx_paths, run = [], [], []
+        fed: dict[int, dict] = {}
 
-        def flush():
-            if run:
-                shard = run[0][0]
-                index = self.reader.index(shard)
-                p = seg / f"{len(paths):06d}.idx"
-                p.write_text(format_index([index[j] for _, j in run]))
-                paths.append(str(self.reader.tar_path(shard)))
-                idx_paths.append(str(p))
-                run.clear()
-
-        for _, slots, _, _, _ in plan:
-            for s, j in slots:
-                if run and run[-1][0] != s:
-                    flush()
-                run.append((int(s), int(j)))
-        flush()
+        def source(info):
+            k = first + info.iteration
+            fed[k] = self._batch(k)
+            return fed[k]["arrays"]
 
         gpu = self.device.type == "cuda"
-        enc = self.reader.encoding
-        ext = ["dwt16", "json"] if enc == "dwt16" else ["jpg", "json"]
+        dwt16 = self.reader.encoding == "dwt16"
 
         @pipeline_def(batch_size=self.local, num_threads=self.threads,
                       device_id=(self.device.index or 0) if gpu else None, seed=self.seed,
-                      prefetch_queue_depth=2)
+                      prefetch_queue_depth=self.PREFETCH)
         def pipe():
-            data, meta = fn.readers.webdataset(
-                paths=paths, index_paths=idx_paths, ext=ext,
-                dtypes=[types.FLOAT16 if enc == "dwt16" else types.UINT8, types.UINT8],
-                random_shuffle=False, missing_component_behavior="error", name="reader")
-            if enc == "dwt16":
-                data = fn.reshape(data, shape=list(tensor_shape(self.reader.image_size)))
+            data = fn.external_source(source=source, batch=True, batch_info=True,
+                                      dtype=types.FLOAT16 if dwt16 else types.UINT8,
+                                      ndim=3 if dwt16 else 1, name="stored")
+            if dwt16:
                 # value bounds (haar.bounds_problem) on the CPU, before the copy to the device
                 max_bits, max_mag = bound_maxima(data)
-                if gpu:
-                    data = data.gpu()
-                return data, fn.pad(meta, fill_value=0), max_bits, max_mag
-            data = fn.decoders.image(data, device="mixed" if gpu else "cpu",
+                return (data.gpu() if gpu else data), max_bits, max_mag
+            return fn.decoders.image(data, device="mixed" if gpu else "cpu",
                                      output_type=types.RGB)
-            return data, fn.pad(meta, fill_value=0)
 
         p = pipe()
         p.build()
-        names = ["data", "meta"] + (["max_bits", "max_mag"] if enc == "dwt16" else [])
-        it = DALIGenericIterator([p], names, reader_name="reader", auto_reset=False)
-        return it, plan, seg
+        self.builds += 1
+        names = ["data"] + (["max_bits", "max_mag"] if dwt16 else [])
+        # an endless source: the iterator never sizes or resets an epoch
+        return DALIGenericIterator([p], names, size=-1, auto_reset=False), fed
 
     # ------------------------------------------------------------------ iteration
     def batches(self, first_batch: int = 0):
         """Infinite generator of raw batches starting at the rank's batch ``first_batch``."""
         k = first_batch
         while True:
-            n = self.segment_batches
-            it, plan, seg = self._build(k, n)
+            it, fed = self._build(k)
             try:
-                for positions, _, perm, keys, bad in plan:
+                while True:
                     try:
                         out = next(it)[0]
                     except StopIteration:
-                        raise RuntimeError("DALI ended a segment early; please report this") from None
+                        raise RuntimeError("the DALI pipeline ended; please report this") from None
+                    except (SampleError, OSError):  # from the reading thread: not DALI's fault
+                        raise
                     except Exception as e:  # DALI raises its own error types for decode failures
                         self.dali_errors += 1
                         log.warning("DALI failed on batch %d (%s); decoding it on the CPU and "
@@ -187,38 +179,31 @@ class DaliStream:
                         yield self._fallback.load(k, self.order)
                         k += 1
                         break
+                    got = fed.pop(k)
                     if "max_bits" in out and self._out_of_bounds(out):
                         # damaged values: the CPU path finds, reports and replaces them exactly as
                         # the torch backend does (rare, so its cost does not matter)
                         yield self._fallback.load(k, self.order)
                     else:
-                        yield self._raw(k, positions, perm, keys, bad, out)
+                        yield self._raw(k, got, out)
                     k += 1
             finally:
                 del it
-                shutil.rmtree(seg, ignore_errors=True)
+                for f in self._ahead.values():  # read for a pipeline that is gone
+                    f.cancel()
+                self._ahead.clear()
 
     @staticmethod
     def _out_of_bounds(out) -> bool:
         bits, mag = out["max_bits"].cpu().numpy(), out["max_mag"].cpu().numpy()  # CPU outputs
         return bool(out_of_bounds(bits, mag).any())
 
-    def _raw(self, k, positions, perm, keys, bad, out) -> dict:
-        data, labels = out["data"], None
-        if self.reader.manifest.labels is not None:
-            meta = out["meta"].cpu().numpy()
-            labels = torch.tensor([json.loads(bytes(row).rstrip(b"\0")).get("label", -1)
-                                   for row in meta], dtype=torch.long)
-        if perm is not None:  # rows were read grouped by shard: row r holds slot perm[r]
-            inverse = np.argsort(perm)
-            data = data[torch.from_numpy(inverse).to(data.device)]
-            if labels is not None:
-                labels = labels[torch.from_numpy(inverse)]
+    def _raw(self, k: int, got: dict, out) -> dict:
         return {
             "batch_index": k,
-            "data": data,
-            "labels": labels,
-            "keys": keys,
-            "flips": torch.from_numpy(self.order.flips(positions)) if self.hflip else None,
-            "bad": bad,
+            "data": out["data"],
+            "labels": got["labels"],
+            "keys": got["keys"],
+            "flips": torch.from_numpy(self.order.flips(got["positions"])) if self.hflip else None,
+            "bad": got["bad"],
         }

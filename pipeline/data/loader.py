@@ -43,7 +43,7 @@ class Loader:
                  rank: int = 0, world_size: int = 1, seed: int = 0, device="cpu",
                  backend: str = "torch", workers: int = 2, space: str = "dwt", hflip: bool = True,
                  strict: bool = False, samples_seen: int = 0, dali_threads: int = 4,
-                 segment_batches: int | None = None, lookahead: int | None = None,
+                 lookahead: int | None = None,
                  partitions: int | None = None, window: int | None = None):
         """``shards``: a folder, an s3:// / gs:// / http(s):// URL (read through the default
         cache; pass a ``ShardReader`` for other cache settings) or a reader. ``partitions``
@@ -86,7 +86,7 @@ class Loader:
             log.warning("%s was sharded with --no-shuffle: each shard holds neighbouring source "
                         "files and this order reads one shard at a time, so batches are "
                         "correlated; use several partitions or a larger data.shuffle_window", where)
-        self.dali_threads, self.segment_batches = dali_threads, segment_batches
+        self.dali_threads = dali_threads
         self.lookahead = lookahead
         self._check_cache()
         self.prefetcher = None
@@ -227,13 +227,8 @@ class Loader:
                       strict=self.strict)
         if self.backend == "dali":
             from .dali_loader import DaliStream
-            segment = self.segment_batches
-            if self.reader.remote is not None and segment is None:
-                # a DALI segment opens every shard it spans: keep it within the cache window
-                segment = max(1, min(self.reader.order_sizes) * self.window // (
-                    self.order.per_partition or self.local_batch))
             self._dali = DaliStream(self.reader, device=self.device, threads=self.dali_threads,
-                                    segment_batches=segment, **common)
+                                    **common)
             return self._dali.batches(0)
         from .torch_loader import RankStream, make_dataloader
         # on the CPU the workers convert to model space themselves (see torch_loader)
