@@ -14,7 +14,8 @@
 # skipped): install (90), procedural shards (40, in $SCRATCH, never in $OUT), bench train on the
 # MaskDM-B recipe (split DWT tokens, bf16) at mask 0.7 and 0 (90 each; the DALI loader when it
 # runs here, else the torch loader, said in the row), doctor --json (20), bench data on what
-# loaders there are (40), the mask-0.7 row with torch.compile (110); doctor --run if time is left.
+# loaders there are (40), the mask-0.7 row with torch.compile (110), sampling and seeded-noise
+# cost (benchmarks/sampling.py, 40); doctor --run if time is left.
 # Results: $OUT/acceptance.json (every step's status, seconds, why, and numbers),
 # $OUT/acceptance.md (the table to paste into benchmarks/RESULTS.md), $OUT/logs.tar.gz (each
 # step's log): three files, within what a device machine sends back.
@@ -24,7 +25,6 @@
 # makes a bare venv holding only torch, installs everything else offline from wheelhouse-here/
 # the way the box installs its wheelhouse, and runs every step in its CPU form (32 px shards, the
 # tiny model).
-# Open (issue 36): the offline wheelhouse and its transfer plan, and the CPU rehearsal.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-acceptance-$(date +%Y%m%d-%H%M%S)}
@@ -96,6 +96,7 @@ x.memory_efficient_attention(q, q, q); torch.cuda.synchronize(); print('xformers
 # maskdm/ folder (which holds only the namespace's root): no current folder on sys.path
 export PYTHONSAFEPATH=1
 SIZE=256 COUNT=2048 PER=256 RECIPE=configs/paper/celebahq256_maskdm_b_pretrain.yaml BATCH=32
+SAMPLING="--presets MaskDM-B --batch 64 --steps 2 --reps 2 --inception-batch 50"
 if [ -n "${REHEARSE:-}" ]; then
   # The rehearsal, on a CPU machine: a bare venv holding only torch (this Python's, linked in, as
   # the box holds only its torch), everything else installed offline from a wheelhouse made for
@@ -119,6 +120,7 @@ if [ -n "${REHEARSE:-}" ]; then
   }
   export PYTHONPATH="$SCRATCH/site"
   SIZE=32 COUNT=512 PER=64 RECIPE=configs/test_tiny.yaml BATCH=8
+  SAMPLING="--presets tiny --image-size 32 --batch 8 --steps 2 --reps 1 --inception-batch 4"
 fi
 step install 90 install
 SH="$SCRATCH/shards"
@@ -140,12 +142,13 @@ step doctor 20 $PY -m maskdm doctor --json
 cp "$OUT/doctor.log" "$OUT/doctor.json" 2>/dev/null
 step data 40 $PY -m maskdm bench data $SH/dwt16 $SH/jpeg --backends $BACKENDS --batch 64 --batches 30
 row 0.7 true 110
+step sampling 40 $PY benchmarks/sampling.py $SAMPLING  # (a file: it imports only maskdm)
 step doctor_run 180 $PY -m maskdm doctor --run
 rm -rf "$SCRATCH"
 PY=${OUTER:-$PY}  # (the rehearsal's venv went with the scratch folder)
 
-$PY - "$OUT" <<'PYEOF'
-import json, sys
+BACKEND=${BACKEND:-torch} $PY - "$OUT" <<'PYEOF'
+import json, os, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 steps = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines() if l.strip()]
@@ -171,7 +174,41 @@ for k, r in result["train"].items():
     lines.append(f"| {k} | {r.get('e2e_img_s', 0):.0f} | {r.get('bare_img_s', 0):.0f} | "
                  f"{r.get('e2e_img_s', 0) / max(r.get('bare_img_s', 1), 1e-9):.0%} | "
                  f"{r.get('mfu', float('nan')):.1%} |")
-for name in ("doctor_run", "data"):
+# what this box lacked, and what that cost in this run (issue 36: nothing missing goes unsaid)
+checks = {c["name"]: c for c in (result["doctor"] or {}).get("checks", [])}
+rows = result["train"]
+missing = []
+if os.environ.get("BACKEND") != "dali":
+    ratios = [f"{k}: {r['ratio']:.0%}" for k, r in rows.items() if "ratio" in r]
+    missing.append("DALI: not usable here, so every bench train row read through the torch "
+                   "loader; end-to-end / bare-step throughput " + (", ".join(ratios) or "not measured")
+                   + " (the share above 0% lost to data loading and the rest of the loop is the "
+                   "most GPU decoding could win back); no DALI row in bench data")
+att = sorted({(r.get("attention"), r.get("attention_why")) for r in rows.values()
+              if r.get("attention")})
+if any(a != "xformers" for a, _ in att):
+    missing.append("xformers: attention ran on " + "; ".join(f"{a} ({w})" for a, w in att)
+                   + ": the visible-token attention used torch SDPA's kernels; the xformers "
+                   "speed-up was not measured")
+for name in ("deepspeed", "dali", "xformers"):
+    c = checks.get(name)
+    if c and c.get("status") not in ("OK", None):
+        missing.append(f"doctor {name}: {c['status']}: {c.get('detail', '')}")
+compiled = [(k, r) for k, r in rows.items() if "compile_true" in k]
+plain = [r for k, r in rows.items() if k.startswith("train_r0.7_compile_false")]
+if compiled and plain:
+    k, r = compiled[0]
+    missing.append(f"torch.compile: {r['e2e_img_s'] / plain[0]['e2e_img_s']:.2f}x the "
+                   f"mask-0.7 row's throughput without it")
+elif not compiled:
+    s = next((s for s in steps if "compile_true" in s["step"]), None)
+    if s:
+        missing.append(f"torch.compile: row {s['status']} ({s.get('why', '')})")
+result["missing"] = missing
+(out / "acceptance.json").write_text(json.dumps(result, indent=1))
+lines += ["", "What was missing or did not run, and what it cost:"]
+lines += [f"- {m}" for m in missing] or ["- nothing"]
+for name in ("doctor_run", "data", "sampling"):
     p = out / f"{name}.log"
     if p.exists():
         lines += ["", f"{name}:", "```", p.read_text().strip()[-3000:], "```"]

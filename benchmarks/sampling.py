@@ -20,7 +20,7 @@ import time
 import torch
 
 from maskdm.model import ModelConfig, build_model
-from maskdm.model.diffusion import GaussianDiffusion
+from maskdm.model.diffusion import GaussianDiffusion, seeded_generators, seeded_noise
 
 
 def sync(device):
@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     print("| what | batch | image forwards/s | 50-step DDIM img/s | 10k images with DDIM-100 |")
     print("|---|---|---|---|---|")
     diffusion = GaussianDiffusion("cosine", 1000)
+    noise_rows = []
     for preset in args.presets:
         mcfg = ModelConfig(preset=preset, in_channels=12, input_size=args.image_size // 2,
                            patch_size=2, attention="sdpa").resolved()
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
         hours = 10_000 * 100 / per_step / 3600
         print(f"| sample {preset} ({mcfg.num_tokens} tokens) | {args.batch} | {per_step:.0f} | "
               f"{per_step / 50:.1f} | {hours:.2f} h |", flush=True)
+        noise_rows.append((preset, args.batch / per_step, shape, seeds))
     from maskdm.pipeline.eval.inception import FIDInception
     inc = FIDInception().eval().to(device)
     imgs = torch.randint(0, 256, (args.inception_batch, args.image_size, args.image_size, 3),
@@ -83,6 +85,18 @@ def main(argv=None) -> int:
     rate = args.inception_batch / timed(feats, device, args.reps)
     print(f"| FID Inception features ({args.image_size} px) | {args.inception_batch} | {rate:.0f} | "
           f"| {10_000 / rate / 60:.1f} min per 10k |")
+    # a DDPM (or DDIM eta > 0) step also draws each image's noise from its own seed's generator:
+    # one launch per image; its share of the step against the model's forward, and against one
+    # batched draw (what it would cost without the per-image streams)
+    print("\n| seeded noise per step | batch | ms per image-seeded draw | ms one batched draw | "
+          "share of a DDPM step |")
+    print("|---|---|---|---|---|")
+    for preset, step_s, shape, seeds in noise_rows:
+        gens = seeded_generators(seeds, device)
+        per_image = timed(lambda: seeded_noise(gens, shape[1:], device), device, args.reps)
+        batched = timed(lambda: torch.randn(shape, device=device), device, args.reps)
+        print(f"| {preset} | {shape[0]} | {per_image * 1e3:.2f} | {batched * 1e3:.2f} | "
+              f"{per_image / (step_s + per_image):.1%} |", flush=True)
     return 0
 
 

@@ -174,6 +174,8 @@ def measure(config: list[str], sets: list[str], steps: int, warmup: int) -> dict
             "batch": batch, "backend": cfg.data.backend, "encoding": tr.reader.manifest.encoding,
             "zero_stage": tr.ds_config["zero_optimization"]["stage"],
             "precision": tr.precision, "compile": t.compile, "steps": steps, "warmup": warmup,
+            "attention": getattr(tr.engine.module, "attention_backend", None),
+            "attention_why": getattr(tr.engine.module, "attention_reason", None),
             "e2e_img_s": batch / e2e_step, "bare_img_s": batch / (bare_s / steps),
             "e2e_step_s": e2e_step, "bare_step_s": bare_s / steps,
             "breakdown_step_s": sum(per_step.values()), "parts_s": per_step,

@@ -36,11 +36,16 @@ def test_the_gpu_acceptance_rehearsal_passes_on_cpu(tmp_path):
     status = {s["step"]: s["status"] for s in acc["steps"]}
     bad = {s["step"]: s.get("why") for s in acc["steps"] if s["status"] != "ok"}
     assert not bad, bad
-    assert {"venv", "install", "shards", "doctor", "data", "doctor_run"} <= set(status)
+    assert {"venv", "install", "shards", "doctor", "data", "sampling", "doctor_run"} <= set(status)
     rows = [k for k in status if k.startswith("train_")]
     assert len(rows) == 3 and set(acc["train"]) == set(rows)
     assert all(acc["train"][k]["e2e_img_s"] > 0 and acc["train"][k]["bare_img_s"] > 0
                for k in rows)
+    # what this machine lacks is said with its cost: no xformers here (SDPA in every row)
+    assert any(m.startswith("xformers: attention ran on sdpa") for m in acc["missing"]), \
+        acc["missing"]
+    assert all(acc["train"][k]["attention"] == "sdpa" for k in rows)
+    assert "What was missing" in (out / "acceptance.md").read_text()
     # what a device machine sends back: at most 8 files
     assert sorted(p.name for p in out.iterdir()) == ["acceptance.json", "acceptance.md",
                                                      "logs.tar.gz"]
