@@ -92,8 +92,28 @@ def add_shard_parser(sub) -> None:
                    help="OUT in object storage: one job writes a prefix; a job finding another "
                    "job's lease there watches it this long: renewed -> refused, unchanged (that "
                    "job died) -> taken over (default 90)")
+    p.add_argument("--part", default=None, metavar="I/N",
+                   help="write only part I of N (0 <= I < N) of the job's shards, e.g. one task "
+                   "of a Slurm array (--part $SLURM_ARRAY_TASK_ID/N); parts may run at the same "
+                   "time on other machines into the same OUT, together they write exactly the "
+                   "shards one job would, and the last to finish writes the manifest")
+    p.add_argument("--merge", action="store_true",
+                   help="maskdm shard --merge OUT: write the manifest of a job whose parts are "
+                   "all done (the last part does it already; this is for checking, and safe to "
+                   "repeat)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_shard)
+
+
+def parse_part(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"error: --part takes I/N (e.g. 0/4 for the first of 4 parts), got "
+                         f"{text!r}") from None
+    return i, n
 
 
 def run_shard(args) -> int:
@@ -110,8 +130,10 @@ def run_shard(args) -> int:
                         progress=not args.quiet)
         print_report(report, args.quick)
         return 0 if report.ok else 1
+    if args.merge:
+        return _run_merge(args)
     if len(args.paths) != 2:
-        raise SystemExit("error: maskdm shard takes SRC and OUT (or --verify OUT); "
+        raise SystemExit("error: maskdm shard takes SRC and OUT (or --verify OUT, --merge OUT); "
                          "see `maskdm shard --help`")
     src, out = args.paths
     kind = args.source
@@ -147,7 +169,7 @@ def run_shard(args) -> int:
         gen_seed=args.gen_seed, split=args.split, bbox_csv=args.bbox_csv, small=args.small,
         min_side=args.min_side, max_pixels=args.max_pixels, jpeg_quality=args.jpeg_quality,
         max_file_mb=args.max_file_mb,
-        overwrite=args.overwrite)
+        overwrite=args.overwrite, part=parse_part(args.part))
     try:
         if remote_out:
             from .upload import run_remote
@@ -163,6 +185,32 @@ def run_shard(args) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    return 0
+
+
+def _run_merge(args) -> int:
+    if len(args.paths) != 1:
+        raise SystemExit("error: --merge takes one argument: the shard folder of the parts "
+                         "(maskdm shard --merge OUT)")
+    from maskdm.shardformat.fsutil import url_refusal
+    from maskdm.shardformat.remote import is_remote
+
+    from .shard_job import ShardJobError, merge
+    out = args.paths[0]
+    if (refused := url_refusal(out, "OUT", remote_ok=True)) is not None:
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
+    try:
+        if is_remote(out):
+            from .upload import merge_remote
+            m = merge_remote(out, stage=args.stage)
+        else:
+            m = merge(out)
+    except ShardJobError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{out}: complete, {m.num_samples} samples in {len(m.shards)} shards; "
+          f"`maskdm shard --verify {out}` checks them")
     return 0
 
 

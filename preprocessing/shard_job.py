@@ -47,6 +47,7 @@ from .sources import Item, ItemLoader, Source, name_record, scan
 
 JOB = ".maskdm-job.json"
 PROGRESS = ".progress"
+SOURCE = "source.json"  # in PROGRESS: what the manifest needs of the scanned source
 
 
 class ShardJobError(RuntimeError):
@@ -96,8 +97,18 @@ class ShardOptions:
     max_file_mb: int = DEFAULT_MAX_FILE_MB  # a larger source file (or zip member) is skipped unread
     jpeg_quality: int = 95
     overwrite: bool = False
+    part: tuple[int, int] | None = None  # (I, N): this job writes part I of N (0 <= I < N)
 
     def validate(self) -> None:
+        if self.part is not None:
+            i, n = self.part
+            if not (n >= 1 and 0 <= i < n):
+                raise ShardJobError(f"--part I/N needs 0 <= I < N, got {i}/{n} (with a Slurm "
+                                    f"array --array=0-{max(n, 1) - 1}: "
+                                    f"--part $SLURM_ARRAY_TASK_ID/{max(n, 1)})")
+            if self.overwrite:
+                raise ShardJobError("--overwrite cannot be combined with --part: the parts share "
+                                    "OUT; clear it once (or pick a new OUT) before starting them")
         for location, what in ((self.src, "SRC"), (self.out, "OUT")):
             if (refused := url_refusal(location, what)) is not None:
                 raise ShardJobError(refused)
@@ -149,6 +160,36 @@ def job_record(opts: ShardOptions, source: Source, n_planned: int) -> dict:
     rec.update(format_version=FORMAT_VERSION, src=source.root or "procedural",
                inputs=len(source.items), planned=n_planned, inputs_sha256=source.fingerprint())
     return rec
+
+
+def part_chunks(n_chunks: int, part: tuple[int, int] | None) -> list[int]:
+    """The chunks (shard numbers) part ``(I, N)`` writes: the I-th of N contiguous runs. A chunk's
+    bytes depend on the plan alone, so any N gives the shards one job would write."""
+    if part is None:
+        return list(range(n_chunks))
+    i, n = part
+    return list(range(i * n_chunks // n, (i + 1) * n_chunks // n))
+
+
+def source_summary(source: Source) -> dict:
+    """What the manifest needs of the scanned source, kept beside the progress records so that
+    whichever part finishes last (or ``--merge``) writes the manifest without the source."""
+    return {"kind": source.kind, "root": source.root or "procedural", "found": len(source.items),
+            "ignored": source.ignored, "labels": source.labels}
+
+
+def describe_parts(missing: list[int], n_chunks: int) -> str:
+    """'shards 3-5, 9' for a list of chunk numbers."""
+    runs, start = [], None
+    for k in missing + [None]:
+        if start is None:
+            start = prev = k
+        elif k == prev + 1:
+            prev = k
+        else:
+            runs.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = prev = k
+    return f"shard{'s' if len(missing) > 1 else ''} {', '.join(runs)} of 0-{n_chunks - 1}"
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -281,13 +322,17 @@ def _commit_chunk(k: int, n_inputs: int, results) -> dict:
 # ----------------------------------------------------------------------------- parent side
 
 
-def _lock(out: Path):
-    f = open(out / ".lock", "w")
+def _lock(out: Path, part: tuple[int, int] | None = None):
+    """This job's lock file in OUT: the whole job's, or one per part (parts run side by side)."""
+    name = ".lock" if part is None else f".lock-part-{part[0]}-of-{part[1]}"
+    f = open(out / name, "w")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise ShardJobError(f"another `maskdm shard` is writing {out}; wait for it to finish "
-                            f"or stop it first") from None
+        f.close()
+        what = "" if part is None else f" part {part[0]}/{part[1]} of"
+        raise ShardJobError(f"another `maskdm shard` is writing{what} {out}; wait for it to "
+                            f"finish or stop it first") from None
     return f
 
 
@@ -319,22 +364,53 @@ def _load_done(out: Path, n_chunks: int) -> dict[int, dict]:
     return done
 
 
+class Output:
+    """Where committed shards end up: OUT itself (this class), or a bucket the shards are
+    uploaded to as they are committed in a staging folder (``upload.BucketOutput``)."""
+
+    def begin(self, out: Path) -> None:
+        """``out`` holds the job record and the source summary; no shard is written yet."""
+
+    def done(self, out: Path, chunks: list[int]) -> dict[int, dict]:
+        """The progress records of those of ``chunks`` complete at the destination."""
+        found = _load_done(out, max(chunks) + 1 if chunks else 0)
+        return {k: found[k] for k in chunks if k in found}
+
+    def committed(self, out: Path, rec: dict) -> None:
+        """Chunk ``rec`` was just committed in ``out``."""
+
+    def backlog(self) -> int:
+        """Committed chunks not at the destination yet (the staging folder holds them)."""
+        return 0
+
+    def flush(self) -> None:
+        """Wait until every committed chunk is at the destination."""
+
+    def records(self, out: Path, n_chunks: int) -> dict[int, dict]:
+        """Every chunk's progress record there is (every part's), for the manifest."""
+        return _load_done(out, n_chunks)
+
+    def publish(self, out: Path, manifest: ShardManifest) -> None:
+        """``out`` now holds ``skipped.jsonl`` and the manifest."""
+
+
 def run(opts: ShardOptions, *, progress: bool = True, log=print,
-        before_write=None) -> ShardManifest:
+        before_write=None, output: Output | None = None) -> ShardManifest | None:
     """Run (or resume, or confirm) the sharding job described by ``opts``. ``before_write(job)``
     (the upload's check of its bucket) runs once the job record is known; a manifest it returns
-    ends the job there."""
+    ends the job there. With ``opts.part``, only that part's shards are written; the part that
+    finds every shard done writes the manifest; the others return None."""
     opts.validate()
     out = Path(opts.out).expanduser().resolve()
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)
+    lock = _lock(out, opts.part)
     try:
-        return _run_locked(opts, out, progress, log, before_write)
+        return _run_locked(opts, out, progress, log, before_write, output or Output())
     except BaseException:
         # a job refused before writing anything (no images, bad source) leaves no folder behind
-        if created and [p.name for p in out.iterdir()] == [".lock"]:
-            (out / ".lock").unlink()
+        if created and [p.name for p in out.iterdir()] == [lock.name.rsplit("/", 1)[-1]]:
+            Path(lock.name).unlink()
             out.rmdir()
         raise
     finally:
@@ -342,7 +418,7 @@ def run(opts: ShardOptions, *, progress: bool = True, log=print,
 
 
 def _run_locked(opts: ShardOptions, out: Path, progress: bool, log,
-                before_write=None) -> ShardManifest:
+                before_write, output: Output) -> ShardManifest | None:
     t0 = time.time()
     source = scan(opts.source, opts.src, exclude=str(out), count=opts.count,
                   gen_seed=opts.gen_seed, image_size=opts.size, split=opts.split,
@@ -360,13 +436,7 @@ def _run_locked(opts: ShardOptions, out: Path, progress: bool, log,
     if opts.overwrite:
         _clear_outputs(out)
     elif job_path.exists():
-        old = json.loads(job_path.read_text())
-        diff = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
-        if diff:
-            raise ShardJobError(
-                f"{out} holds a different sharding job ({', '.join(diff)} differ"
-                f"{'; the source files changed' if 'inputs_sha256' in diff else ''}). "
-                f"Use a new output folder, or --overwrite to discard it.")
+        _check_same_job(out, job)
         if (out / MANIFEST).exists():
             from maskdm.shardformat.manifest import load_manifest
             m = load_manifest(out)
@@ -374,31 +444,51 @@ def _run_locked(opts: ShardOptions, out: Path, progress: bool, log,
             log(f"{out}: already complete ({plural(m.num_samples, 'sample')} in "
                 f"{plural(len(m.shards), 'shard')}); "
                 f"nothing to do. `maskdm shard --verify {out}` checks it.")
+            output.publish(out, m)
             return m
     elif (out / MANIFEST).exists() or any(out.glob("shard-*.tar")):
         raise ShardJobError(f"{out} already holds shards from another tool or an older job; "
                             f"use a new output folder, or --overwrite to replace them")
-    atomic_write_json(job_path, job)
+    atomic_write_json(job_path, job)  # (parts write the same bytes)
     (out / PROGRESS).mkdir(exist_ok=True)
-    remove_stale_tmp(out)
+    atomic_write_json(out / PROGRESS / SOURCE, source_summary(source))
+    output.begin(out)
 
     spc = opts.samples_per_shard
     n_chunks = (len(planned) + spc - 1) // spc
-    done = _load_done(out, n_chunks)
-    todo = [k for k in range(n_chunks) if k not in done]
+    mine = part_chunks(n_chunks, opts.part)
+    _remove_stale_tmp(out, mine if opts.part else None)
+    staged = {k: r for k, r in _load_done(out, n_chunks).items() if k in set(mine)}
+    done = output.done(out, mine)
+    for k, rec in staged.items():  # committed here by an earlier run, not at the destination
+        if k not in done:
+            output.committed(out, rec)
+            done[k] = rec
+    todo = [k for k in mine if k not in done]
     resumed = len(done)
     for k in todo:  # a tar renamed just before a crash, without its commit record
         (out / f"shard-{k:06d}.tar").unlink(missing_ok=True)
         (out / f"shard-{k:06d}.idx").unlink(missing_ok=True)
+    what = (f"part {opts.part[0]}/{opts.part[1]}: shards {mine[0]}-{mine[-1]} of {n_chunks}"
+            if opts.part and mine else None)
+    if opts.part and not mine:
+        what = f"part {opts.part[0]}/{opts.part[1]}: no shards (the job has only {n_chunks})"
+    if what:
+        log(what)
     if resumed:
-        log(f"resuming: {resumed} of {n_chunks} shards already complete")
+        log(f"resuming: {resumed} of {len(mine)} shards already complete")
 
     workers = opts.workers or usable_cores()
     n_todo = sum(min(spc, len(planned) - k * spc) for k in todo)
     if n_todo:
-        _write_chunks(opts, out, source, planned, todo, workers, n_todo, progress, done)
-    manifest = _finalize(opts, out, source, planned, n_chunks, done)
+        _write_chunks(opts, out, source, planned, todo, workers, n_todo, progress, done, output)
+    output.flush()
     dt = time.time() - t0
+    manifest = finalize_when_complete(out, job, n_chunks, output, log)
+    if manifest is None:
+        log(f"wrote {plural(len(todo), 'shard')} of part {opts.part[0]}/{opts.part[1]} in "
+            f"{dt:.1f}s ({n_todo / max(dt, 1e-9):.0f} img/s)")
+        return None
     src = manifest.source
     log(f"wrote {plural(src['written'], 'sample')} in {plural(len(manifest.shards), 'shard')} "
         f"to {out} "
@@ -408,6 +498,82 @@ def _run_locked(opts: ShardOptions, out: Path, progress: bool, log,
     if src["skipped"]:
         log(f"skipped inputs and reasons: {out / SKIPPED}")
     return manifest
+
+
+def _check_same_job(out: Path, job: dict, where: str | None = None) -> None:
+    old = json.loads((out / JOB).read_text())
+    diff = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
+    if diff:
+        raise ShardJobError(
+            f"{where or out} holds a different sharding job ({', '.join(diff)} differ"
+            f"{'; the source files changed' if 'inputs_sha256' in diff else ''}). "
+            f"Use a new output folder, or --overwrite to discard it.")
+
+
+def _remove_stale_tmp(out: Path, chunks: list[int] | None) -> None:
+    """Leftovers of interrupted writes: all of them, or (a part, while other parts may be
+    writing theirs) only those of its own shards."""
+    if chunks is None:
+        remove_stale_tmp(out)
+        remove_stale_tmp(out / PROGRESS)
+        return
+    for k in chunks:
+        for folder, name in ((out, f"shard-{k:06d}.tar"), (out, f"shard-{k:06d}.idx"),
+                             (out / PROGRESS, f"shard-{k:06d}.json")):
+            for p in folder.glob(f".{name}.tmp-*"):
+                p.unlink(missing_ok=True)
+
+
+def finalize_when_complete(out: Path, job: dict, n_chunks: int, output: Output,
+                           log) -> ShardManifest | None:
+    """Write the manifest if every shard of the job is done (whichever part finishes last does
+    it; ``--merge`` too); None, said in the log, while shards are missing."""
+    with _finalize_lock(out):
+        if (out / MANIFEST).exists():  # another part finished it meanwhile
+            from maskdm.shardformat.manifest import load_manifest
+            return load_manifest(out)
+        done = output.records(out, n_chunks)
+        missing = [k for k in range(n_chunks) if k not in done]
+        if missing:
+            log(f"{describe_parts(missing, n_chunks)} not written yet: the last part to finish "
+                f"writes the manifest (or `maskdm shard --merge OUT` once they are done)")
+            return None
+        summary = json.loads((out / PROGRESS / SOURCE).read_text())
+        manifest = _finalize(job, out, summary, n_chunks, done)
+        output.publish(out, manifest)
+        shutil.rmtree(out / PROGRESS, ignore_errors=True)
+        return manifest
+
+
+def _finalize_lock(out: Path):
+    """Held while the manifest is written: parts finishing together write it once."""
+    f = open(out / ".lock-finalize", "w")
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
+def merge(out_dir: str, *, log=print, output: Output | None = None) -> ShardManifest:
+    """``maskdm shard --merge OUT``: the manifest of a job whose parts are all done (idempotent:
+    a complete folder is left as it is)."""
+    out = Path(out_dir).expanduser().resolve()
+    if not (out / JOB).exists():
+        raise ShardJobError(f"{out} holds no sharding job ({JOB} is missing): run the parts "
+                            f"first (maskdm shard SRC OUT --part I/N)")
+    job = json.loads((out / JOB).read_text())
+    if not (out / MANIFEST).exists() and not (out / PROGRESS / SOURCE).exists():
+        raise ShardJobError(f"{out}: no part has started writing it ({PROGRESS}/{SOURCE} is "
+                            f"missing)")
+    n_chunks = (job["planned"] + job["samples_per_shard"] - 1) // job["samples_per_shard"]
+    m = finalize_when_complete(out, job, n_chunks, output or Output(), log)
+    if m is None:
+        raise ShardJobError(f"{out} is not complete yet; run the missing parts (same command, "
+                            f"same --part), then --merge again")
+    return m
+
+
+def _wait_backlog(output: Output, most: int) -> None:
+    while output.backlog() > most:
+        time.sleep(0.05)
 
 
 class _LocalCounter:
@@ -430,8 +596,11 @@ class _LocalCounter:
         self._v = v
 
 
-def _write_chunks(opts, out, source, planned, todo, workers, n_todo, progress, done) -> None:
-    """Convert the ``todo`` chunks, one chunk per task; each worker commits its own shards."""
+def _write_chunks(opts, out, source, planned, todo, workers, n_todo, progress, done,
+                  output: Output) -> None:
+    """Convert the ``todo`` chunks, one chunk per task; each worker commits its own shards.
+    ``output.committed`` hears of each; new chunks start only while fewer than ``2 x workers``
+    are in work or waiting for ``output`` (an upload), which bounds the staging folder."""
     from tqdm import tqdm
 
     spc = opts.samples_per_shard
@@ -453,6 +622,8 @@ def _write_chunks(opts, out, source, planned, todo, workers, n_todo, progress, d
             signal.signal(signal.SIGINT, old_int)
             for t in tasks:
                 done[t[0]] = _process_chunk(t)
+                output.committed(out, done[t[0]])
+                _wait_backlog(output, 1)
                 bar.set_postfix(shards=len(done), refresh=False)
         elif len(tasks) < workers:
             # fewer shards than workers (a small subset, big shards): every worker converts
@@ -474,6 +645,8 @@ def _write_chunks(opts, out, source, planned, todo, workers, n_todo, progress, d
                 results = pool.imap(_convert_at, [(first + i, it) for i, it in enumerate(items)],
                                     chunksize=4)
                 done[k] = _commit_chunk(k, len(items), ticked(results))
+                output.committed(out, done[k])
+                _wait_backlog(output, 1)
                 bar.set_postfix(shards=len(done), refresh=False)
             pool.close()
             pool.join()
@@ -482,9 +655,11 @@ def _write_chunks(opts, out, source, planned, todo, workers, n_todo, progress, d
             counter = ctx.Value("q", 0)
             pool = ctx.Pool(min(workers, len(tasks)), initializer=_init_worker,
                             initargs=(source.loader(), opts, str(out), counter, os.getpid()))
-            pending = [pool.apply_async(_process_chunk, (t,)) for t in tasks]
-            seen = 0
-            while pending:
+            queue, pending, seen = list(tasks), [], 0
+            window = 2 * workers
+            while queue or pending:
+                while queue and len(pending) + output.backlog() < window:
+                    pending.append(pool.apply_async(_process_chunk, (queue.pop(0),)))
                 time.sleep(0.2)
                 bar.update(counter.value - seen)
                 seen = counter.value
@@ -493,6 +668,7 @@ def _write_chunks(opts, out, source, planned, todo, workers, n_todo, progress, d
                     if r.ready():
                         rec = r.get()  # re-raises a worker's unexpected exception here
                         done[int(rec["name"][6:12])] = rec
+                        output.committed(out, rec)
                         bar.set_postfix(shards=len(done), refresh=False)
                     else:
                         still.append(r)
@@ -528,7 +704,9 @@ def _write_chunks(opts, out, source, planned, todo, workers, n_todo, progress, d
         bar.close()
 
 
-def _finalize(opts, out: Path, source: Source, planned, n_chunks: int, done) -> ShardManifest:
+def _finalize(job: dict, out: Path, summary: dict, n_chunks: int, done) -> ShardManifest:
+    """The manifest and ``skipped.jsonl`` from every chunk's progress record (in shard order, so
+    any split into parts sums the same statistics in the same order)."""
     total = np.zeros(12)
     total_sq = np.zeros(12)
     shards, skipped, upscaled = [], [], 0
@@ -546,28 +724,32 @@ def _finalize(opts, out: Path, source: Source, planned, n_chunks: int, done) -> 
         _write_skipped(out, skipped)
         raise ShardJobError(f"every input was skipped ({len(skipped)}); reasons in "
                             f"{out / SKIPPED}")
-    half = opts.size // 2
+    size = job["size"]
+    half = size // 2
     n_el = written * half * half
     mean = total / n_el
     std = np.sqrt(np.maximum(total_sq / n_el - mean ** 2, 0.0))
-    components = (["dwt16"] + (["jpg"] if opts.keep_jpeg else []) if opts.encoding == "dwt16"
+    components = (["dwt16"] + (["jpg"] if job["keep_jpeg"] else []) if job["encoding"] == "dwt16"
                   else ["jpg"]) + ["json"]
+    kind = summary["kind"]
     manifest = ShardManifest(
-        source={"kind": source.kind,
-                **name_record(source.root or "procedural", "path"),
-                "found": len(source.items), "selected": len(planned), "written": written,
+        source={"kind": kind,
+                **name_record(summary["root"], "path"),
+                "found": summary["found"], "selected": job["planned"], "written": written,
                 "skipped": len(skipped), "upscaled": upscaled,
-                "ignored": sum(source.ignored.values()), "ignored_by_extension": source.ignored,
-                **({"count": opts.count, "gen_seed": opts.gen_seed}
-                   if source.kind == "procedural" else {})},
-        image_size=opts.size, encoding=opts.encoding, components=components,
+                "ignored": sum(summary["ignored"].values()),
+                "ignored_by_extension": summary["ignored"],
+                **({"count": job["count"], "gen_seed": job["gen_seed"]}
+                   if kind == "procedural" else {})},
+        image_size=size, encoding=job["encoding"], components=components,
         channel_mean=[round(float(v), 6) for v in mean],
         channel_std=[round(float(v), 6) for v in std],
         shards=shards,
-        subset={"fraction": opts.subset, "seed": opts.seed} if opts.subset is not None else None,
-        shuffle_seed=opts.seed if opts.shuffle else None,
-        labels=({name_record(k, "k")["k"]: v for k, v in source.labels.items()}
-                if source.labels is not None else None),
+        subset={"fraction": job["subset"], "seed": job["seed"]}
+        if job["subset"] is not None else None,
+        shuffle_seed=job["seed"] if job["shuffle"] else None,
+        labels=({name_record(k, "k")["k"]: v for k, v in summary["labels"].items()}
+                if summary["labels"] is not None else None),
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         tool=f"maskdm {tool_version()}",
         tensor={"shape": [12, half, half], "dtype": "float16", "byte_order": "little",
@@ -575,7 +757,6 @@ def _finalize(opts, out: Path, source: Source, planned, n_chunks: int, done) -> 
     )
     _write_skipped(out, skipped)
     atomic_write_json(out / MANIFEST, manifest.to_json())
-    shutil.rmtree(out / PROGRESS, ignore_errors=True)
     return manifest
 
 

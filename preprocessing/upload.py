@@ -1,13 +1,16 @@
-"""``maskdm shard SRC s3://bucket/prefix``: shard into a local staging folder, then upload.
+"""``maskdm shard SRC s3://bucket/prefix``: shards are uploaded as they are made.
 
-The sharding job itself is the local, resumable one (``shard_job``), run in a staging folder on
-this machine (``--stage``; default ``~/.cache/maskdm/staging/NAME-HASH``). The upload then puts the
-job record first (so a re-run knows whose partial upload the bucket holds), every shard and index
-(skipping objects already there with the same size: a killed job re-run uploads only what is
-missing), ``skipped.jsonl``, and the manifest last, after a listing has confirmed every shard is in
-place: a folder with a manifest is complete. Objects in S3 and GCS appear whole or not at all, so
-a cut upload leaves nothing a reader can see. The staging folder is removed after a complete upload
-(``--keep-stage`` keeps it); it needs the space of the whole dataset while the job runs.
+The sharding job is the local, resumable one (``shard_job``), run in a staging folder on this
+machine (``--stage``; default ``~/.cache/maskdm/staging/NAME-HASH``), with a ``BucketOutput``:
+the job record and the source summary go up first (so a re-run, or another part, knows whose
+partial upload the bucket holds); each committed shard's index and tar are uploaded (skipping
+objects already there with the same size), then its progress record, and the staged copy is
+deleted, so the stage holds only the shards in work or waiting for their upload (at most
+``2 x workers``). A killed job re-run finds its finished shards by their records in the bucket
+and redoes only the others, with the same bytes. The part that finds every shard's record there
+(one job, or the last of ``--part I/N``, or ``--merge``) uploads ``skipped.jsonl`` and the
+manifest last: a folder with a manifest is complete. Objects in S3 and GCS appear whole or not
+at all, so a cut upload leaves nothing a reader can see.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from maskdm.shardformat.fsutil import NotPrivate, private_folder, redact_url
@@ -33,7 +36,7 @@ from maskdm.shardformat.remote import (
     url_scheme,
 )
 
-from .shard_job import JOB, ShardJobError, ShardOptions, run
+from .shard_job import JOB, PROGRESS, SOURCE, Output, ShardJobError, ShardOptions, run
 
 READ_ONLY = ("http", "https")
 
@@ -70,8 +73,18 @@ class _Bucket:
     def key(self, name: str) -> str:
         return f"{self.root}/{name}"
 
-    def listing(self) -> dict[str, int]:
-        return list_files(self.fs, self.root, self._do)
+    def listing(self, sub: str | None = None) -> dict[str, int]:
+        """Name -> size of the files in the folder (or its subfolder ``sub``)."""
+        return list_files(self.fs, self.key(sub) if sub else self.root, self._do)
+
+    def remove_tree(self, sub: str) -> None:
+        """Delete the files of subfolder ``sub`` (best effort: what another writer removed
+        first is not an error)."""
+        for name in self.listing(sub):
+            try:
+                self.patience.call(lambda n=name: self.fs.rm_file(self.key(f"{sub}/{n}")), name)
+            except (FileNotFoundError, RemoteError):
+                pass
 
     def read_json(self, name: str) -> dict | None:
         try:
@@ -90,25 +103,148 @@ class _Bucket:
             self._do(name, lambda n=name: self.fs.rm_file(self.key(n)))
 
 
+class BucketOutput(Output):
+    """The destination of a sharding job in a bucket: uploads each committed shard from the
+    staging folder (a few at a time, in threads) and deletes its staged copy."""
+
+    def __init__(self, bucket: _Bucket, lease, *, keep_stage: bool,
+                 listing: dict[str, int] | None = None):
+        self.bucket, self.lease, self.keep_stage = bucket, lease, keep_stage
+        self.listing = dict(listing or {})  # the folder's files when the job started
+        self.pool = ThreadPoolExecutor(4, thread_name_prefix="maskdm-upload")
+        self.pending: list[Future] = []
+        self.handled: set[str] = set()
+        self.uploaded, self.kept, self.sent_bytes = 0, 0, 0
+        self._lock = threading.Lock()
+
+    # the bucket's progress records: PROGRESS/shard-k.json, uploaded after the shard's files
+    def _records(self, names: list[str]) -> dict[int, dict]:
+        def get(name):
+            rec = self.bucket.read_json(f"{PROGRESS}/{name}")
+            return name, rec
+        with ThreadPoolExecutor(16) as pool:
+            found = list(pool.map(get, names))
+        out = {}
+        for name, rec in found:
+            if rec is None or not _record_ok(rec, name):
+                continue
+            out[int(name[6:12])] = rec
+        return out
+
+    def begin(self, out: Path) -> None:
+        if JOB not in self.listing:
+            self.bucket.put(out / JOB, JOB)
+        self.bucket.put(out / PROGRESS / SOURCE, f"{PROGRESS}/{SOURCE}")
+
+    def done(self, out: Path, chunks: list[int]) -> dict[int, dict]:
+        there = self.bucket.listing(PROGRESS)
+        names = [f"shard-{k:06d}.json" for k in chunks if f"shard-{k:06d}.json" in there]
+        recs = self._records(names)
+        listing = self.bucket.listing()
+        return {k: r for k, r in recs.items()  # its files must be there with their sizes
+                if not r["samples"] or (listing.get(r["name"]) == r["bytes"]
+                                        and r["index"] in listing)}
+
+    def _put(self, path: Path, name: str) -> None:
+        size = path.stat().st_size
+        if self.listing.get(name) == size:
+            with self._lock:
+                self.kept += 1
+            return
+        self.bucket.put(path, name)
+        with self._lock:
+            self.uploaded += 1
+            self.sent_bytes += size
+
+    def _upload(self, out: Path, rec: dict) -> None:
+        files = [rec["index"], rec["name"]] if rec["samples"] else []
+        for name in files:
+            self._put(out / name, name)
+        self.lease.check()  # another job took the prefix over: its records, not ours
+        record = f"{PROGRESS}/{rec['name'][:-4]}.json"
+        self.bucket.put(out / record, record)
+        if not self.keep_stage:
+            for name in files:
+                (out / name).unlink(missing_ok=True)
+
+    def committed(self, out: Path, rec: dict) -> None:
+        self.handled.update([rec["index"], rec["name"]])
+        self.pending.append(self.pool.submit(self._upload, out, rec))
+
+    def backlog(self) -> int:
+        still = []
+        for f in self.pending:
+            if f.done():
+                f.result()  # an upload that failed stops the job here, with its message
+            else:
+                still.append(f)
+        self.pending = still
+        return len(still)
+
+    def flush(self) -> None:
+        try:
+            for f in self.pending:
+                f.result()
+        finally:
+            self.pending = []
+
+    def records(self, out: Path, n_chunks: int) -> dict[int, dict]:
+        there = self.bucket.listing(PROGRESS)
+        return self._records([f"shard-{k:06d}.json" for k in range(n_chunks)
+                              if f"shard-{k:06d}.json" in there])
+
+    def publish(self, out: Path, manifest: ShardManifest) -> None:
+        """The staged shards the bucket lacks (a complete stage), ``skipped.jsonl``, a check that
+        every shard is there with its size, and the manifest last."""
+        for s in manifest.shards:
+            for name in (s.index, s.name):
+                if name not in self.handled and (out / name).exists():
+                    self.handled.add(name)
+                    self._put(out / name, name)
+        self._put(out / SKIPPED, SKIPPED)
+        listing = self.bucket.listing()
+        wrong = [s.name for s in manifest.shards if listing.get(s.name) != s.bytes] + \
+            [s.index for s in manifest.shards if s.index not in listing]
+        if wrong:
+            raise ShardJobError(f"{self.bucket.url}: {', '.join(wrong[:5])} "
+                                f"{'is' if len(wrong) == 1 else 'are'} missing or of another size "
+                                f"in the bucket; re-run the same command")
+        self.lease.check()
+        self.bucket.put(out / MANIFEST, MANIFEST)  # last: the folder is complete
+        self.bucket.remove_tree(PROGRESS)  # (best effort: the manifest is what readers use)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _record_ok(rec: dict, name: str) -> bool:
+    try:
+        return rec["name"] == name[:-5] + ".tar" and isinstance(rec["samples"], int)
+    except (KeyError, TypeError):
+        return False
+
+
+def lease_name(part: tuple[int, int] | None) -> str:
+    """One lease per writer of a prefix: the job's, or each part's (parts write side by side)."""
+    from maskdm.shardformat.lease import NAME
+    return NAME if part is None else f".maskdm-lease-part-{part[0]}-of-{part[1]}.json"
+
+
 def run_remote(opts: ShardOptions, url: str, *, stage: str | None = None,
                keep_stage: bool = False, progress: bool = True, log=print,
-               store: StoreOptions | None = None, lease_s: float = 90.0) -> ShardManifest:
-    """Shard ``opts.src`` into ``url`` (s3:// or gs://) through a local staging folder. One job
-    writes a prefix: it holds the prefix's lease (``shardformat.lease``) while it runs."""
+               store: StoreOptions | None = None, lease_s: float = 90.0) -> ShardManifest | None:
+    """Shard ``opts.src`` into ``url`` (s3:// or gs://), uploading as it goes. One job (or one
+    job per part) writes a prefix: it holds its lease (``shardformat.lease``) while it runs."""
     scheme = url_scheme(url)
     if scheme in READ_ONLY:
         raise ShardJobError(f"OUT: {url}: {scheme}:// folders are read-only; shard into s3:// or "
                             f"gs:// (or a local folder your web server serves)")
     bucket = _Bucket(url, store or StoreOptions())
-    stage_dir = Path(stage).expanduser() if stage else default_stage(url)
-    try:  # its shards are uploaded as they are: the folder must be this user's
-        private_folder(stage_dir, "--stage")
-    except NotPrivate as e:
-        raise ShardJobError(f"staging folder: {e}") from None
+    stage_dir = _stage(url, stage, opts.part)
     opts.out = str(stage_dir)
-    from maskdm.shardformat.lease import NAME, LeaseHeld, LeaseLost, bucket_lease
-    lease = bucket_lease(bucket.fs, bucket.key(NAME), redact_url(bucket.url), "maskdm shard",
-                         bucket._do, ttl_s=lease_s)
+    from maskdm.shardformat.lease import LeaseHeld, LeaseLost, bucket_lease
+    lease = bucket_lease(bucket.fs, bucket.key(lease_name(opts.part)), redact_url(bucket.url),
+                         "maskdm shard", bucket._do, ttl_s=lease_s)
     try:
         lease.acquire(log)
     except LeaseHeld as e:
@@ -125,9 +261,21 @@ def run_remote(opts: ShardOptions, url: str, *, stage: str | None = None,
         lease.release()
 
 
+def _stage(url: str, stage: str | None, part: tuple[int, int] | None) -> Path:
+    stage_dir = Path(stage).expanduser() if stage else default_stage(url)
+    if part is not None and not stage:  # parts on one machine must not share a stage
+        stage_dir = stage_dir.with_name(f"{stage_dir.name}-part-{part[0]}-of-{part[1]}")
+    try:  # its shards are uploaded as they are: the folder must be this user's
+        private_folder(stage_dir, "--stage")
+    except NotPrivate as e:
+        raise ShardJobError(f"staging folder: {e}") from None
+    return stage_dir
+
+
 def _shard_and_upload(opts: ShardOptions, url: str, bucket: _Bucket, stage_dir: Path, lease, *,
-                      keep_stage: bool, progress: bool, log) -> ShardManifest:
-    found = {}
+                      keep_stage: bool, progress: bool, log) -> ShardManifest | None:
+    found: dict[str, int] = {}
+    output = BucketOutput(bucket, lease, keep_stage=keep_stage)
 
     def check_bucket(job: dict) -> ShardManifest | None:
         """Before any work: is the bucket's folder this job, done, another job, or empty?"""
@@ -140,6 +288,7 @@ def _shard_and_upload(opts: ShardOptions, url: str, bucket: _Bucket, stage_dir: 
                 log(f"--overwrite: deleting {len(stale)} object(s) in {url}")
                 bucket.delete([MANIFEST] * (MANIFEST in stale)
                               + [n for n in stale if n != MANIFEST])
+            bucket.remove_tree(PROGRESS)
             listing = {}
         elif ours_done:
             from maskdm.shardformat.manifest import load_manifest
@@ -157,45 +306,69 @@ def _shard_and_upload(opts: ShardOptions, url: str, bucket: _Bucket, stage_dir: 
             raise ShardJobError(f"{url} already holds shards from another tool or an older job; "
                                 f"use another prefix, or --overwrite to replace them")
         found.update(listing)
+        output.listing = dict(listing)
         return None
 
-    manifest = run(opts, progress=progress, log=log, before_write=check_bucket)
+    try:
+        manifest = run(opts, progress=progress, log=log, before_write=check_bucket,
+                       output=output)
+    finally:
+        output.close()
     if MANIFEST in found:  # complete in the bucket already: nothing was staged
         if not keep_stage:
             shutil.rmtree(stage_dir, ignore_errors=True)
         return manifest
-    if (stage_dir / JOB).exists() and JOB not in found:
-        bucket.put(stage_dir / JOB, JOB)
-    names = [n for s in manifest.shards for n in (s.index, s.name)] + [SKIPPED]
-    todo = [n for n in names if found.get(n) != (stage_dir / n).stat().st_size]
-    kept = len(names) - len(todo)
-    size = sum((stage_dir / n).stat().st_size for n in todo)
-    from tqdm import tqdm
-
-    from maskdm.console import show_progress
-    bar = tqdm(total=size, unit="B", unit_scale=True, desc="uploading", dynamic_ncols=True,
-               disable=not (progress and show_progress()), file=sys.stderr)
-    try:
-        def put(name):
-            bucket.put(stage_dir / name, name)
-            bar.update((stage_dir / name).stat().st_size)
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(put, todo))
-    finally:
-        bar.close()
-    listing = bucket.listing()
-    wrong = [n for n in names if listing.get(n) != (stage_dir / n).stat().st_size]
-    if wrong:
-        raise ShardJobError(f"{url}: after the upload {', '.join(wrong[:5])} "
-                            f"{'is' if len(wrong) == 1 else 'are'} missing or of another size in "
-                            f"the bucket; re-run the same command")
-    lease.check()  # another job took the prefix over: its shards, not ours, are there
-    bucket.put(stage_dir / MANIFEST, MANIFEST)  # last: the folder is complete
-    log(f"uploaded {len(todo)} file(s), {size / 1e6:.1f} MB, to {url}"
-        f"{f' ({kept} already there)' if kept else ''}"
+    up = output
+    log(f"uploaded {up.uploaded} file(s), {up.sent_bytes / 1e6:.1f} MB, to {url}"
+        f"{f' ({up.kept} already there)' if up.kept else ''}"
         f"{f'; {bucket.retries} retried request(s)' if bucket.retries else ''}")
+    if manifest is None:
+        listing = bucket.listing()
+        if MANIFEST in listing:  # another part finished the folder meanwhile
+            from maskdm.shardformat.manifest import load_manifest
+            manifest = load_manifest(url)
     if keep_stage:
         log(f"the staged copy stays in {stage_dir}")
     else:
         shutil.rmtree(stage_dir, ignore_errors=True)
     return manifest
+
+
+def merge_remote(url: str, *, stage: str | None = None, log=print,
+                 store: StoreOptions | None = None) -> ShardManifest:
+    """``maskdm shard --merge s3://...``: the manifest of a job whose parts are all done in the
+    bucket (a complete folder is left as it is)."""
+    from maskdm.shardformat.manifest import load_manifest
+
+    from .shard_job import finalize_when_complete
+    bucket = _Bucket(url, store or StoreOptions())
+    listing = bucket.listing()
+    if MANIFEST in listing:
+        return load_manifest(url)
+    job = bucket.read_json(JOB) if JOB in listing else None
+    if job is None:
+        raise ShardJobError(f"{redact_url(url)} holds no sharding job ({JOB} is missing): run "
+                            f"the parts first (maskdm shard SRC OUT --part I/N)")
+    summary = bucket.read_json(f"{PROGRESS}/{SOURCE}")
+    if summary is None:
+        raise ShardJobError(f"{redact_url(url)}: no part has started writing it "
+                            f"({PROGRESS}/{SOURCE} is missing)")
+    stage_dir = _stage(url, stage, None)
+    (stage_dir / PROGRESS).mkdir(parents=True, exist_ok=True)
+    from maskdm.shardformat.fsutil import atomic_write_json
+    atomic_write_json(stage_dir / PROGRESS / SOURCE, summary)
+
+    class _NoLease:
+        def check(self):
+            pass
+    out = BucketOutput(bucket, _NoLease(), keep_stage=True, listing=listing)
+    try:
+        n_chunks = (job["planned"] + job["samples_per_shard"] - 1) // job["samples_per_shard"]
+        m = finalize_when_complete(stage_dir, job, n_chunks, out, log)
+    finally:
+        out.close()
+        shutil.rmtree(stage_dir, ignore_errors=True)
+    if m is None:
+        raise ShardJobError(f"{redact_url(url)} is not complete yet; run the missing parts (same "
+                            f"command, same --part), then --merge again")
+    return m

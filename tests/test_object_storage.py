@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import shard_set
 
 moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
 pytest.importorskip("s3fs", reason="needs s3fs (the dev extra)")
@@ -22,30 +21,6 @@ pytest.importorskip("s3fs", reason="needs s3fs (the dev extra)")
 from maskdm.pipeline.data.loader import Loader  # noqa: E402
 from maskdm.shardformat.reader import SampleError, ShardReader  # noqa: E402
 from maskdm.shardformat.remote import CacheFull, CacheOptions, RemoteShards  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server with bucket `bkt` holding `ds` (6 shards of 16 samples), and the local
-    folder it was uploaded from."""
-    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    port = srv.get_host_and_port()[1]
-    env = dict(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="test",
-               AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    local = shard_set(tmp_path_factory.mktemp("s3src"), "ds", count=96, samples_per_shard=16)
-    import fsspec
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir("bkt")
-    for f in sorted(local.iterdir()):
-        if f.is_file():
-            fs.put_file(str(f), f"bkt/ds/{f.name}")
-    yield {"url": "s3://bkt/ds", "local": local, "fs": fs, "port": port}
-    srv.stop()
-    for k, v in old.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def _take(loader, n):

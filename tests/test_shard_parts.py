@@ -1,0 +1,161 @@
+"""`maskdm shard --part I/N` (issue 37): parts write exactly the shards one job would, in any
+order, on any number of machines, side by side, killed and re-run; the last part (or `--merge`)
+writes the manifest. Into a bucket each shard is uploaded as it is made, so the staging folder
+stays bounded. Real processes, a real S3 server (moto), `kill -9`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+JOB = ["procedural", "--size", "32", "--count", "300", "--samples-per-shard", "40", "--quiet"]
+
+
+def shard(*args: str) -> int:
+    from maskdm.pipeline.cli import main
+    return main(["shard", *args])
+
+
+def _same_as_one_job(one: Path, other: Path) -> None:
+    names = sorted(p.name for p in one.glob("shard-*"))
+    assert names and names == sorted(p.name for p in other.glob("shard-*"))
+    for n in names:
+        assert (one / n).read_bytes() == (other / n).read_bytes(), n
+    assert (one / "skipped.jsonl").read_bytes() == (other / "skipped.jsonl").read_bytes()
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (one, other))
+    a.pop("created_at"), b.pop("created_at")
+    assert a == b  # statistics included: exact sums, in shard order
+
+
+def test_parts_in_any_order_and_any_number_write_the_shards_of_one_job(tmp_path, capsys):
+    one, three, two = tmp_path / "one", tmp_path / "three", tmp_path / "two"
+    assert shard(JOB[0], str(one), *JOB[1:]) == 0
+    for i in (2, 0):
+        assert shard(JOB[0], str(three), *JOB[1:], "--part", f"{i}/3") == 0
+        assert not (three / "manifest.json").exists()
+    assert "not written yet" in capsys.readouterr().out
+    assert shard("--merge", str(three)) == 1  # part 1 is missing: said, nothing written
+    out, err = capsys.readouterr()
+    assert "shards 2-4 of 0-7 not written yet" in out and "is not complete yet" in err, err
+    assert not (three / "manifest.json").exists()
+    # another setting in a part of this job is refused, naming it
+    assert shard(JOB[0], str(three), *JOB[1:], "--seed", "7", "--part", "1/3") == 1
+    assert "holds a different sharding job (seed differ)" in capsys.readouterr().err
+    assert shard(JOB[0], str(three), *JOB[1:], "--part", "1/3") == 0  # the last: the manifest
+    _same_as_one_job(one, three)
+    assert shard("--merge", str(three)) == 0  # idempotent on a complete folder
+    assert "complete, 300 samples in 8 shards" in capsys.readouterr().out
+    assert shard("--verify", str(three), "--quick", "--quiet") == 0
+    for i in (1, 0):  # another N: the same shards
+        assert shard(JOB[0], str(two), *JOB[1:], "--part", f"{i}/2") == 0
+    _same_as_one_job(one, two)
+    assert shard(JOB[0], str(two), *JOB[1:], "--part", "2/2") == 1
+    assert "--part I/N needs 0 <= I < N, got 2/2" in capsys.readouterr().err
+
+
+def _popen(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "maskdm", "shard", *args], cwd=ROOT,
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(cond, what: str, timeout: float = 120.0) -> None:
+    t0 = time.time()
+    while not cond():
+        assert time.time() - t0 < timeout, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+BIG = ["procedural", "--size", "32", "--count", "1600", "--samples-per-shard", "100", "--quiet",
+       "--workers", "1"]
+
+
+@pytest.mark.slow
+def test_parts_side_by_side_one_killed_and_rerun_equal_one_job(tmp_path):
+    one, out = tmp_path / "one", tmp_path / "out"
+    assert shard(BIG[0], str(one), *BIG[1:]) == 0
+    a = _popen(BIG[0], str(out), *BIG[1:], "--part", "0/2")
+    b = _popen(BIG[0], str(out), *BIG[1:], "--part", "1/2")
+    progress = out / ".progress"
+    _wait_for(lambda: progress.exists() and any(progress.glob("shard-00000*.json")),
+              "part 0's first shard")
+    a.send_signal(signal.SIGKILL)
+    a.wait()
+    assert b.wait(timeout=600) == 0, b.stderr.read()
+    assert not (out / "manifest.json").exists()  # part 0 was killed: nobody finished the job
+    again = subprocess.run([sys.executable, "-m", "maskdm", "shard", BIG[0], str(out), *BIG[1:],
+                            "--part", "0/2"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "resuming:" in again.stdout and "wrote 1600 samples in 16 shards" in again.stdout
+    _same_as_one_job(one, out)
+
+
+@pytest.mark.slow
+def test_parts_into_a_bucket_upload_as_they_go_and_equal_one_job(s3, tmp_path):
+    """Two parts side by side into s3://, one through a slow link (its uploads lag behind its
+    conversions): the stages never hold more than 2 x workers finished shards; part 1 killed and
+    re-run redoes only what is missing; the bucket then holds the bytes of one local job."""
+    from tests.netproxy import SlowLink
+    one = tmp_path / "one"
+    job = [a if a != "1" else "2" for a in BIG]  # 2 workers
+    assert shard(job[0], str(one), *job[1:]) == 0
+    url, fs = "s3://bkt/parts", s3["fs"]
+    link = SlowLink(s3["port"], 2e6)
+    stages = [tmp_path / "stage0", tmp_path / "stage1"]
+    most = [0, 0]
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            for i, st in enumerate(stages):
+                most[i] = max(most[i], len(list(st.glob("shard-*.tar"))) if st.exists() else 0)
+            time.sleep(0.02)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        a = _popen(job[0], url, *job[1:], "--part", "0/2", "--stage", str(stages[0]),
+                   env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{link.port}"})
+        b = _popen(job[0], url, *job[1:], "--part", "1/2", "--stage", str(stages[1]))
+
+        def records():
+            fs.invalidate_cache()
+            return [p for p in fs.ls("bkt/parts/.progress", refresh=True)
+                    if p.rsplit("/", 1)[-1] >= "shard-000008"] \
+                if fs.exists("bkt/parts/.progress") else []
+        _wait_for(lambda: len(records()) >= 2, "part 1's first shards in the bucket")
+        b.send_signal(signal.SIGKILL)
+        b.wait()
+        assert a.wait(timeout=600) == 0, a.stderr.read()
+        b = subprocess.run([sys.executable, "-m", "maskdm", "shard", job[0], url, *job[1:],
+                            "--part", "1/2", "--stage", str(stages[1])], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+        assert b.returncode == 0, b.stderr
+        assert "resuming:" in b.stdout, b.stdout
+    finally:
+        stop.set()
+        watcher.join()
+        link.close()
+    assert 0 < most[0] <= 4 and most[1] <= 4, most  # 2 x workers at most, never the dataset
+    for p in sorted(one.glob("shard-*")) + [one / "skipped.jsonl"]:
+        assert fs.cat_file(f"bkt/parts/{p.name}") == p.read_bytes(), p.name
+    a_m, b_m = json.loads((one / "manifest.json").read_text()), \
+        json.loads(fs.cat_file("bkt/parts/manifest.json"))
+    a_m.pop("created_at"), b_m.pop("created_at")
+    assert a_m == b_m
+    fs.invalidate_cache()
+    assert not fs.exists("bkt/parts/.progress/source.json")  # the records went with the manifest
+    assert not any(st.exists() for st in stages)  # removed after the upload
+    assert shard("--verify", url, "--quiet") == 0
+    assert shard("--merge", url) == 0
+
