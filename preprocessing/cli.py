@@ -15,10 +15,18 @@ examples:
   maskdm shard /data/CelebA-HQ-img shards/celebahq256-10pct --source celebahq --subset 0.1 --seed 0
   maskdm shard procedural shards/demo --size 32 --count 4000
   maskdm shard /data/CelebA-HQ-img s3://bucket/shards/celebahq256 --source celebahq
+  maskdm shard /data/vggface2 s3://bucket/vgg256 --source vggface2 --part 3/16
+  maskdm shard --merge s3://bucket/vgg256
   maskdm shard --verify shards/celebahq256
 
-OUT may be an s3:// or gs:// URL: the shards are written to a local staging folder (--stage),
-uploaded, and the manifest is uploaded last. Credentials come from the store's usual environment.
+OUT may be an s3:// or gs:// URL: each shard is written to a local staging folder (--stage),
+uploaded and deleted there; the manifest is uploaded last. Credentials come from the store's usual
+environment.
+
+Many machines: --part I/N (0 <= I < N) writes the I-th of N parts of the same job into the same
+OUT (a shared folder or a bucket); any N gives exactly the shards of one job, the last part to
+finish writes the manifest, and `maskdm shard --merge OUT` does so for a job whose parts are done:
+  sbatch --array=0-15 --wrap 'maskdm shard /data/vgg s3://b/vgg256 --part $SLURM_ARRAY_TASK_ID/16'
 
 A killed or interrupted run resumes when re-run with the same arguments. Bad images never stop the
 job: each is skipped and listed with its reason in OUT/skipped.jsonl. Images smaller than --size
@@ -32,11 +40,13 @@ def add_shard_parser(sub) -> None:
         description="Turn CelebA-HQ, VGGFace2, any image folder, or the built-in procedural set "
         "into WebDataset tar shards of lossless float16 Haar-DWT tensors, with a manifest, DALI "
         "index files and skipped.jsonl. With --verify, check an existing shard directory.",
-        usage="maskdm shard [options] SRC OUT\n       maskdm shard --verify [--quick] OUT",
+        usage="maskdm shard [options] SRC OUT\n       maskdm shard --verify [--quick] OUT\n"
+              "       maskdm shard --merge OUT",
         epilog=SHARD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="SRC OUT",
-                   help="SRC: the source (folder, .zip, or the word 'procedural'); OUT: the "
-                   "output folder. With --verify only OUT, the shard folder")
+                   help="SRC: the source (folder, .zip, or the word 'procedural'; a folder or "
+                   ".zip may be an s3:// / gs:// / http(s):// URL); OUT: the output folder (or "
+                   "s3:// / gs:// prefix). With --verify or --merge only OUT, the shard folder")
     p.add_argument("--verify", action="store_true",
                    help="check checksums, counts, indexes and lossless decoding of a shard folder")
     p.add_argument("--quick", action="store_true",
@@ -83,11 +93,13 @@ def add_shard_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="discard whatever OUT holds and start over")
     p.add_argument("--stage", default=None, metavar="DIR",
-                   help="OUT in object storage (s3://, gs://): the local folder the shards are "
-                   "written to before their upload (needs the dataset's size free; default "
-                   "~/.cache/maskdm/staging/NAME-HASH, or under $MASKDM_CACHE's parent)")
+                   help="OUT in object storage (s3://, gs://): the local folder each shard is "
+                   "written to before its upload (it holds at most 2 x workers shards; default "
+                   "~/.cache/maskdm/staging/NAME-HASH[-part-I-of-N], or under $MASKDM_CACHE's "
+                   "parent)")
     p.add_argument("--keep-stage", action="store_true",
-                   help="keep the staging folder after a complete upload (default: remove it)")
+                   help="keep every staged shard after its upload (the stage then needs the "
+                   "dataset's size; default: each is deleted once uploaded)")
     p.add_argument("--lease-s", type=float, default=90.0, metavar="SECONDS",
                    help="OUT in object storage: one job writes a prefix; a job finding another "
                    "job's lease there watches it this long: renewed -> refused, unchanged (that "
@@ -146,10 +158,10 @@ def run_shard(args) -> int:
             kind = "folder"
     from maskdm.shardformat.fsutil import url_refusal
     from maskdm.shardformat.remote import is_remote
-    if (refused := url_refusal(src, "SRC")) is not None:
+    if (refused := url_refusal(src, "SRC", remote_ok=True)) is not None:
         print(f"error: {refused}", file=sys.stderr)
         return 2
-    if kind != "procedural" and not os.path.exists(src):
+    if kind != "procedural" and not is_remote(src) and not os.path.exists(src):
         print(f"error: source {src} does not exist", file=sys.stderr)
         return 2
 

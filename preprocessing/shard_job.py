@@ -110,7 +110,7 @@ class ShardOptions:
                 raise ShardJobError("--overwrite cannot be combined with --part: the parts share "
                                     "OUT; clear it once (or pick a new OUT) before starting them")
         for location, what in ((self.src, "SRC"), (self.out, "OUT")):
-            if (refused := url_refusal(location, what)) is not None:
+            if (refused := url_refusal(location, what, remote_ok=what == "SRC")) is not None:
                 raise ShardJobError(refused)
         if self.size < 2 or self.size % 2:
             raise ShardJobError(f"--size must be a positive multiple of 2, got {self.size}")
@@ -224,11 +224,15 @@ def _tick() -> None:
         c.value += 1
 
 
-def _convert(pos: int, item: Item):
-    """One input -> ("ok", components, meta, sum, sumsq) or ("skip", reason, skipped record)."""
+def _convert(pos: int, item: Item, data=None):
+    """One input (``data``: its bytes, or the ``Skip`` reading them raised, when read ahead) ->
+    ("ok", components, meta, sum, sumsq) or ("skip", reason, skipped record)."""
     opts: ShardOptions = _W["opts"]
     try:
-        data = _W["loader"].load(item, max_bytes=opts.max_file_mb * 2 ** 20)
+        if isinstance(data, Skip):
+            raise data
+        if data is None:
+            data = _W["loader"].load(item, max_bytes=opts.max_file_mb * 2 ** 20)
         prep = prepare(data, opts.size, bbox=item.bbox, small=opts.small, min_side=opts.min_side,
                        max_pixels=opts.max_pixels)
     except Skip as e:
@@ -260,12 +264,13 @@ def _convert(pos: int, item: Item):
 def _process_chunk(task: tuple[int, int, list[Item]]) -> dict:
     """Convert chunk ``k`` (inputs starting at position ``first``) and commit it as one shard."""
     k, first, items = task
-    return _commit_chunk(k, len(items), (_convert_ticked(first + i, item)
-                                          for i, item in enumerate(items)))
+    fetched = _W["loader"].fetching(items, _W["opts"].max_file_mb * 2 ** 20)
+    return _commit_chunk(k, len(items), (_convert_ticked(first + i, item, data)
+                                          for i, (item, data) in enumerate(fetched)))
 
 
-def _convert_ticked(pos: int, item: Item):
-    res = _convert(pos, item)
+def _convert_ticked(pos: int, item: Item, data=None):
+    res = _convert(pos, item, data)
     _tick()
     return res
 
@@ -490,6 +495,9 @@ def _run_locked(opts: ShardOptions, out: Path, progress: bool, log,
             f"{dt:.1f}s ({n_todo / max(dt, 1e-9):.0f} img/s)")
         return None
     src = manifest.source
+    if opts.part:
+        log(f"part {opts.part[0]}/{opts.part[1]}: wrote {plural(len(todo), 'shard')} in "
+            f"{dt:.1f}s ({n_todo / max(dt, 1e-9):.0f} img/s), the last part to finish:")
     log(f"wrote {plural(src['written'], 'sample')} in {plural(len(manifest.shards), 'shard')} "
         f"to {out} "
         f"({src['skipped']} skipped, {src['upscaled']} upscaled, {src['found']} found"

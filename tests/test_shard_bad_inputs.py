@@ -318,8 +318,8 @@ def test_empty_source_leaves_no_output_folder(tmp_path, capsys):
      "ftp:// locations are not supported"),
     (["fid", "--samples", "s3://bucket/samples", "--ref", "docs/img"],
      "object storage is not supported here"),
-    (["shard", "s3://bucket/images", "out", "--count", "4", "--size", "32"],
-     "object storage is not supported here"),
+    (["shard", "ftp://bucket/images", "out", "--count", "4", "--size", "32"],
+     "ftp:// locations are not supported"),  # (a source in s3://, gs://, http(s):// is read)
     (["shard", "procedural", "https://example.com/x", "--count", "4", "--size", "32"],
      "https:// folders are read-only"),
     (["train", "--config", "configs/test_tiny.yaml", "--set", "data.shards=ftp://b/x",

@@ -159,3 +159,47 @@ def test_parts_into_a_bucket_upload_as_they_go_and_equal_one_job(s3, tmp_path):
     assert shard("--verify", url, "--quiet") == 0
     assert shard("--merge", url) == 0
 
+
+
+def test_a_source_in_a_bucket_gives_the_shards_of_the_same_local_source(s3, tmp_path, capsys):
+    """Issue 37, item 3: SRC may be a folder or a zip in a bucket: the same shards (bytes) as
+    the same files on local disk, skipped inputs and ignored files included."""
+    import zipfile
+
+    from PIL import Image
+
+    from tests.conftest import noise_image
+    raw, fs = tmp_path / "raw", s3["fs"]
+    (raw / "sub").mkdir(parents=True)
+    for i in range(14):
+        Image.fromarray(noise_image(i, 40 + i, 48)).save(raw / ("sub" if i % 3 else "")
+                                                         / f"{i:03d}.png")
+    (raw / "broken.jpg").write_bytes(b"not a jpeg")  # skipped, with its reason
+    (raw / "notes.txt").write_text("ignored")
+    (raw / ".hidden.png").write_bytes(b"never listed")
+    with zipfile.ZipFile(tmp_path / "raw.zip", "w") as z:
+        for p in sorted(raw.rglob("*")):
+            if p.is_file():
+                z.write(p, p.relative_to(raw).as_posix())
+    for p in sorted(raw.rglob("*")):
+        if p.is_file():
+            fs.put_file(str(p), f"bkt/raw/{p.relative_to(raw).as_posix()}")
+    fs.put_file(str(tmp_path / "raw.zip"), "bkt/zips/raw.zip")
+    job = ["--size", "32", "--samples-per-shard", "4", "--quiet", "--workers", "2"]
+    for src, remote in ((str(raw), "s3://bkt/raw"), (str(tmp_path / "raw.zip"),
+                                                     "s3://bkt/zips/raw.zip")):
+        local, there = tmp_path / f"l-{Path(src).name}", tmp_path / f"r-{Path(src).name}"
+        assert shard(src, str(local), *job) == 0
+        assert shard(remote, str(there), *job) == 0
+        names = sorted(p.name for p in local.glob("shard-*"))
+        assert names == sorted(p.name for p in there.glob("shard-*")) and len(names) == 8
+        for n in names:
+            assert (local / n).read_bytes() == (there / n).read_bytes(), n
+        assert (local / "skipped.jsonl").read_bytes() == (there / "skipped.jsonl").read_bytes()
+        m = json.loads((there / "manifest.json").read_text())
+        assert m["source"]["path"] == remote and m["source"]["skipped"] == 1
+        assert m["source"]["ignored_by_extension"] == {".txt": 1}
+    capsys.readouterr()
+    assert shard("s3://bkt/nothing-here", str(tmp_path / "x"), *job) == 1
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err, err
