@@ -395,6 +395,13 @@ class Output:
         """Every chunk's progress record there is (every part's), for the manifest."""
         return _load_done(out, n_chunks)
 
+    def finished(self, out: Path) -> ShardManifest | None:
+        """The destination's manifest, if a part (or --merge) has written it already."""
+        if not (out / MANIFEST).exists():
+            return None
+        from maskdm.shardformat.manifest import load_manifest
+        return load_manifest(out)
+
     def publish(self, out: Path, manifest: ShardManifest) -> None:
         """``out`` now holds ``skipped.jsonl`` and the manifest."""
 
@@ -537,9 +544,8 @@ def finalize_when_complete(out: Path, job: dict, n_chunks: int, output: Output,
     """Write the manifest if every shard of the job is done (whichever part finishes last does
     it; ``--merge`` too); None, said in the log, while shards are missing."""
     with _finalize_lock(out):
-        if (out / MANIFEST).exists():  # another part finished it meanwhile
-            from maskdm.shardformat.manifest import load_manifest
-            return load_manifest(out)
+        if (m := output.finished(out)) is not None:  # another part finished it meanwhile
+            return m
         done = output.records(out, n_chunks)
         missing = [k for k in range(n_chunks) if k not in done]
         if missing:

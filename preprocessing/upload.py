@@ -80,9 +80,10 @@ class _Bucket:
     def remove_tree(self, sub: str) -> None:
         """Delete the files of subfolder ``sub`` (best effort: what another writer removed
         first is not an error)."""
-        for name in self.listing(sub):
+        keys = [self.key(f"{sub}/{n}") for n in self.listing(sub)]
+        for i in range(0, len(keys), 1000):  # (s3fs deletes up to 1000 per request)
             try:
-                self.patience.call(lambda n=name: self.fs.rm_file(self.key(f"{sub}/{n}")), name)
+                self.patience.call(lambda batch=keys[i:i + 1000]: self.fs.rm(batch), sub)
             except (FileNotFoundError, RemoteError):
                 pass
 
@@ -187,6 +188,12 @@ class BucketOutput(Output):
                 f.result()
         finally:
             self.pending = []
+
+    def finished(self, out: Path) -> ShardManifest | None:
+        if MANIFEST not in self.bucket.listing():
+            return None
+        from maskdm.shardformat.manifest import load_manifest
+        return load_manifest(self.bucket.url)
 
     def records(self, out: Path, n_chunks: int) -> dict[int, dict]:
         there = self.bucket.listing(PROGRESS)
@@ -322,11 +329,6 @@ def _shard_and_upload(opts: ShardOptions, url: str, bucket: _Bucket, stage_dir: 
     log(f"uploaded {up.uploaded} file(s), {up.sent_bytes / 1e6:.1f} MB, to {url}"
         f"{f' ({up.kept} already there)' if up.kept else ''}"
         f"{f'; {bucket.retries} retried request(s)' if bucket.retries else ''}")
-    if manifest is None:
-        listing = bucket.listing()
-        if MANIFEST in listing:  # another part finished the folder meanwhile
-            from maskdm.shardformat.manifest import load_manifest
-            manifest = load_manifest(url)
     if keep_stage:
         log(f"the staged copy stays in {stage_dir}")
     else:
