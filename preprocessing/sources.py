@@ -217,6 +217,21 @@ def _walk(root: Path, exclude: Path | None, ignored: dict[str, int]):
     return out
 
 
+def _zip_items(infos: list[zipfile.ZipInfo], ignored: dict[str, int]) -> list[Item]:
+    """The image members of a zip, sorted; the others counted in ``ignored`` by extension."""
+    items = []
+    for info in infos:
+        if info.is_dir() or os.path.basename(info.filename).startswith("."):
+            continue
+        ext = os.path.splitext(info.filename)[1].lower()
+        if ext in IMAGE_EXTS:
+            items.append(Item(info.filename, info.file_size))
+        else:
+            ignored[ext or "(none)"] = ignored.get(ext or "(none)", 0) + 1
+    items.sort(key=lambda it: it.ref)
+    return items
+
+
 def _bboxes(csv_path: str) -> dict[str, tuple[float, float, float, float]]:
     """VGGFace2 loose boxes: rows ``NAME_ID,X,Y,W,H`` with NAME_ID like ``n000002/0001_01``."""
     boxes = {}
@@ -265,16 +280,7 @@ def scan(kind: str, src: str, *, exclude: str | None = None, count: int = 0, gen
                 infos = z.infolist()
         except (zipfile.BadZipFile, OSError) as e:
             raise SourceError(f"{src}: cannot open the zip ({e})") from None
-        items = []
-        for info in infos:
-            if info.is_dir() or os.path.basename(info.filename).startswith("."):
-                continue
-            ext = os.path.splitext(info.filename)[1].lower()
-            if ext in IMAGE_EXTS:
-                items.append(Item(info.filename, info.file_size))
-            else:
-                ignored[ext or "(none)"] = ignored.get(ext or "(none)", 0) + 1
-        items.sort(key=lambda it: it.ref)
+        items = _zip_items(infos, ignored)
         return Source(kind, str(root), items, ignored=ignored)
 
     if not root.is_dir():
@@ -339,16 +345,7 @@ def _scan_remote(kind: str, url: str, *, split: str, bbox_csv: str | None) -> So
             infos = call("listing", members)
         except zipfile.BadZipFile as e:
             raise SourceError(f"{shown}: cannot open the zip ({e})") from None
-        items = []
-        for info in infos:
-            if info.is_dir() or os.path.basename(info.filename).startswith("."):
-                continue
-            ext = os.path.splitext(info.filename)[1].lower()
-            if ext in IMAGE_EXTS:
-                items.append(Item(info.filename, info.file_size))
-            else:
-                ignored[ext or "(none)"] = ignored.get(ext or "(none)", 0) + 1
-        items.sort(key=lambda it: it.ref)
+        items = _zip_items(infos, ignored)
         return Source(kind, shown, items, ignored=ignored, url=url)
     listed = call("listing", lambda: fs.find(path, detail=True))
     files = []
