@@ -481,8 +481,9 @@ def _run_locked(opts: ShardOptions, out: Path, progress: bool, log,
     for k in todo:  # a tar renamed just before a crash, without its commit record
         (out / f"shard-{k:06d}.tar").unlink(missing_ok=True)
         (out / f"shard-{k:06d}.idx").unlink(missing_ok=True)
-    what = (f"part {opts.part[0]}/{opts.part[1]}: shards {mine[0]}-{mine[-1]} of {n_chunks}"
-            if opts.part and mine else None)
+    what = (f"part {opts.part[0]}/{opts.part[1]}: "
+            + (f"shard {mine[0]}" if len(mine) == 1 else f"shards {mine[0]}-{mine[-1]}")
+            + f" of {n_chunks}") if opts.part and mine else None
     if opts.part and not mine:
         what = f"part {opts.part[0]}/{opts.part[1]}: no shards (the job has only {n_chunks})"
     if what:
