@@ -349,6 +349,27 @@ def _clear_outputs(out: Path) -> None:
     shutil.rmtree(out / PROGRESS, ignore_errors=True)
 
 
+def record_ok(rec, k: int) -> bool:
+    """Is ``rec`` a well-formed progress record of shard ``k``? Records are read back from OUT (a
+    shared folder, a bucket) that others can write: a record that names other files, or holds
+    anything but the counts and sums this job writes, is not taken (the shard is redone)."""
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def sums(v):
+        return isinstance(v, list) and len(v) == 12 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+    try:
+        return (isinstance(rec, dict) and rec["name"] == f"shard-{k:06d}.tar"
+                and rec["index"] == f"shard-{k:06d}.idx" and count(rec["samples"])
+                and count(rec["bytes"]) and isinstance(rec["sha256"], str)
+                and sums(rec["sum"]) and sums(rec["sumsq"]) and count(rec["upscaled"])
+                and count(rec["inputs"]) and isinstance(rec["skipped"], list)
+                and all(isinstance(x, dict) for x in rec["skipped"]))
+    except (KeyError, TypeError):
+        return False
+
+
 def _load_done(out: Path, n_chunks: int) -> dict[int, dict]:
     """Committed chunks: progress record present and its tar/idx intact on disk."""
     done = {}
@@ -361,7 +382,9 @@ def _load_done(out: Path, n_chunks: int) -> dict[int, dict]:
             rec = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if rec.get("samples", 0) > 0:
+        if not record_ok(rec, k):
+            continue
+        if rec["samples"] > 0:
             tar, idx = out / rec["name"], out / rec["index"]
             if not (tar.exists() and idx.exists() and tar.stat().st_size == rec["bytes"]):
                 continue
@@ -553,11 +576,41 @@ def finalize_when_complete(out: Path, job: dict, n_chunks: int, output: Output,
             log(f"{describe_parts(missing, n_chunks)} not written yet: the last part to finish "
                 f"writes the manifest (or `maskdm shard --merge OUT` once they are done)")
             return None
-        summary = json.loads((out / PROGRESS / SOURCE).read_text())
+        try:
+            summary = json.loads((out / PROGRESS / SOURCE).read_text())
+            if not _summary_ok(summary):
+                raise ValueError
+        except (OSError, ValueError):
+            raise ShardJobError(f"{out / PROGRESS / SOURCE} is missing or damaged; re-run any "
+                                f"part of the job (it is rewritten at its start)") from None
         manifest = _finalize(job, out, summary, n_chunks, done)
         output.publish(out, manifest)
         shutil.rmtree(out / PROGRESS, ignore_errors=True)
         return manifest
+
+
+def _summary_ok(v) -> bool:
+    try:
+        return (isinstance(v["kind"], str) and isinstance(v["root"], str)
+                and isinstance(v["found"], int) and isinstance(v["ignored"], dict)
+                and all(isinstance(n, int) for n in v["ignored"].values())
+                and (v["labels"] is None or (isinstance(v["labels"], dict) and all(
+                    isinstance(n, int) for n in v["labels"].values()))))
+    except (KeyError, TypeError):
+        return False
+
+
+def job_ok(job) -> bool:
+    """A job record read back from OUT (``--merge``): the fields the manifest is made from."""
+    try:
+        ints = ("planned", "samples_per_shard", "size", "seed", "count", "gen_seed")
+        return (all(isinstance(job[k], int) and not isinstance(job[k], bool) for k in ints)
+                and job["samples_per_shard"] > 0 and job["planned"] >= 0 and job["size"] >= 2
+                and job["encoding"] in ("dwt16", "jpeg") and isinstance(job["keep_jpeg"], bool)
+                and isinstance(job["shuffle"], bool)
+                and (job["subset"] is None or isinstance(job["subset"], (int, float))))
+    except (KeyError, TypeError):
+        return False
 
 
 def _finalize_lock(out: Path):
@@ -574,7 +627,13 @@ def merge(out_dir: str, *, log=print, output: Output | None = None) -> ShardMani
     if not (out / JOB).exists():
         raise ShardJobError(f"{out} holds no sharding job ({JOB} is missing): run the parts "
                             f"first (maskdm shard SRC OUT --part I/N)")
-    job = json.loads((out / JOB).read_text())
+    try:
+        job = json.loads((out / JOB).read_text())
+    except (OSError, ValueError):
+        job = None
+    if not job_ok(job):
+        raise ShardJobError(f"{out / JOB} is not a maskdm sharding job record (damaged?); "
+                            f"re-run a part of the job to rewrite it")
     if not (out / MANIFEST).exists() and not (out / PROGRESS / SOURCE).exists():
         raise ShardJobError(f"{out}: no part has started writing it ({PROGRESS}/{SOURCE} is "
                             f"missing)")

@@ -36,7 +36,17 @@ from maskdm.shardformat.remote import (
     url_scheme,
 )
 
-from .shard_job import JOB, PROGRESS, SOURCE, Output, ShardJobError, ShardOptions, run
+from .shard_job import (
+    JOB,
+    PROGRESS,
+    SOURCE,
+    Output,
+    ShardJobError,
+    ShardOptions,
+    job_ok,
+    record_ok,
+    run,
+)
 
 READ_ONLY = ("http", "https")
 
@@ -127,9 +137,9 @@ class BucketOutput(Output):
             found = list(pool.map(get, names))
         out = {}
         for name, rec in found:
-            if rec is None or not _record_ok(rec, name):
-                continue
-            out[int(name[6:12])] = rec
+            k = int(name[6:12])
+            if rec is not None and record_ok(rec, k):  # (else the shard is redone)
+                out[k] = rec
         return out
 
     def begin(self, out: Path) -> None:
@@ -222,13 +232,6 @@ class BucketOutput(Output):
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _record_ok(rec: dict, name: str) -> bool:
-    try:
-        return rec["name"] == name[:-5] + ".tar" and isinstance(rec["samples"], int)
-    except (KeyError, TypeError):
-        return False
 
 
 def lease_name(part: tuple[int, int] | None) -> str:
@@ -351,6 +354,9 @@ def merge_remote(url: str, *, stage: str | None = None, log=print,
     if job is None:
         raise ShardJobError(f"{redact_url(url)} holds no sharding job ({JOB} is missing): run "
                             f"the parts first (maskdm shard SRC OUT --part I/N)")
+    if not job_ok(job):
+        raise ShardJobError(f"{redact_url(url)}/{JOB} is not a maskdm sharding job record "
+                            f"(damaged?); re-run a part of the job to rewrite it")
     summary = bucket.read_json(f"{PROGRESS}/{SOURCE}")
     if summary is None:
         raise ShardJobError(f"{redact_url(url)}: no part has started writing it "

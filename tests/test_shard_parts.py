@@ -203,3 +203,32 @@ def test_a_source_in_a_bucket_gives_the_shards_of_the_same_local_source(s3, tmp_
     assert shard("s3://bkt/nothing-here", str(tmp_path / "x"), *job) == 1
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err, err
+
+
+def test_records_written_by_someone_else_are_not_taken(tmp_path, capsys):
+    """A progress record in a shared OUT that names another file or holds garbage is not taken
+    (its shard is redone: the result is still one job's bytes); a damaged job record stops
+    --merge with one line, never a traceback."""
+    one, out = tmp_path / "one", tmp_path / "out"
+    assert shard(JOB[0], str(one), *JOB[1:]) == 0
+    assert shard(JOB[0], str(out), *JOB[1:], "--part", "0/2") == 0
+    prog = out / ".progress"
+    rec = json.loads((prog / "shard-000001.json").read_text())
+    (tmp_path / "secret").write_bytes(b"x" * rec["bytes"])
+    (prog / "shard-000001.json").write_text(json.dumps({**rec, "name": "../secret"}))
+    (prog / "shard-000002.json").write_text(json.dumps({**rec, "sum": ["a"] * 12}))
+    (prog / "shard-000000.json").write_text("[1, 2]")
+    job = (out / ".maskdm-job.json").read_text()
+    (out / ".maskdm-job.json").write_text('{"planned": "many"}')
+    assert shard("--merge", str(out)) == 1
+    err = capsys.readouterr().err
+    assert "is not a maskdm sharding job record" in err and "Traceback" not in err, err
+    (out / ".maskdm-job.json").write_text(job)
+    assert shard(JOB[0], str(out), *JOB[1:], "--part", "1/2") == 0  # shards 4-7
+    assert not (out / "manifest.json").exists()  # 0-2 are not taken from those records
+    assert shard(JOB[0], str(out), *JOB[1:], "--part", "0/2") == 0  # redoes 0-2, finishes
+    out_text = capsys.readouterr().out
+    assert "resuming: 1 of 4 shards already complete" in out_text, out_text
+    _same_as_one_job(one, out)
+    m = json.loads((out / "manifest.json").read_text())
+    assert all(s["name"].startswith("shard-") for s in m["shards"])
