@@ -338,6 +338,17 @@ def _lock(out: Path, part: tuple[int, int] | None = None):
         what = "" if part is None else f" part {part[0]}/{part[1]} of"
         raise ShardJobError(f"another `maskdm shard` is writing{what} {out}; wait for it to "
                             f"finish or stop it first") from None
+    if part is None:  # a whole job tidies every shard's leftovers: no part may be writing
+        for other in sorted(out.glob(".lock-part-*-of-*")):
+            with open(other, "a") as g:
+                try:
+                    fcntl.flock(g, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    f.close()
+                    i, n = other.name[len(".lock-part-"):].split("-of-")
+                    raise ShardJobError(f"part {i}/{n} of this job is writing {out}; run the "
+                                        f"whole job once the parts are done (or run the "
+                                        f"missing parts with --part)") from None
     return f
 
 

@@ -232,3 +232,17 @@ def test_records_written_by_someone_else_are_not_taken(tmp_path, capsys):
     _same_as_one_job(one, out)
     m = json.loads((out / "manifest.json").read_text())
     assert all(s["name"].startswith("shard-") for s in m["shards"])
+
+
+def test_a_whole_job_waits_for_running_parts(tmp_path, capsys):
+    """A whole job tidies every shard's leftovers, so it is refused while a part holds its lock
+    (here held by this test, as a running part would)."""
+    import fcntl
+    out = tmp_path / "out"
+    assert shard(JOB[0], str(out), *JOB[1:], "--part", "0/2") == 0
+    with open(out / ".lock-part-1-of-2", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert shard(JOB[0], str(out), *JOB[1:]) == 1
+        assert "part 1/2 of this job is writing" in capsys.readouterr().err
+    assert shard(JOB[0], str(out), *JOB[1:]) == 0  # the part is gone: the job finishes
+    assert (out / "manifest.json").exists()
