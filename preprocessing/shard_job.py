@@ -171,6 +171,11 @@ def part_chunks(n_chunks: int, part: tuple[int, int] | None) -> list[int]:
     return list(range(i * n_chunks // n, (i + 1) * n_chunks // n))
 
 
+def job_chunks(job: dict) -> int:
+    """The number of shards (chunks) of a job record."""
+    return -(-job["planned"] // job["samples_per_shard"])
+
+
 def source_summary(source: Source) -> dict:
     """What the manifest needs of the scanned source, kept beside the progress records so that
     whichever part finishes last (or ``--merge``) writes the manifest without the source."""
@@ -381,11 +386,12 @@ def record_ok(rec, k: int) -> bool:
         return False
 
 
-def _load_done(out: Path, n_chunks: int) -> dict[int, dict]:
-    """Committed chunks: progress record present and its tar/idx intact on disk."""
+def _load_done(out: Path, chunks) -> dict[int, dict]:
+    """Those of ``chunks`` (shard numbers) committed in ``out``: progress record present and
+    well-formed, its tar/idx intact on disk."""
     done = {}
     prog = out / PROGRESS
-    for k in range(n_chunks):
+    for k in chunks:
         p = prog / f"shard-{k:06d}.json"
         if not p.exists():
             continue
@@ -411,9 +417,9 @@ class Output:
         """``out`` holds the job record and the source summary; no shard is written yet."""
 
     def done(self, out: Path, chunks: list[int]) -> dict[int, dict]:
-        """The progress records of those of ``chunks`` complete at the destination."""
-        found = _load_done(out, max(chunks) + 1 if chunks else 0)
-        return {k: found[k] for k in chunks if k in found}
+        """The progress records of those of ``chunks`` complete at the destination beyond what
+        ``out`` holds (OUT itself is the destination: none)."""
+        return {}
 
     def committed(self, out: Path, rec: dict) -> None:
         """Chunk ``rec`` was just committed in ``out``."""
@@ -427,7 +433,7 @@ class Output:
 
     def records(self, out: Path, n_chunks: int) -> dict[int, dict]:
         """Every chunk's progress record there is (every part's), for the manifest."""
-        return _load_done(out, n_chunks)
+        return _load_done(out, range(n_chunks))
 
     def finished(self, out: Path) -> ShardManifest | None:
         """The destination's manifest, if a part (or --merge) has written it already."""
@@ -501,13 +507,12 @@ def _run_locked(opts: ShardOptions, out: Path, progress: bool, log,
     output.begin(out)
 
     spc = opts.samples_per_shard
-    n_chunks = (len(planned) + spc - 1) // spc
+    n_chunks = job_chunks(job)
     mine = part_chunks(n_chunks, opts.part)
     _remove_stale_tmp(out, mine if opts.part else None)
-    staged = {k: r for k, r in _load_done(out, n_chunks).items() if k in set(mine)}
     done = output.done(out, mine)
-    for k, rec in staged.items():  # committed here by an earlier run, not at the destination
-        if k not in done:
+    for k, rec in _load_done(out, mine).items():  # committed here by an earlier run
+        if k not in done:  # (and not at the destination yet: a bucket)
             output.committed(out, rec)
             done[k] = rec
     todo = [k for k in mine if k not in done]
@@ -648,8 +653,7 @@ def merge(out_dir: str, *, log=print, output: Output | None = None) -> ShardMani
     if not (out / MANIFEST).exists() and not (out / PROGRESS / SOURCE).exists():
         raise ShardJobError(f"{out}: no part has started writing it ({PROGRESS}/{SOURCE} is "
                             f"missing)")
-    n_chunks = (job["planned"] + job["samples_per_shard"] - 1) // job["samples_per_shard"]
-    m = finalize_when_complete(out, job, n_chunks, output or Output(), log)
+    m = finalize_when_complete(out, job, job_chunks(job), output or Output(), log)
     if m is None:
         raise ShardJobError(f"{out} is not complete yet; run the missing parts (same command, "
                             f"same --part), then --merge again")

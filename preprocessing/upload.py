@@ -128,19 +128,14 @@ class BucketOutput(Output):
         self.uploaded, self.kept, self.sent_bytes = 0, 0, 0
         self._lock = threading.Lock()
 
-    # the bucket's progress records: PROGRESS/shard-k.json, uploaded after the shard's files
-    def _records(self, names: list[str]) -> dict[int, dict]:
-        def get(name):
-            rec = self.bucket.read_json(f"{PROGRESS}/{name}")
-            return name, rec
+    def _records(self, chunks) -> dict[int, dict]:
+        """The well-formed progress records of ``chunks`` in the bucket (PROGRESS/shard-k.json,
+        each uploaded after its shard's files); a missing or forged one: the shard is redone."""
+        there = self.bucket.listing(PROGRESS)
+        ks = [k for k in chunks if f"shard-{k:06d}.json" in there]
         with ThreadPoolExecutor(16) as pool:
-            found = list(pool.map(get, names))
-        out = {}
-        for name, rec in found:
-            k = int(name[6:12])
-            if rec is not None and record_ok(rec, k):  # (else the shard is redone)
-                out[k] = rec
-        return out
+            recs = pool.map(lambda k: self.bucket.read_json(f"{PROGRESS}/shard-{k:06d}.json"), ks)
+            return {k: rec for k, rec in zip(ks, recs) if rec is not None and record_ok(rec, k)}
 
     def begin(self, out: Path) -> None:
         if JOB not in self.listing:
@@ -148,9 +143,7 @@ class BucketOutput(Output):
         self.bucket.put(out / PROGRESS / SOURCE, f"{PROGRESS}/{SOURCE}")
 
     def done(self, out: Path, chunks: list[int]) -> dict[int, dict]:
-        there = self.bucket.listing(PROGRESS)
-        names = [f"shard-{k:06d}.json" for k in chunks if f"shard-{k:06d}.json" in there]
-        recs = self._records(names)
+        recs = self._records(chunks)
         listing = self.bucket.listing()
         return {k: r for k, r in recs.items()  # its files must be there with their sizes
                 if not r["samples"] or (listing.get(r["name"]) == r["bytes"]
@@ -171,7 +164,7 @@ class BucketOutput(Output):
         files = [rec["index"], rec["name"]] if rec["samples"] else []
         for name in files:
             self._put(out / name, name)
-        self.lease.check()  # another job took the prefix over: its records, not ours
+        self._check_lease()  # another job took the prefix over: its records, not ours
         record = f"{PROGRESS}/{rec['name'][:-4]}.json"
         self.bucket.put(out / record, record)
         if not self.keep_stage:
@@ -206,9 +199,7 @@ class BucketOutput(Output):
         return load_manifest(self.bucket.url)
 
     def records(self, out: Path, n_chunks: int) -> dict[int, dict]:
-        there = self.bucket.listing(PROGRESS)
-        return self._records([f"shard-{k:06d}.json" for k in range(n_chunks)
-                              if f"shard-{k:06d}.json" in there])
+        return self._records(range(n_chunks))
 
     def publish(self, out: Path, manifest: ShardManifest) -> None:
         """The staged shards the bucket lacks (a complete stage), ``skipped.jsonl``, a check that
@@ -223,12 +214,16 @@ class BucketOutput(Output):
         wrong = [s.name for s in manifest.shards if listing.get(s.name) != s.bytes] + \
             [s.index for s in manifest.shards if s.index not in listing]
         if wrong:
-            raise ShardJobError(f"{self.bucket.url}: {', '.join(wrong[:5])} "
+            raise ShardJobError(f"{redact_url(self.bucket.url)}: {', '.join(wrong[:5])} "
                                 f"{'is' if len(wrong) == 1 else 'are'} missing or of another size "
                                 f"in the bucket; re-run the same command")
-        self.lease.check()
+        self._check_lease()
         self.bucket.put(out / MANIFEST, MANIFEST)  # last: the folder is complete
         self.bucket.remove_tree(PROGRESS)  # (best effort: the manifest is what readers use)
+
+    def _check_lease(self) -> None:
+        if self.lease is not None:  # (--merge holds none: it writes only the manifest)
+            self.lease.check()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -328,9 +323,8 @@ def _shard_and_upload(opts: ShardOptions, url: str, bucket: _Bucket, stage_dir: 
         if not keep_stage:
             shutil.rmtree(stage_dir, ignore_errors=True)
         return manifest
-    up = output
-    log(f"uploaded {up.uploaded} file(s), {up.sent_bytes / 1e6:.1f} MB, to {url}"
-        f"{f' ({up.kept} already there)' if up.kept else ''}"
+    log(f"uploaded {output.uploaded} file(s), {output.sent_bytes / 1e6:.1f} MB, to {url}"
+        f"{f' ({output.kept} already there)' if output.kept else ''}"
         f"{f'; {bucket.retries} retried request(s)' if bucket.retries else ''}")
     if keep_stage:
         log(f"the staged copy stays in {stage_dir}")
@@ -345,7 +339,7 @@ def merge_remote(url: str, *, stage: str | None = None, log=print,
     bucket (a complete folder is left as it is)."""
     from maskdm.shardformat.manifest import load_manifest
 
-    from .shard_job import finalize_when_complete
+    from .shard_job import finalize_when_complete, job_chunks
     bucket = _Bucket(url, store or StoreOptions())
     listing = bucket.listing()
     if MANIFEST in listing:
@@ -366,13 +360,9 @@ def merge_remote(url: str, *, stage: str | None = None, log=print,
     from maskdm.shardformat.fsutil import atomic_write_json
     atomic_write_json(stage_dir / PROGRESS / SOURCE, summary)
 
-    class _NoLease:
-        def check(self):
-            pass
-    out = BucketOutput(bucket, _NoLease(), keep_stage=True, listing=listing)
+    out = BucketOutput(bucket, None, keep_stage=True, listing=listing)
     try:
-        n_chunks = (job["planned"] + job["samples_per_shard"] - 1) // job["samples_per_shard"]
-        m = finalize_when_complete(stage_dir, job, n_chunks, out, log)
+        m = finalize_when_complete(stage_dir, job, job_chunks(job), out, log)
     finally:
         out.close()
         shutil.rmtree(stage_dir, ignore_errors=True)
