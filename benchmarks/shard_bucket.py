@@ -1,14 +1,15 @@
 """Sharding from and into a bucket against local disk: ``python -m benchmarks.shard_bucket``.
 
-Starts an S3-compatible server on loopback (moto, in this process), generates JPEG sources
+Starts an S3-compatible server on loopback (moto, in its own process), generates JPEG sources
 (``--n`` images of ``--side`` px, VGGFace2-like by default), puts them in the bucket, and shards
 the same images four ways: local folder -> local folder, bucket -> local folder, local folder ->
 bucket, bucket -> bucket (``maskdm shard``'s own code: sources read 8 ahead per worker, shards
 uploaded as they are committed). Reports img/s, per worker, against the local -> local rate, the
-images per CPU-second the job itself spent (its processes and workers; the server's own CPU is not
-counted), and the most finished shards the staging folder held at once. The server (moto, Python)
-runs in its own process on the same machine: on a small machine it competes with the workers for
-the cores, so the bucket rows' wall-clock rates are a lower bound; the CPU column is the job's cost.
+images per CPU-second the job itself spent (its processes and workers; the server's CPU is not
+counted), the most finished shards the staging folder held at once, and the CPU one GET of a
+source object costs through s3fs. The server (Python) shares the machine: on a small machine it
+competes with the workers for the cores, so the bucket rows' wall-clock rates are a lower bound;
+the CPU column is the job's own cost.
 """
 
 from __future__ import annotations
@@ -32,6 +33,17 @@ def _cpu() -> float:
     """CPU seconds of this process and of its finished children (the job's workers)."""
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def _get_cpu_ms(fs, keys: list[str]) -> float:
+    """CPU milliseconds of this process per object fetched through s3fs (what a worker reading a
+    bucket source uses), 8 threads, every source object once."""
+    from concurrent.futures import ThreadPoolExecutor
+    s0 = resource.getrusage(resource.RUSAGE_SELF)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(fs.cat_file, keys))
+    s1 = resource.getrusage(resource.RUSAGE_SELF)
+    return (s1.ru_utime + s1.ru_stime - s0.ru_utime - s0.ru_stime) * 1e3 / len(keys)
 
 
 def main(argv=None) -> int:
@@ -72,6 +84,7 @@ def main(argv=None) -> int:
               flush=True)
         make_sources(src, args.n, args.side, 3)
         fs.put(str(src) + "/", "bench/src/", recursive=True)
+        get_ms = _get_cpu_ms(fs, [f"bench/src/{p.name}" for p in sorted(src.iterdir())])
         for w in workers:
             base = None
             for s_in, s_out in (("local", "local"), ("bucket", "local"), ("local", "bucket"),
@@ -113,6 +126,7 @@ def main(argv=None) -> int:
     print(f"\n# {datetime.date.today()} {platform.node()}, {usable_cores()} cores, {args.n} "
           f"{args.side}px JPEGs -> {args.size}px dwt16, {args.samples_per_shard} per shard, "
           f"moto S3 on loopback")
+    print(f"one GET through s3fs (8 threads): {get_ms:.2f} ms of CPU per object")
     print("| source | output | workers | img/s | img/s per worker | vs local -> local | "
           "img per CPU-second of the job | most shards staged | shards |")
     print("|---|---|---|---|---|---|---|---|---|")
